@@ -1,0 +1,1 @@
+"""Juki-net mesh: a working model of the Basic Resident Registration Network."""
