@@ -1,0 +1,102 @@
+"""The ``juki`` command: one entry point, a module per group of verbs.
+
+Each module in :data:`COMMAND_MODULES` has ``register(subparsers)``, which adds its verbs and sets
+``func`` (a coroutine function or a plain function taking the parsed arguments) on each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from juki.mesh.errors import JukiError, SettingsError
+from juki.mesh.settings import default_data_dir
+
+COMMAND_MODULES = (
+    "juki.cli.infra",
+    "juki.cli.demo",
+    "juki.cli.agency",
+    "juki.cli.intake",
+    "juki.cli.card",
+    "juki.cli.disclose",
+    "juki.cli.audit",
+    "juki.cli.bench",
+)
+
+
+def add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", type=Path, default=None,
+        help=f"the local mesh's data directory (default: $JUKI_DATA_DIR or {default_data_dir()})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="juki",
+        description="Juki-net mesh: the Basic Resident Registration Network as a mutual-TLS gRPC mesh.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def format_rpc_error(exc: grpc.aio.AioRpcError) -> str:
+    from grpc_status import rpc_status
+
+    lines = [f"error: {exc.code().name}: {exc.details()}"]
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    if status is not None:
+        from google.rpc import error_details_pb2
+
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                for violation in bad.field_violations:
+                    lines.append(f"  {violation.field}: {violation.description}")
+            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                lines.append(f"  reason: {info.reason}")
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                lines.append(f"  retry after {retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+        if inspect.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result or 0)
+    except (SettingsError, JukiError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        print(format_rpc_error(exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,356 @@
+"""Service start-up, written once: grpc.aio server, mTLS, interceptors, health, reflection, shutdown.
+
+A service hands :func:`serve` an object with ``start() -> [ServiceBinding]`` and ``stop()``. Each
+binding names the peer kinds allowed to call each method: a method not listed is refused (deny by
+default). The mesh interceptor takes the peer identity from the verified certificate, checks the CRL
+and the binding's table, and maps every exception to one status with ``google.rpc`` details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import _async as reflection_aio
+
+from juki.mesh import telemetry
+from juki.mesh.errors import ERROR_DOMAIN, JukiError, Reason
+from juki.mesh.pki import load_revoked_serials
+from juki.mesh.settings import ServiceSettings, TlsFiles
+from juki.mesh.tls import SERVER_OPTIONS, Peer, current_peer, peer_from_auth_context, server_credentials
+
+log = logging.getLogger(__name__)
+
+ANY_PEER: frozenset[str] = frozenset({"*"})
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One gRPC service of a process and who may call each of its methods."""
+
+    name: str  # full proto name, e.g. "juki.lookup.v1.LookupService"
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    access: Mapping[str, frozenset[str]]  # method -> allowed peer kinds ("*" = any verified peer)
+
+
+class MeshService(Protocol):
+    async def start(self) -> Sequence[ServiceBinding]: ...
+
+    async def stop(self) -> None: ...
+
+
+# -- errors -> status ------------------------------------------------------------------------------
+
+def status_for(error: JukiError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` of an error: ErrorInfo always, BadRequest and RetryInfo when they apply."""
+    details: list[any_pb2.Any] = []
+    info = error_details_pb2.ErrorInfo(reason=error.reason.name, domain=ERROR_DOMAIN, metadata=error.metadata)
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    details.append(packed)
+    if error.violations:
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description, reason=v.reason)
+            for v in error.violations
+        ])
+        packed = any_pb2.Any()
+        packed.Pack(bad)
+        details.append(packed)
+    if error.retry_after_seconds is not None:
+        seconds = max(error.retry_after_seconds, 0.0)
+        retry = error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+        )
+        packed = any_pb2.Any()
+        packed.Pack(retry)
+        details.append(packed)
+    return status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: JukiError) -> None:
+    status = status_for(error)
+    await context.abort(
+        error.code, error.message, trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),)
+    )
+
+
+def _classify(exc: BaseException) -> JukiError:
+    """Turn an unexpected exception into a catalogued one (dependency faults are retryable)."""
+    if isinstance(exc, JukiError):
+        return exc
+    name = type(exc).__module__ + "." + type(exc).__name__
+    if isinstance(exc, (ConnectionError, OSError, asyncio.TimeoutError)) or name.startswith(
+        ("asyncpg.exceptions.ConnectionDoesNotExist", "asyncpg.exceptions._base.InterfaceError")
+    ) or "CannotConnectNow" in name or "AdminShutdown" in name or "ConnectionFailure" in name:
+        return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a dependency failed: {type(exc).__name__}")
+    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
+    ):
+        return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a service this call needs failed: {exc.code().name}")
+    return JukiError(Reason.INTERNAL_FAULT)
+
+
+# -- the mesh interceptor ---------------------------------------------------------------------------
+
+class RevocationList:
+    """Serials revoked by the CA's CRL, re-read when the file changes (checked every few seconds)."""
+
+    def __init__(self, tls: TlsFiles) -> None:
+        self._tls = tls
+        self._serials: frozenset[int] = frozenset()
+        self._mtime = -1.0
+        self._checked = 0.0
+        self._refresh(force=True)
+
+    def _refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked < 2.0:
+            return
+        self._checked = now
+        crl = self._tls.crl
+        if crl is None:
+            return
+        try:
+            mtime = crl.stat().st_mtime
+        except OSError:
+            return
+        if mtime != self._mtime:
+            self._serials = load_revoked_serials(crl, self._tls.ca)
+            self._mtime = mtime
+
+    def is_revoked(self, serial: int) -> bool:
+        self._refresh()
+        return serial in self._serials
+
+
+RefusalHook = Callable[[Peer | None, str, JukiError], Awaitable[None]]
+
+
+class MeshInterceptor(grpc.aio.ServerInterceptor):
+    """Identity from the certificate, deny-by-default method access, one error mapping."""
+
+    def __init__(
+        self,
+        access: Mapping[str, frozenset[str]],
+        revocations: RevocationList,
+        on_refusal: RefusalHook | None = None,
+    ) -> None:
+        self._access = access
+        self._revocations = revocations
+        self._on_refusal = on_refusal
+
+    def _authorise(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Peer:
+        peer = peer_from_auth_context(context.auth_context())
+        if self._revocations.is_revoked(peer.serial):
+            raise JukiError(Reason.CERTIFICATE_REVOKED, f"certificate of {peer.spiffe_id} is revoked")
+        allowed = self._access.get(method)
+        if allowed is None or not ("*" in allowed or peer.kind in allowed or peer.spiffe_id in allowed):
+            raise JukiError(Reason.PEER_NOT_AUTHORISED, f"{peer.spiffe_id} may not call {method}")
+        return peer
+
+    async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], method: str, exc: BaseException) -> None:
+        error = _classify(exc)
+        if error.reason is Reason.INTERNAL_FAULT:
+            log.error("unexpected failure in %s", method, exc_info=exc)
+        elif error.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            log.warning("refused %s: %s", method, error)
+            if self._on_refusal is not None:
+                with contextlib.suppress(Exception):
+                    await self._on_refusal(current_peer.get(), method, error)
+        await abort_with(context, error)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        return _wrap_handler(handler, method, self)
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterceptor) -> grpc.RpcMethodHandler:
+    streaming_response = handler.response_streaming
+    inner = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+
+    async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        token = None
+        try:
+            token = current_peer.set(mesh._authorise(method, context))
+            result = inner(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await mesh._fail(context, method, exc)
+        finally:
+            if token is not None:
+                current_peer.reset(token)
+
+    async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        token = None
+        try:
+            token = current_peer.set(mesh._authorise(method, context))
+            result = inner(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            elif inspect.isawaitable(result):
+                await result
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await mesh._fail(context, method, exc)
+        finally:
+            if token is not None:
+                current_peer.reset(token)
+
+    behavior = stream_behavior if streaming_response else unary_behavior
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return factory(  # type: ignore[no-any-return,operator]
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+# -- serving ------------------------------------------------------------------------------------------
+
+def _add_reflection(server: grpc.aio.Server, names: Sequence[str]) -> None:
+    """Server reflection under both v1alpha (grpcurl) and v1 (newer clients); same wire messages."""
+    service_names = [*names, reflection.SERVICE_NAME, REFLECTION_V1, health.SERVICE_NAME]
+    servicer = reflection_aio.ReflectionServicer(service_names)
+    reflection.enable_server_reflection(service_names, server)
+    handler = grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    })
+    server.add_generic_rpc_handlers((handler,))
+
+
+def _full_access(bindings: Sequence[ServiceBinding]) -> dict[str, frozenset[str]]:
+    table: dict[str, frozenset[str]] = {}
+    for binding in bindings:
+        for method, kinds in binding.access.items():
+            table[f"/{binding.name}/{method}"] = kinds
+    for open_method in (
+        f"/{health.SERVICE_NAME}/Check",
+        f"/{health.SERVICE_NAME}/Watch",
+        f"/{reflection.SERVICE_NAME}/ServerReflectionInfo",
+        f"/{REFLECTION_V1}/ServerReflectionInfo",
+    ):
+        table[open_method] = ANY_PEER
+    return table
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound address, health servicer and the means to stop it."""
+
+    server: grpc.aio.Server
+    address: str
+    health: health.aio.HealthServicer
+    names: list[str]
+    health_server: grpc.aio.Server | None = None
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        self.stopped.set()
+
+
+async def start_server(
+    settings: ServiceSettings,
+    bindings: Sequence[ServiceBinding],
+    *,
+    on_refusal: RefusalHook | None = None,
+) -> RunningServer:
+    """Start an mTLS server with the given services, health and reflection; return once listening."""
+    mesh = MeshInterceptor(_full_access(bindings), RevocationList(settings.tls), on_refusal)
+    server = grpc.aio.server(
+        interceptors=[telemetry.server_interceptor(), mesh], options=list(SERVER_OPTIONS)
+    )
+    names = [b.name for b in bindings]
+    for binding in bindings:
+        binding.add_to_server(binding.servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    _add_reflection(server, names)
+    port = server.add_secure_port(settings.listen, server_credentials(settings.tls))
+    host = settings.listen.rsplit(":", 1)[0]
+    address = f"{host}:{port}"
+    await server.start()
+    health_server = None
+    if settings.health_listen:
+        # Kubernetes' native gRPC probes speak plaintext only: this second port serves health and
+        # nothing else, so no identity information is reachable without mTLS.
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_server.add_insecure_port(settings.health_listen)
+        await health_server.start()
+    for name in [*names, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, address, health_servicer, names, health_server)
+
+
+async def serve(settings: ServiceSettings, service: MeshService, *, ready_file: Path | None = None) -> None:
+    """Run one service until SIGTERM/SIGINT, then drain in-flight calls and stop cleanly."""
+    telemetry.setup(settings.instance)
+    bindings = await service.start()
+    on_refusal = getattr(service, "on_refusal", None)
+    running = await start_server(settings, bindings, on_refusal=on_refusal)
+    log.info("%s serving on %s (mTLS) with %s", settings.instance, running.address, ", ".join(running.names))
+    ready_path = ready_file or (Path(os.environ["JUKI_READY_FILE"]) if os.environ.get("JUKI_READY_FILE") else None)
+    if ready_path is not None:
+        tmp = ready_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"address": running.address, "pid": os.getpid(), "instance": settings.instance}))
+        tmp.replace(ready_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s shutting down: draining in-flight calls", settings.instance)
+    grace = float(settings.extra.get("shutdown_grace_seconds", "10"))
+    await running.stop(grace)
+    await service.stop()
+    telemetry.shutdown()
+    log.info("%s stopped", settings.instance)
+
+
+def code_name(code: int) -> str:
+    return code_pb2.Code.Name(code)

@@ -1,0 +1,374 @@
+"""The local mesh: PKI, database, migrations, one process per service, endpoints.json, restarts.
+
+``juki up`` and ``juki demo`` run this. Each service is a child process (``python -m juki serve ...``)
+so that a fault in one is a fault in one, as in Kubernetes; the supervisor restarts a child that dies
+and stops them all, in reverse order, on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from juki.mesh import db, pki
+from juki.mesh.embedded import EmbeddedPostgres, start_embedded
+from juki.mesh.errors import SettingsError
+from juki.mesh.settings import role_name
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS_FILE = "endpoints.json"
+
+
+@dataclass(frozen=True)
+class MeshLayout:
+    """Which prefectures and municipalities a local mesh runs."""
+
+    prefectures: tuple[str, ...] = ("13",)
+    municipalities: tuple[str, ...] = ("131148",)
+
+    def __post_init__(self) -> None:
+        for m in self.municipalities:
+            if m[:2] not in self.prefectures:
+                raise SettingsError(f"municipality {m} needs its prefecture {m[:2]} in the mesh")
+
+
+@dataclass
+class ChildSpec:
+    """One service process of the mesh."""
+
+    instance: str
+    package: str
+    args: list[str]
+    identity: tuple[str, str]  # PKI (kind, name) of its certificate
+    port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def instances(layout: MeshLayout) -> list[ChildSpec]:
+    """Children in start order: every service starts after the ones it calls."""
+    specs = [
+        ChildSpec("accesslog", "accesslog", ["accesslog"], ("service", "accesslog")),
+        ChildSpec("intake-national", "intake", ["intake", "--tier", "national"], ("service", "intake-national")),
+    ]
+    specs += [
+        ChildSpec(f"intake-prefecture-{p}", "intake", ["intake", "--tier", "prefecture", "--prefecture", p],
+                  ("prefecture", p))
+        for p in layout.prefectures
+    ]
+    specs += [
+        ChildSpec("lookup", "lookup", ["lookup"], ("service", "lookup")),
+    ]
+    specs += [
+        ChildSpec(f"municipal-{m}", "municipal", ["municipal", "--municipality", m], ("municipality", m))
+        for m in layout.municipalities
+    ]
+    specs += [
+        ChildSpec("card", "card", ["card"], ("service", "card")),
+        ChildSpec("disclosure", "disclosure", ["disclosure"], ("service", "disclosure")),
+    ]
+    return specs
+
+
+def migration_targets(layout: MeshLayout) -> list[db.MigrationTarget]:
+    return [db.MigrationTarget(spec.package, spec.instance) for spec in instances(layout)]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def ensure_pki(data_dir: Path, layout: MeshLayout) -> pki.CertificateAuthority:
+    ca = pki.CertificateAuthority(data_dir / "pki")
+    ca.create()
+    for kind, name, display in pki.mesh_identities(list(layout.prefectures), list(layout.municipalities)):
+        ca.issue(kind, name, display_name=display)
+    return ca
+
+
+class Supervisor:
+    """Owns the database handle and the service processes of one local mesh."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        layout: MeshLayout | None = None,
+        *,
+        database_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
+        echo: Callable[[str], None] = lambda line: None,
+    ) -> None:
+        self.data_dir = data_dir.expanduser().resolve()
+        self.layout = layout or MeshLayout()
+        self.database_url = database_url
+        self.extra_env = dict(extra_env or {})
+        self.echo = echo
+        self.embedded: EmbeddedPostgres | None = None
+        self.specs = instances(self.layout)
+        self.processes: dict[str, asyncio.subprocess.Process] = {}
+        self.restarts: dict[str, int] = {}
+        self._stopping = False
+        self._watchers: list[asyncio.Task[None]] = []
+        self.ca: pki.CertificateAuthority | None = None
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def role_url(self, role: str) -> str:
+        if self.embedded is not None:
+            return self.embedded.url(role)
+        assert self.database_url is not None
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(self.database_url)
+        host = parts.hostname or ""
+        netloc = f"{role}@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    @property
+    def admin_url(self) -> str:
+        if self.embedded is not None:
+            return self.embedded.admin_url
+        assert self.database_url is not None
+        return self.database_url
+
+    async def prepare(self) -> None:
+        """PKI, database and migrations: everything before the first process starts."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "run").mkdir(exist_ok=True)
+        self.echo(f"data directory {self.data_dir}")
+        self.ca = ensure_pki(self.data_dir, self.layout)
+        if self.database_url is None:
+            self.embedded = await asyncio.to_thread(start_embedded, self.data_dir)
+            self.echo(f"embedded PostgreSQL ready (socket {self.embedded.socket_dir})")
+        applied = await db.migrate(self.admin_url, migration_targets(self.layout))
+        fresh = sum(len(v) for v in applied.values())
+        self.echo(f"migrations: {fresh} applied" if fresh else "migrations: up to date")
+        self._assign_ports()
+
+    def _assign_ports(self) -> None:
+        ports_file = self.data_dir / "run" / "ports.json"
+        known: dict[str, int] = {}
+        if ports_file.is_file():
+            with contextlib.suppress(ValueError, json.JSONDecodeError):
+                known = {k: int(v) for k, v in json.loads(ports_file.read_text()).items()}
+        for spec in self.specs:
+            port = known.get(spec.instance)
+            spec.port = port if port and _port_free(port) else free_port()
+        ports_file.write_text(json.dumps({s.instance: s.port for s in self.specs}, indent=1))
+
+    def address(self, instance: str) -> str:
+        for spec in self.specs:
+            if spec.instance == instance:
+                return f"127.0.0.1:{spec.port}"
+        raise KeyError(instance)
+
+    def _env_for(self, spec: ChildSpec) -> dict[str, str]:
+        assert self.ca is not None
+        cert, key = self.ca.paths(*spec.identity)
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        prefecture = spec.instance.rsplit("-", 1)[-1][:2] if spec.package in ("municipal",) else None
+        env.update({
+            "JUKI_DATA_DIR": str(self.data_dir),
+            "JUKI_LISTEN": f"127.0.0.1:{spec.port}",
+            "JUKI_TLS_CA_FILE": str(self.ca.ca_cert_path),
+            "JUKI_TLS_CERT_FILE": str(cert),
+            "JUKI_TLS_KEY_FILE": str(key),
+            "JUKI_TLS_CRL_FILE": str(self.ca.crl_path),
+            "JUKI_DATABASE_URL": self.role_url(role_name(spec.instance)),
+            "JUKI_ACCESSLOG_ADDRESS": self.address("accesslog"),
+            "JUKI_NATIONAL_INTAKE_ADDRESS": self.address("intake-national"),
+            "JUKI_LOOKUP_ADDRESS": self.address("lookup"),
+            "JUKI_CARD_ADDRESS": self.address("card"),
+            "JUKI_MUNICIPAL_ADDRESSES": ",".join(
+                f"{m}={self.address('municipal-' + m)}" for m in self.layout.municipalities
+            ),
+            "JUKI_PREFECTURE_INTAKE_ADDRESSES": ",".join(
+                f"{p}={self.address('intake-prefecture-' + p)}" for p in self.layout.prefectures
+            ),
+            "JUKI_ACCESSLOG_SIGNING_KEY_FILE": str(self.ca.paths("signing", "accesslog")[1]),
+            "JUKI_ACCESSLOG_SIGNING_CERT_FILE": str(self.ca.paths("signing", "accesslog")[0]),
+            "JUKI_PSEUDONYM_KEY_FILE": str(self._pseudonym_key()),
+            "JUKI_READY_FILE": str(self.data_dir / "run" / f"{spec.instance}.ready"),
+            "OTEL_SERVICE_NAME": f"juki-{spec.instance}",
+            "PYTHONUNBUFFERED": "1",
+        })
+        if prefecture:
+            env["JUKI_PREFECTURE_INTAKE_ADDRESS"] = self.address(f"intake-prefecture-{prefecture}")
+        env.update(spec.env)
+        return env
+
+    def _pseudonym_key(self) -> Path:
+        path = self.data_dir / "pki" / "pseudonym.key"
+        if not path.is_file():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(os.urandom(32).hex())
+        return path
+
+    # -- processes ----------------------------------------------------------------------------------
+
+    async def _spawn(self, spec: ChildSpec) -> asyncio.subprocess.Process:
+        ready = self.data_dir / "run" / f"{spec.instance}.ready"
+        ready.unlink(missing_ok=True)
+        logfile = open(self.data_dir / "run" / f"{spec.instance}.log", "ab")  # noqa: SIM115
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "juki", "serve", *spec.args,
+            env=self._env_for(spec), stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+            start_new_session=True,
+        )
+        logfile.close()
+        self.processes[spec.instance] = proc
+        deadline = time.monotonic() + 60
+        while not ready.is_file():
+            if proc.returncode is not None:
+                tail = (self.data_dir / "run" / f"{spec.instance}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{spec.instance} exited with {proc.returncode} during start-up:\n{tail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{spec.instance} did not become ready within 60 s")
+            await asyncio.sleep(0.05)
+        return proc
+
+    async def start(self) -> None:
+        for spec in self.specs:
+            await self._spawn(spec)
+            self.echo(f"  {spec.instance:<24} {self.address(spec.instance)}  pid {self.processes[spec.instance].pid}")
+        self.write_endpoints()
+        self._watchers = [asyncio.create_task(self._watch(spec)) for spec in self.specs]
+
+    async def _watch(self, spec: ChildSpec) -> None:
+        """Restart a child that dies while the mesh is up, as Kubernetes would."""
+        backoff = 0.2
+        while not self._stopping:
+            proc = self.processes[spec.instance]
+            code = await proc.wait()
+            if self._stopping:
+                return
+            self.restarts[spec.instance] = self.restarts.get(spec.instance, 0) + 1
+            log.warning("%s exited with %s; restarting", spec.instance, code)
+            self.echo(f"{spec.instance} exited with {code}; restarting")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            try:
+                await self._spawn(spec)
+                backoff = 0.2
+            except RuntimeError as exc:
+                log.error("restart of %s failed: %s", spec.instance, exc)
+
+    async def kill(self, instance: str, sig: int = signal.SIGKILL) -> int:
+        """Send a signal to one child (chaos tests); the watcher restarts it. Returns the old pid."""
+        proc = self.processes[instance]
+        proc.send_signal(sig)
+        return proc.pid
+
+    async def wait_restarted(self, instance: str, old_pid: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        ready = self.data_dir / "run" / f"{instance}.ready"
+        while time.monotonic() < deadline:
+            proc = self.processes.get(instance)
+            if proc is not None and proc.pid != old_pid and proc.returncode is None and ready.is_file():
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"{instance} was not restarted within {timeout} s")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for spec in reversed(self.specs):
+            proc = self.processes.get(spec.instance)
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        for spec in reversed(self.specs):
+            proc = self.processes.get(spec.instance)
+            if proc is None:
+                continue
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=20)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        for task in self._watchers:
+            task.cancel()
+        (self.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+            self.embedded = None
+
+    # -- endpoints.json ------------------------------------------------------------------------------
+
+    def write_endpoints(self) -> Path:
+        assert self.ca is not None
+        ca = self.ca
+
+        def client(kind: str, name: str) -> dict[str, str]:
+            cert, key = ca.paths(kind, name)
+            return {"spiffe_id": pki.spiffe_id(kind, name), "cert": str(cert), "key": str(key)}
+
+        document: dict[str, Any] = {
+            "data_dir": str(self.data_dir),
+            "supervisor_pid": os.getpid(),
+            "ca": str(ca.ca_cert_path),
+            "crl": str(ca.crl_path),
+            "services": {
+                spec.instance: {
+                    "address": self.address(spec.instance),
+                    "spiffe_id": pki.spiffe_id(*spec.identity),
+                    "pid": self.processes[spec.instance].pid if spec.instance in self.processes else None,
+                }
+                for spec in self.specs
+            },
+            "clients": {
+                "agency": client("agency", "jps"),
+                "operator": client("operator", "demo-operator"),
+                "private": client("private", "acme-insurance"),
+                **{f"municipality-{m}": client("municipality", m) for m in self.layout.municipalities},
+                **{f"prefecture-{p}": client("prefecture", p) for p in self.layout.prefectures},
+            },
+            "database": {"admin_url": self.admin_url, "embedded": self.embedded is not None},
+            "layout": {"prefectures": list(self.layout.prefectures),
+                       "municipalities": list(self.layout.municipalities)},
+        }
+        path = self.data_dir / ENDPOINTS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(document, indent=2, ensure_ascii=False))
+        tmp.replace(path)
+        return path
+
+
+def read_endpoints(data_dir: Path) -> dict[str, Any]:
+    path = data_dir.expanduser() / ENDPOINTS_FILE
+    if not path.is_file():
+        raise SettingsError(
+            f"no running mesh found: {path} does not exist (start one with `juki up`, or pass --data-dir)"
+        )
+    document: dict[str, Any] = json.loads(path.read_text())
+    return document
+
+
+def wait_for_signals(stop: asyncio.Event, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)

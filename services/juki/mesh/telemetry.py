@@ -1,0 +1,120 @@
+"""OpenTelemetry tracing and structured logs that carry the trace id.
+
+The exporter is chosen by the standard variables: ``OTEL_TRACES_EXPORTER`` (``otlp``, ``console`` or
+``none``) and ``OTEL_EXPORTER_OTLP_ENDPOINT``/``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``. When neither is
+set, spans are still created (W3C context still crosses every hop and logs still carry trace ids) but
+nothing is exported. ``OTEL_SERVICE_NAME`` names the process; the mesh sets it per service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+_configured = False
+
+
+def _choose_exporter() -> SpanExporter | None:
+    choice = os.environ.get("OTEL_TRACES_EXPORTER")
+    if not choice:
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        choice = "otlp" if endpoint else "none"
+    choice = choice.split(",")[0].strip().lower()
+    if choice == "none":
+        return None
+    if choice == "console":
+        return ConsoleSpanExporter(out=sys.stderr)
+    if choice == "otlp":
+        protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        if protocol != "grpc":
+            logging.getLogger(__name__).warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s unsupported; using grpc", protocol)
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    raise ValueError(f"OTEL_TRACES_EXPORTER={choice!r} is not supported (otlp, console, none)")
+
+
+def setup(service_name: str) -> None:
+    """Configure tracing and logging once per process."""
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name),
+                                "service.namespace": "juki"})
+    provider = TracerProvider(resource=resource)
+    exporter = _choose_exporter()
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    configure_logging(service_name)
+
+
+def shutdown() -> None:
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that start a client span and inject W3C ``traceparent`` into metadata."""
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors())
+
+
+def server_interceptor() -> grpc.aio.ServerInterceptor:
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return aio_server_interceptor()  # type: ignore[no-any-return]
+
+
+def current_trace_id() -> str | None:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the trace and span id of the current span."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        ctx = trace.get_current_span().get_span_context()
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if ctx.is_valid:
+            entry["trace_id"] = format(ctx.trace_id, "032x")
+            entry["span_id"] = format(ctx.span_id, "016x")
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(service: str, level: str | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level or os.environ.get("JUKI_LOG_LEVEL", "INFO").upper())
+    for noisy in ("asyncio", "grpc._cython", "pgserver"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
