@@ -405,6 +405,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A service this one depends on is unavailable; retry later."""
     ERROR_REASON_INTERNAL_FAULT: _ErrorReason.ValueType  # 26
     """An unexpected fault in the server; not the caller's mistake."""
+    ERROR_REASON_MODE_NOT_GRANTED: _ErrorReason.ValueType  # 27
+    """The purpose does not allow this query mode (機能区分)."""
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 28
+    """The caller presented no valid client certificate."""
+    ERROR_REASON_CERTIFICATE_REVOKED: _ErrorReason.ValueType  # 29
+    """The caller's client certificate is revoked."""
+    ERROR_REASON_FAILED_PRECONDITION: _ErrorReason.ValueType  # 30
+    """The request does not fit the current state (e.g. unlocking a card that is not locked)."""
+    ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 31
+    """The call's deadline passed before it completed."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable reasons for failures. Servers send them as google.rpc.ErrorInfo.reason with the value name
@@ -466,6 +476,16 @@ ERROR_REASON_DEPENDENCY_UNAVAILABLE: ErrorReason.ValueType  # 25
 """A service this one depends on is unavailable; retry later."""
 ERROR_REASON_INTERNAL_FAULT: ErrorReason.ValueType  # 26
 """An unexpected fault in the server; not the caller's mistake."""
+ERROR_REASON_MODE_NOT_GRANTED: ErrorReason.ValueType  # 27
+"""The purpose does not allow this query mode (機能区分)."""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 28
+"""The caller presented no valid client certificate."""
+ERROR_REASON_CERTIFICATE_REVOKED: ErrorReason.ValueType  # 29
+"""The caller's client certificate is revoked."""
+ERROR_REASON_FAILED_PRECONDITION: ErrorReason.ValueType  # 30
+"""The request does not fit the current state (e.g. unlocking a card that is not locked)."""
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 31
+"""The call's deadline passed before it completed."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

@@ -552,19 +552,25 @@ class StreamChangesRequest(_message.Message):
 
     PURPOSE_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    OPERATOR_PROOF_FIELD_NUMBER: _builtins.int
     purpose: _builtins.str
     """Code of the 事務 (purpose) the watch was registered for."""
     cursor: _builtins.str
     """Opaque cursor to start after; empty for the start of the feed."""
+    @_builtins.property
+    def operator_proof(self) -> _common_pb2.OperatorProof:
+        """Proof of the human operator, for interactive use."""
+
     def __init__(
         self,
         *,
         purpose: _builtins.str = ...,
         cursor: _builtins.str = ...,
+        operator_proof: _common_pb2.OperatorProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operator_proof", b"operator_proof"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "purpose", b"purpose"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "operator_proof", b"operator_proof", "purpose", b"purpose"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

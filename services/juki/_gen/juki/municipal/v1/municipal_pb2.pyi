@@ -169,7 +169,9 @@ class RecordChangeRequest(_message.Message):
 
     @_builtins.property
     def operator_proof(self) -> _common_pb2.OperatorProof:
-        """The counter operator."""
+        """The counter operator. Unset when a service records a change it has verified itself (the card
+        service for a special move in or out), authorised by its certificate.
+        """
 
     def __init__(
         self,
