@@ -22,9 +22,10 @@ def register(sub: Any) -> None:
     add_data_dir(up)
     up.add_argument("--population", type=int, default=3000, help="residents to seed when the store is empty")
     up.add_argument("--seed", type=int, default=20020805, help="seed of the synthetic population")
-    up.add_argument("--prefecture", action="append", default=None, help="prefecture codes to run (default 13)")
+    up.add_argument("--prefecture", action="append", default=None,
+                    help="prefecture codes to run (default: those of the municipalities)")
     up.add_argument("--municipality", action="append", default=None,
-                    help="municipality codes to run (default 131148 中野区)")
+                    help="municipality codes to run (default 131148 中野区 and 141003 横浜市)")
     up.add_argument("--otlp", default=None, help="send traces to this OTLP/gRPC endpoint (e.g. http://127.0.0.1:4317)")
     up.add_argument("--clock", default=None, help="business date for the mesh (YYYY-MM-DD; default: today)")
     up.set_defaults(func=cmd_up)
@@ -65,7 +66,7 @@ def register(sub: Any) -> None:
 
 
 def layout_from(args: argparse.Namespace) -> MeshLayout:
-    municipalities = tuple(args.municipality or ("131148",))
+    municipalities = tuple(args.municipality or MeshLayout().municipalities)
     prefectures = tuple(args.prefecture or sorted({m[:2] for m in municipalities}))
     return MeshLayout(prefectures=prefectures, municipalities=municipalities)
 

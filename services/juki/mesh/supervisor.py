@@ -35,8 +35,8 @@ ENDPOINTS_FILE = "endpoints.json"
 class MeshLayout:
     """Which prefectures and municipalities a local mesh runs."""
 
-    prefectures: tuple[str, ...] = ("13",)
-    municipalities: tuple[str, ...] = ("131148",)
+    prefectures: tuple[str, ...] = ("13", "14")  # 東京都, 神奈川県
+    municipalities: tuple[str, ...] = ("131148", "141003")  # 中野区, 横浜市
 
     def __post_init__(self) -> None:
         for m in self.municipalities:
