@@ -248,7 +248,8 @@ def load_service_settings(
     extra = {
         k[len("JUKI_"):].lower(): v
         for k, v in env.items()
-        if k.startswith("JUKI_") and not any(s in k for s in ("PASSWORD", "DATABASE_URL", "SECRET", "KEY"))
+        if k.startswith("JUKI_")
+        and (k.endswith("_FILE") or not any(s in k for s in ("PASSWORD", "DATABASE_URL", "SECRET")))
     }
     return ServiceSettings(
         service=service,
