@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "juki.cli.disclose",
     "juki.cli.audit",
     "juki.cli.bench",
+    "juki.cli.traces",
 )
 
 
