@@ -43,7 +43,7 @@ _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _HALF_WIDTH_KATAKANA = re.compile("[\uff61-\uff9f]+")
 _WHITESPACE = re.compile(r"\s+")
 _KATAKANA_NAME = re.compile("[\u30a1-\u30fa\u30fc\u30fd\u30fe\u30fb\u3000]+")
-_ALPHABETIC_NAME = re.compile(r"[A-Z\u00c0-\u024f][A-Z\u00c0-\u024f .,'\-]*")
+_ALPHABETIC_NAME = re.compile(r"[A-Z\u00c0-\u024f\u1e00-\u1eff][A-Z\u00c0-\u024f\u1e00-\u1eff .,'\-]*")
 
 # Glyph variants of one character that appear in the same person's records (髙/高, 﨑/崎); the list is
 # deliberately short: 斉藤 and 斎藤 are different names and must not match.

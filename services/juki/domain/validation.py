@@ -109,7 +109,12 @@ class Notification:
 
 def _is_latin(text: str) -> bool:
     return any(c.isascii() and c.isalpha() for c in text) and all(
-        c.isascii() or ("\u00c0" <= c <= "\u024f") or c.isspace() or "\uff01" <= c <= "\uff5e" for c in text
+        c.isascii()
+        or ("\u00c0" <= c <= "\u024f")
+        or ("\u1e00" <= c <= "\u1eff")
+        or c.isspace()
+        or "\uff01" <= c <= "\uff5e"
+        for c in text
     )
 
 

@@ -6,11 +6,12 @@ import dataclasses
 import datetime as dt
 import itertools
 
-from domain_builders import CODE, NAKANO, OSAKA, OTHER_CODE, SHIBUYA, notification
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from juki.domain import Address, ChangeKind, ResidentStatus, fold, sort_events
 from juki.domain.validation import Notification
+
+from tests.unit.domain.domain_builders import CODE, NAKANO, OSAKA, OTHER_CODE, SHIBUYA, notification
 
 DAY = dt.date(2020, 1, 10)
 
