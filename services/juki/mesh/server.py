@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha import _async as reflection_aio
 
-from juki.mesh import telemetry
+from juki.mesh import metrics, telemetry
 from juki.mesh.errors import ERROR_DOMAIN, JukiError, Reason
 from juki.mesh.pki import load_revoked_serials
 from juki.mesh.settings import ServiceSettings, TlsFiles
@@ -155,6 +155,7 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         self._access = access
         self._revocations = revocations
         self._on_refusal = on_refusal
+        self.metrics = metrics.RpcMetrics()
 
     def _authorise(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Peer:
         peer = peer_from_auth_context(context.auth_context())
@@ -196,6 +197,8 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
 
     async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         token = None
+        code = "OK"
+        started = time.perf_counter()
         try:
             token = current_peer.set(mesh._authorise(method, context))
             result = inner(request, context)
@@ -205,13 +208,17 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
+            code = _classify(exc).code.name
             await mesh._fail(context, method, exc)
         finally:
             if token is not None:
                 current_peer.reset(token)
+            mesh.metrics.record(method, code, (time.perf_counter() - started) * 1000)
 
     async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         token = None
+        code = "OK"
+        started = time.perf_counter()
         try:
             token = current_peer.set(mesh._authorise(method, context))
             result = inner(request, context)
@@ -223,10 +230,12 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
+            code = _classify(exc).code.name
             await mesh._fail(context, method, exc)
         finally:
             if token is not None:
                 current_peer.reset(token)
+            mesh.metrics.record(method, code, (time.perf_counter() - started) * 1000)
 
     behavior = stream_behavior if streaming_response else unary_behavior
     factory = {
@@ -330,6 +339,7 @@ async def start_server(
 async def serve(settings: ServiceSettings, service: MeshService, *, ready_file: Path | None = None) -> None:
     """Run one service until SIGTERM/SIGINT, then drain in-flight calls and stop cleanly."""
     telemetry.setup(settings.instance)
+    metrics.setup(settings.instance)
     bindings = await service.start()
     on_refusal = getattr(service, "on_refusal", None)
     running = await start_server(settings, bindings, on_refusal=on_refusal)
