@@ -472,8 +472,14 @@ class _Generator:
         self.foreign_share = foreign_share
         self.ages = _cumulative(_AGE_BANDS)
         # Heads of household are adults; heads with children at home are 25-69.
-        self.adult_ages = _cumulative(_AGE_BANDS[4:])
-        self.parent_ages = _cumulative(_AGE_BANDS[5:14])
+        # Weights tuned so that the people, not the heads, follow the pyramid: households without
+        # children at home are mostly older (single elderly, couples whose children left).
+        self.adult_ages = _cumulative(
+            [w * (2.5 if band >= 12 else 1.0) for band, w in enumerate(_AGE_BANDS) if band >= 4]
+        )
+        self.parent_ages = _cumulative(
+            [w * (0.8 if band >= 11 else 1.0) for band, w in enumerate(_AGE_BANDS) if 6 <= band <= 16]
+        )
         self.sizes = _cumulative(_HOUSEHOLD_SIZES)
         self.nationalities = _cumulative([weight for _, weight, _, _ in _NATIONALITIES])
         self.index = 0
@@ -482,7 +488,7 @@ class _Generator:
     def adult_age(self, with_children: bool) -> int:
         rng = self.rng
         if with_children:
-            return 25 + _pick(rng, self.parent_ages) * 5 + rng.randrange(5)
+            return 30 + _pick(rng, self.parent_ages) * 5 + rng.randrange(5)
         return 20 + _pick(rng, self.adult_ages) * 5 + rng.randrange(5)
 
     def birth_date(self, age: int, foreign: bool) -> PartialDate:
