@@ -1,0 +1,218 @@
+"""Operator proofs: a human operator's per-request signature (the operator IC card, 操作者識別カード).
+
+The format is fixed in ``juki.common.v1.OperatorProof``: a signature over
+
+    juki-operator-proof-v1
+    <full gRPC method name>
+    <hex SHA-256 of the request serialised deterministically with the proof field cleared>
+    <seconds>.<nanos, 9 digits>
+    <hex nonce>
+
+(each line ended by ``\\n``) made with the key of an operator certificate issued by the mesh CA. The
+comment there names Ed25519; the mesh CA issues operator certificates with ECDSA P-256 keys, so both
+are accepted (ECDSA with SHA-256). A proof is refused when the certificate does not chain to the mesh CA,
+is outside its validity or revoked, is not an ``operator`` identity, when the signature does not verify,
+the timestamp is more than :data:`MAX_SKEW_SECONDS` from the wall clock, or the nonce was seen before.
+Nonces are remembered in the verifying service's own ``operator_nonces`` table
+(``operator_id text, nonce bytea, seen_at timestamptz, PRIMARY KEY (operator_id, nonce)``).
+
+The skew is measured against the wall clock, not the business clock: the business clock may stand on
+a historical date while the signature is made now.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from juki._gen.juki.common.v1 import common_pb2
+from juki.mesh.errors import JukiError, Reason, invalid
+from juki.mesh.pki import load_revoked_serials
+from juki.mesh.settings import SPIFFE_TRUST_DOMAIN, TlsFiles
+
+PROOF_CONTEXT = "juki-operator-proof-v1"
+MAX_SKEW_SECONDS = 120.0
+MIN_NONCE_BYTES = 16
+PROOF_FIELD = "operator_proof"
+
+
+def request_digest(request: Any, proof_field: str = PROOF_FIELD) -> str:
+    """Hex SHA-256 of ``request`` serialised deterministically with its proof field cleared."""
+    clone = type(request)()
+    clone.CopyFrom(request)
+    if proof_field in clone.DESCRIPTOR.fields_by_name:
+        clone.ClearField(proof_field)
+    return hashlib.sha256(clone.SerializeToString(deterministic=True)).hexdigest()
+
+
+def proof_payload(method: str, request: Any, proof: common_pb2.OperatorProof, proof_field: str = PROOF_FIELD) -> bytes:
+    """The canonical bytes an operator signs."""
+    lines = (
+        PROOF_CONTEXT,
+        method,
+        request_digest(request, proof_field),
+        f"{proof.timestamp.seconds}.{proof.timestamp.nanos:09d}",
+        proof.nonce.hex(),
+    )
+    return "".join(line + "\n" for line in lines).encode()
+
+
+def _operator_name(certificate: x509.Certificate) -> str | None:
+    try:
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    prefix = f"spiffe://{SPIFFE_TRUST_DOMAIN}/operator/"
+    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(prefix) and "/" not in uri[len(prefix):]:
+            return uri[len(prefix):]
+    return None
+
+
+def sign_operator_proof(
+    request: Any,
+    method: str,
+    *,
+    cert_pem: bytes,
+    key_pem: bytes,
+    password: str = "",
+    proof_field: str = PROOF_FIELD,
+    now: float | None = None,
+) -> common_pb2.OperatorProof:
+    """Make a proof for ``request`` to ``method`` and set it on the request's proof field; return it.
+
+    For clients and the CLI: ``cert_pem``/``key_pem`` are the operator certificate and its key.
+    """
+    certificate = x509.load_pem_x509_certificate(cert_pem)
+    operator_id = _operator_name(certificate)
+    if operator_id is None:
+        raise ValueError("not an operator certificate (no spiffe://juki.local/operator/<name> SAN)")
+    moment = time.time() if now is None else now
+    seconds = int(moment)
+    proof = common_pb2.OperatorProof(
+        operator_id=operator_id, nonce=os.urandom(MIN_NONCE_BYTES), password=password, certificate_pem=cert_pem
+    )
+    proof.timestamp.seconds = seconds
+    proof.timestamp.nanos = int((moment - seconds) * 1e9)
+    payload = proof_payload(method, request, proof, proof_field)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        proof.signature = key.sign(payload)
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        proof.signature = key.sign(payload, ec.ECDSA(hashes.SHA256()))
+    else:
+        raise ValueError("operator keys are Ed25519 or ECDSA")
+    getattr(request, proof_field).CopyFrom(proof)
+    return proof
+
+
+def sign_with_files(request: Any, method: str, cert: Path, key: Path, password: str = "") -> common_pb2.OperatorProof:
+    """:func:`sign_operator_proof` with the certificate and key read from files."""
+    return sign_operator_proof(request, method, cert_pem=cert.read_bytes(), key_pem=key.read_bytes(), password=password)
+
+
+@dataclass(frozen=True)
+class VerifiedOperator:
+    """The operator a proof was verified for."""
+
+    operator_id: str
+    spiffe_id: str
+    serial: int
+
+
+def _refuse(description: str, field: str = PROOF_FIELD) -> JukiError:
+    return invalid(field, description, Reason.OPERATOR_PROOF_INVALID)
+
+
+class OperatorVerifier:
+    """Verifies operator proofs for one service; remembers nonces in that service's database."""
+
+    def __init__(self, tls: TlsFiles, pool: asyncpg.Pool, *, max_skew_seconds: float = MAX_SKEW_SECONDS) -> None:
+        self._ca = x509.load_pem_x509_certificate(tls.ca.read_bytes())
+        self._tls = tls
+        self._pool = pool
+        self._max_skew = max_skew_seconds
+        self._revoked: frozenset[int] = frozenset()
+        self._crl_mtime = -1.0
+
+    def _revoked_serials(self) -> frozenset[int]:
+        crl = self._tls.crl
+        if crl is None:
+            return frozenset()
+        try:
+            mtime = crl.stat().st_mtime
+        except OSError:
+            return self._revoked
+        if mtime != self._crl_mtime:
+            self._revoked = load_revoked_serials(crl, self._tls.ca)
+            self._crl_mtime = mtime
+        return self._revoked
+
+    async def verify(self, method: str, request: Any, proof_field: str = PROOF_FIELD) -> VerifiedOperator:
+        """Check the proof carried in ``request``; raise ``OPERATOR_PROOF_INVALID``/``_REPLAYED`` if bad."""
+        if not request.HasField(proof_field):
+            raise _refuse("an operator proof is required for this request", proof_field)
+        proof: common_pb2.OperatorProof = getattr(request, proof_field)
+        try:
+            certificate = x509.load_pem_x509_certificate(proof.certificate_pem)
+        except ValueError:
+            raise _refuse("certificate_pem is not a PEM certificate", f"{proof_field}.certificate_pem") from None
+        try:
+            certificate.verify_directly_issued_by(self._ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise _refuse("the operator certificate is not issued by the mesh CA",
+                          f"{proof_field}.certificate_pem") from None
+        now = dt.datetime.now(dt.UTC)
+        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            raise _refuse("the operator certificate is outside its validity", f"{proof_field}.certificate_pem")
+        if certificate.serial_number in self._revoked_serials():
+            raise _refuse("the operator certificate is revoked", f"{proof_field}.certificate_pem")
+        name = _operator_name(certificate)
+        if name is None:
+            raise _refuse("the certificate is not an operator certificate", f"{proof_field}.certificate_pem")
+        if proof.operator_id != name:
+            raise _refuse(f"operator_id {proof.operator_id!r} does not match the certificate ({name})",
+                          f"{proof_field}.operator_id")
+        if len(proof.nonce) < MIN_NONCE_BYTES:
+            raise _refuse(f"the nonce must be at least {MIN_NONCE_BYTES} bytes", f"{proof_field}.nonce")
+        stamp = proof.timestamp.seconds + proof.timestamp.nanos / 1e9
+        if abs(time.time() - stamp) > self._max_skew:
+            raise _refuse(f"the timestamp is more than {self._max_skew:.0f} s from the server clock",
+                          f"{proof_field}.timestamp")
+        payload = proof_payload(method, request, proof, proof_field)
+        public_key = certificate.public_key()
+        try:
+            if isinstance(public_key, ed25519.Ed25519PublicKey):
+                public_key.verify(proof.signature, payload)
+            elif isinstance(public_key, ec.EllipticCurvePublicKey):
+                public_key.verify(proof.signature, payload, ec.ECDSA(hashes.SHA256()))
+            else:
+                raise InvalidSignature
+        except InvalidSignature:
+            raise _refuse("the signature does not verify", f"{proof_field}.signature") from None
+        async with self._pool.acquire() as conn:
+            inserted = await conn.fetchval(
+                "INSERT INTO operator_nonces (operator_id, nonce) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                proof.operator_id, proof.nonce,
+            )
+            if not inserted:
+                raise JukiError(Reason.OPERATOR_PROOF_REPLAYED, "this operator proof was used before")
+            # Proofs older than the skew are refused anyway, so their nonces need not be kept.
+            await conn.execute(
+                "DELETE FROM operator_nonces WHERE seen_at < now() - make_interval(secs => $1)",
+                self._max_skew * 2,
+            )
+        return VerifiedOperator(proof.operator_id, f"spiffe://{SPIFFE_TRUST_DOMAIN}/operator/{name}",
+                                certificate.serial_number)

@@ -1,0 +1,213 @@
+"""The municipal CS (市町村CS) of one municipality: entry point and thin servicer.
+
+``create(settings)`` for ``settings.municipality`` (e.g. 131148 中野区). The register and the outbox live
+in :mod:`juki.municipal.registry`; the sender in :mod:`juki.municipal.sender`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import asyncpg
+import grpc
+
+from juki import domain
+from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
+from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
+from juki.mesh.db import create_pool
+from juki.mesh.errors import JukiError, Reason, SettingsError, invalid
+from juki.mesh.operator import OperatorVerifier
+from juki.mesh.server import ServiceBinding
+from juki.mesh.settings import ServiceSettings
+from juki.mesh.tls import Peer, require_peer, secure_channel
+from juki.municipal import convert
+from juki.municipal.registry import Registry
+from juki.municipal.sender import OutboxSender
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "juki.municipal.v1.MunicipalService"
+CARD_SERVICE = "spiffe://juki.local/service/card"
+DISCLOSURE_SERVICE = "spiffe://juki.local/service/disclosure"
+RESYNC_BATCH = 1000
+
+
+class MunicipalServicer(municipal_pb2_grpc.MunicipalServiceServicer):
+    """Proto <-> registry; authorisation of each caller beyond the binding's peer kinds."""
+
+    def __init__(self, app: MunicipalApp) -> None:
+        self.app = app
+
+    async def _operator(self, method: str, request: Any, resident_code: str = "") -> None:
+        """An operator peer must prove who acts; services act on their certificate alone."""
+        peer = require_peer()
+        if peer.kind == "operator" or request.HasField("operator_proof"):
+            verified = await self.app.operators.verify(f"/{SERVICE_NAME}/{method}", request)
+            await self.app.registry.log_operator(verified.operator_id, peer.spiffe_id, method, resident_code)
+
+    async def RecordChange(
+        self, request: municipal_pb2.RecordChangeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> municipal_pb2.RecordChangeResponse:
+        await self._operator("RecordChange", request, request.entry.resident_code)
+        recorded = await self.app.registry.record_change(request, self.app.clock.today())
+        self.app.sender.wake()
+        queued = not self.app.sender.connected or not recorded.connected
+        return municipal_pb2.RecordChangeResponse(
+            notification_id=recorded.notification_id, sequence=recorded.sequence, queued=queued,
+            resident_code=recorded.resident_code,
+        )
+
+    async def GetResidentEntry(
+        self, request: municipal_pb2.GetResidentEntryRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> municipal_pb2.GetResidentEntryResponse:
+        peer = require_peer()
+        if peer.kind == "municipality" and request.requesting_municipality_code != peer.name:
+            raise invalid("requesting_municipality_code",
+                          f"must be the caller's own municipality ({peer.name})", Reason.PEER_NOT_AUTHORISED)
+        if not domain.is_valid_resident_code(request.resident_code):
+            raise invalid("resident_code", "must be 11 digits with a valid check digit",
+                          Reason.CHECK_DIGIT_MISMATCH if len(request.resident_code) == 11 else Reason.INVALID_FIELD)
+        entry = await self.app.registry.get(request.resident_code)
+        if entry is None:
+            raise JukiError(Reason.RESIDENT_NOT_FOUND, f"no resident {request.resident_code} in "
+                            f"{self.app.municipality_code}")
+        log.info("entry of %s… provided to %s for %s", request.resident_code[:3], peer.spiffe_id,
+                 request.purpose or "unspecified purpose")
+        return municipal_pb2.GetResidentEntryResponse(entry=entry)
+
+    async def ListHousehold(
+        self, request: municipal_pb2.ListHouseholdRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> municipal_pb2.ListHouseholdResponse:
+        if not request.household_id:
+            raise invalid("household_id", "household_id is required")
+        members = await self.app.registry.household(request.household_id)
+        if not members:
+            raise JukiError(Reason.RESIDENT_NOT_FOUND, f"no current household {request.household_id}")
+        head = members[0].resident_code if members[0].relationship == "世帯主" else ""
+        return municipal_pb2.ListHouseholdResponse(
+            household_id=request.household_id, head_resident_code=head, members=members
+        )
+
+    async def GetOutboxStatus(
+        self, request: municipal_pb2.GetOutboxStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> municipal_pb2.GetOutboxStatusResponse:
+        status = await self.app.registry.status()
+        response = municipal_pb2.GetOutboxStatusResponse(
+            municipality_code=self.app.municipality_code,
+            last_sequence=status.last_sequence,
+            last_acknowledged_sequence=status.last_acknowledged_sequence,
+            pending=status.pending,
+            connected=status.connected and self.app.sender.connected,
+        )
+        if status.oldest_pending_at is not None:
+            response.oldest_pending_at.FromDatetime(status.oldest_pending_at)
+        return response
+
+    async def ResyncToPrefecture(
+        self, request: municipal_pb2.ResyncToPrefectureRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> municipal_pb2.ResyncToPrefectureResponse:
+        await self._operator("ResyncToPrefecture", request)
+        return await self.app.resync()
+
+
+class MunicipalApp:
+    """One municipality's CS: pool, registry, outbox sender, operator proofs."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        if not settings.municipality:
+            raise SettingsError("the municipal CS needs --municipality")
+        self.settings = settings
+        self.municipality_code = settings.municipality
+        try:
+            self.clock = domain.parse_clock(settings.clock)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        self.pool: asyncpg.Pool | None = None
+        self._registry: Registry | None = None
+        self._sender: OutboxSender | None = None
+        self._operators: OperatorVerifier | None = None
+
+    @property
+    def registry(self) -> Registry:
+        assert self._registry is not None, "not started"
+        return self._registry
+
+    @property
+    def sender(self) -> OutboxSender:
+        assert self._sender is not None, "not started"
+        return self._sender
+
+    @property
+    def operators(self) -> OperatorVerifier:
+        assert self._operators is not None, "not started"
+        return self._operators
+
+    async def start(self) -> Sequence[ServiceBinding]:
+        self.pool = await create_pool(self.settings.database, self.settings.instance)
+        self._registry = Registry(self.pool, self.municipality_code)
+        self._operators = OperatorVerifier(self.settings.tls, self.pool)
+        self._sender = OutboxSender(self._registry, self.settings.peers.prefecture_intake, self.settings.tls)
+        self._sender.start()
+        everyone_in_government = frozenset({"operator", "municipality", "prefecture", "service"})
+        return [
+            ServiceBinding(
+                name=SERVICE_NAME,
+                add_to_server=municipal_pb2_grpc.add_MunicipalServiceServicer_to_server,
+                servicer=MunicipalServicer(self),
+                access={
+                    "RecordChange": frozenset({"operator", CARD_SERVICE}),
+                    "GetResidentEntry": frozenset({"municipality", "operator", CARD_SERVICE, DISCLOSURE_SERVICE}),
+                    "ListHousehold": frozenset({"municipality", "operator", CARD_SERVICE, DISCLOSURE_SERVICE}),
+                    "GetOutboxStatus": everyone_in_government,
+                    "ResyncToPrefecture": frozenset({"operator"}),
+                },
+            )
+        ]
+
+    async def stop(self) -> None:
+        if self._sender is not None:
+            await self._sender.stop()
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    async def on_refusal(self, peer: Peer | None, method: str, error: JukiError) -> None:
+        log.warning("refused %s to %s: %s", method, peer.spiffe_id if peer else "unknown peer", error.reason.name)
+
+    async def resync(self) -> municipal_pb2.ResyncToPrefectureResponse:
+        """Send the whole register to the prefecture (IntakeService.BulkLoad) as one snapshot."""
+        address = self.settings.peers.prefecture_intake
+        if not address:
+            raise JukiError(Reason.DEPENDENCY_UNAVAILABLE, "no prefecture intake is configured")
+        load_id = str(uuid.uuid4())
+        sent = 0
+        through = 0
+
+        async def batches() -> AsyncIterator[intake_pb2.BulkLoadRequest]:
+            nonlocal sent, through
+            async for snapshot_sequence, entries in self.registry.snapshot(RESYNC_BATCH):
+                through = snapshot_sequence
+                sent += len(entries)
+                yield intake_pb2.BulkLoadRequest(
+                    load_id=load_id, municipality_code=self.municipality_code, through_sequence=snapshot_sequence,
+                    records=[convert.identity_record(e) for e in entries],
+                )
+
+        async with secure_channel(address, self.settings.tls) as channel:
+            stub = intake_pb2_grpc.IntakeServiceStub(channel)
+            summary = await stub.BulkLoad(batches(), timeout=600)
+        await self.registry.acknowledge_through(through)
+        self.sender.wake()
+        return municipal_pb2.ResyncToPrefectureResponse(
+            load_id=load_id, through_sequence=through, records_sent=sent,
+            records_applied=summary.records_applied + summary.records_unchanged,
+            records_rejected=summary.records_rejected,
+        )
+
+
+def create(settings: ServiceSettings) -> MunicipalApp:
+    """Entry point used by ``juki serve municipal``."""
+    return MunicipalApp(settings)

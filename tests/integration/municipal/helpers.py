@@ -1,0 +1,65 @@
+"""Helpers of the municipal and card tests: operator proofs, error reasons, entries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from juki._gen.juki.common.v1 import common_pb2
+from juki._gen.juki.municipal.v1 import municipal_pb2
+from juki.mesh.operator import sign_operator_proof
+
+from tests.conftest import tls_for
+
+
+def sign(ca: Any, request: Any, method: str, operator: str = "demo-operator") -> Any:
+    """Put a fresh operator proof on ``request`` (full method name) and return the request."""
+    tls = tls_for(ca, "operator", operator)
+    sign_operator_proof(request, method, cert_pem=tls.cert.read_bytes(), key_pem=tls.key.read_bytes())
+    return request
+
+
+def reason_of(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, error
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    raise AssertionError(f"no ErrorInfo in {error}")
+
+
+def violations_of(error: grpc.aio.AioRpcError) -> list[str]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    fields: list[str] = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+def date(text: str) -> common_pb2.Date:
+    year, month, day = (int(p) for p in text.split("-"))
+    return common_pb2.Date(year=year, month=month, day=day, precision=common_pb2.DATE_PRECISION_FULL)
+
+
+def person(
+    family: str = "中野", given: str = "一郎", born: str = "1970-04-01", sex: int = common_pb2.SEX_MALE,
+    street: str = "中野四丁目8番1号", household_id: str = "", relationship: str = "",
+    kind: int = common_pb2.RESIDENT_KIND_JAPANESE, code: str = "",
+) -> municipal_pb2.ResidentEntry:
+    return municipal_pb2.ResidentEntry(
+        resident_code=code,
+        name=common_pb2.PersonName(family_name=family, given_name=given,
+                                   family_name_kana="ナカノ", given_name_kana="イチロウ"),
+        birth_date=date(born), sex=sex,  # type: ignore[arg-type]
+        address=common_pb2.Address(street=street), resident_kind=kind,  # type: ignore[arg-type]
+        household_id=household_id, relationship=relationship,
+        registered_domicile="東京都中野区中野四丁目8番" if kind == common_pb2.RESIDENT_KIND_JAPANESE else "",
+        head_of_family_register=f"{family}　{given}" if kind == common_pb2.RESIDENT_KIND_JAPANESE else "",
+        individual_number="123456789018",
+    )
