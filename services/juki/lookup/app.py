@@ -1,0 +1,114 @@
+"""Entry point of the lookup service: ``juki serve lookup`` calls :func:`create`.
+
+Lookup reads the national identity store (schema ``intake_national``) directly, as a read replica is
+read, with SELECT only; it owns the watch lists of the change feed and the operator nonces. Every
+provision is logged through the access-log service before it is answered.
+
+Settings beyond the common ones (``JUKI_*`` environment variables):
+  ``JUKI_LOOKUP_QUOTA_MULTIPLIER``  scales every 別表 quota (default 1; benchmarks raise it).
+  ``JUKI_LOOKUP_ACK_TIMEOUT``       seconds to wait for the access log's acknowledgement (default 5).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import asyncpg
+import grpc
+
+from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
+from juki._gen.juki.common.v1 import common_pb2
+from juki._gen.juki.lookup.v1 import lookup_pb2_grpc
+from juki.domain.policy import Policy, default_policy
+from juki.lookup import records as rec
+from juki.lookup.operator_check import OperatorCheck
+from juki.lookup.provisions import ProvisionLog
+from juki.lookup.quota import Quotas
+from juki.lookup.service import LookupServicer, current_attempt
+from juki.mesh import db
+from juki.mesh.errors import JukiError, SettingsError
+from juki.mesh.operator import OperatorVerifier
+from juki.mesh.server import ServiceBinding
+from juki.mesh.settings import SPIFFE_TRUST_DOMAIN, ServiceSettings
+from juki.mesh.telemetry import current_trace_id
+from juki.mesh.tls import Peer, secure_channel
+
+log = logging.getLogger(__name__)
+
+PROVIDER = f"spiffe://{SPIFFE_TRUST_DOMAIN}/service/lookup"
+SERVICE_NAME = "juki.lookup.v1.LookupService"
+# Who may reach the methods at all; the 別表 policy then decides per 事務. Private bodies are let
+# through on purpose so that their refusal is the policy's (NOT_A_PUBLIC_BODY) and is logged.
+CALLERS = frozenset({"agency", "operator", "prefecture", "municipality", "private"})
+METHODS = (
+    "LookupByCode", "SearchByFourItems", "VerifyBatch", "RegisterWatch", "ListChanges", "StreamChanges",
+    "ListPurposes",
+)
+
+
+class LookupApp:
+    """The lookup process: pool, access-log client, policy and servicer."""
+
+    def __init__(self, settings: ServiceSettings, policy: Policy | None = None) -> None:
+        self.settings = settings
+        self.policy = policy or default_policy()
+        self.pool: asyncpg.Pool | None = None
+        self.provisions: ProvisionLog | None = None
+        self._channel: grpc.aio.Channel | None = None
+        try:
+            self._quota_multiplier = float(settings.extra.get("lookup_quota_multiplier", "1"))
+            self._ack_timeout = float(settings.extra.get("lookup_ack_timeout", "5"))
+        except ValueError as exc:
+            raise SettingsError(f"lookup settings: {exc}") from exc
+        if self._quota_multiplier <= 0 or self._ack_timeout <= 0:
+            raise SettingsError("JUKI_LOOKUP_QUOTA_MULTIPLIER and JUKI_LOOKUP_ACK_TIMEOUT must be positive")
+
+    async def start(self) -> Sequence[ServiceBinding]:
+        address = self.settings.peers.require("accesslog")
+        self.pool = await db.create_pool(self.settings.database, "lookup")
+        self._channel = secure_channel(address, self.settings.tls)
+        stub = accesslog_pb2_grpc.AccessLogServiceStub(self._channel)
+        self.provisions = ProvisionLog(lambda: stub, ack_timeout=self._ack_timeout)
+        servicer = LookupServicer(
+            self.pool, self.policy, self.provisions, Quotas(self._quota_multiplier), PROVIDER,
+            OperatorCheck(OperatorVerifier(self.settings.tls, self.pool)),
+        )
+        return [ServiceBinding(
+            SERVICE_NAME, lookup_pb2_grpc.add_LookupServiceServicer_to_server, servicer,
+            {method: CALLERS for method in METHODS},
+        )]
+
+    async def on_refusal(self, peer: Peer | None, method: str, error: JukiError) -> None:
+        """Log a refused attempt (a security event) with what it asked for, when known."""
+        if self.provisions is None or peer is None:
+            return
+        attempt = current_attempt.get()
+        agency = self.policy.agency(peer.spiffe_id)
+        record = accesslog_pb2.ProvisionRecord(
+            recipient=peer.spiffe_id,
+            recipient_name=agency.name if agency is not None else "",
+            purpose=attempt.purpose if attempt else "",
+            query_mode=rec.MODE_TO_PROTO[attempt.mode] if attempt else common_pb2.QUERY_MODE_UNSPECIFIED,
+            provider_tier=common_pb2.TIER_NATIONAL,
+            provider=PROVIDER,
+            resident_code=attempt.resident_code if attempt else "",
+            outcome=accesslog_pb2.PROVISION_OUTCOME_REFUSED,
+            trace_id=current_trace_id() or "",
+            operator_id=attempt.operator_id if attempt else "",
+            refusal_reason=common_pb2.ErrorReason.Value(f"ERROR_REASON_{error.reason.name}"),
+        )
+        record.provided_at.GetCurrentTime()
+        await self.provisions.record([record])
+
+    async def stop(self) -> None:
+        if self.provisions is not None:
+            await self.provisions.close()
+        if self._channel is not None:
+            await self._channel.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+def create(settings: ServiceSettings) -> LookupApp:
+    return LookupApp(settings)

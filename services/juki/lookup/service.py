@@ -1,0 +1,513 @@
+"""The LookupService servicer: requests -> authorisation -> store -> filtered records -> durable log.
+
+Order of every query, fixed here once: (1) a caller that is not a public body is refused before
+anything else; (2) the request names its 事務 and the 別表 policy must grant it for this query mode;
+(3) the recipient's quota; (4) the request's own fields are validated; (5) the store is read; (6) the
+records are filtered to the granted fields; (7) their provision records are made durable in the access
+log; (8) only then does the answer leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import datetime as _dt
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import grpc
+
+from juki._gen.juki.accesslog.v1 import accesslog_pb2
+from juki._gen.juki.common.v1 import common_pb2
+from juki._gen.juki.lookup.v1 import lookup_pb2, lookup_pb2_grpc
+from juki.domain.codes import is_valid_resident_code
+from juki.domain.names import InvalidText, address_key, match_key
+from juki.domain.policy import (
+    FieldNotGranted,
+    Grant,
+    IdentityField,
+    ModeNotGranted,
+    NotAPublicBody,
+    Policy,
+    PolicyError,
+    PurposeNotGranted,
+    QueryMode,
+)
+from juki.lookup import records as rec
+from juki.lookup.operator_check import OperatorCheck
+from juki.lookup.provisions import ProvisionLog
+from juki.lookup.quota import Quotas
+from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
+from juki.mesh.telemetry import current_trace_id
+from juki.mesh.tls import Peer, require_peer
+
+MAX_VERIFY_ITEMS = 50_000
+DEFAULT_MAX_CHANGES = 500
+MAX_CHANGES = 10_000
+STREAM_POLL_SECONDS = 0.2
+
+_FIELDS_BY_CODE = f"SELECT {rec.RECORD_COLUMNS} FROM {rec.RECORD_FROM} WHERE r.resident_code = $1"
+_FIELDS_BY_CODES = f"SELECT {rec.RECORD_COLUMNS} FROM {rec.RECORD_FROM} WHERE r.resident_code = ANY($1::text[])"
+# name_key is the intake's normalised name; rows written without one ('') are matched in Python.
+_FOUR_ITEMS = (
+    f"SELECT {rec.RECORD_COLUMNS} FROM {rec.RECORD_FROM}"
+    " WHERE r.name_key IN ($1, '') AND r.birth_year = $2 AND r.birth_month = $3 AND r.birth_day = $4"
+    " AND r.sex = $5 LIMIT 1000"
+)
+_CHANGES = (
+    f"SELECT c.change_id, c.resident_code AS changed_code, c.change_kind, c.occurred_on, {rec.RECORD_COLUMNS}"
+    f" FROM {rec.NATIONAL_SCHEMA}.resident_changes c JOIN watches w ON w.resident_code = c.resident_code"
+    " AND w.recipient = $1 AND w.purpose = $2"
+    f" LEFT JOIN {rec.RECORD_FROM} ON r.resident_code = c.resident_code"
+    " WHERE c.change_id > $3 ORDER BY c.change_id LIMIT $4"
+)
+
+_MOVE_KINDS = frozenset({
+    common_pb2.CHANGE_KIND_MOVE_IN, common_pb2.CHANGE_KIND_SPECIAL_MOVE_IN, common_pb2.CHANGE_KIND_ADDRESS_CHANGE,
+})
+
+_POLICY_REASONS: dict[type[PolicyError], Reason] = {
+    NotAPublicBody: Reason.NOT_A_PUBLIC_BODY,
+    PurposeNotGranted: Reason.PURPOSE_NOT_GRANTED,
+    ModeNotGranted: Reason.MODE_NOT_GRANTED,
+    FieldNotGranted: Reason.FIELD_NOT_GRANTED,
+}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What the current call asked for, so that a refusal can be logged with it."""
+
+    purpose: str
+    mode: QueryMode
+    resident_code: str = ""
+    operator_id: str = ""
+
+
+current_attempt: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar("juki_lookup_attempt", default=None)
+
+
+def _policy_error(error: PolicyError) -> JukiError:
+    for kind, reason in _POLICY_REASONS.items():
+        if isinstance(error, kind):
+            violations = []
+            if isinstance(error, FieldNotGranted):
+                violations = [FieldViolation("requested_fields", str(error), reason.name)]
+            return JukiError(reason, str(error), violations=violations)
+    return JukiError(Reason.PURPOSE_NOT_GRANTED, str(error))
+
+
+def _check_code(code: str, field: str) -> None:
+    if not code:
+        raise invalid(field, "a resident code (住民票コード) is required")
+    if len(code) != 11 or not code.isascii() or not code.isdigit():
+        raise invalid(field, "a resident code has 11 digits")
+    if not is_valid_resident_code(code):
+        raise invalid(field, "the check digit does not match", Reason.CHECK_DIGIT_MISMATCH)
+
+
+def _code_violation(code: str, field: str) -> FieldViolation | None:
+    try:
+        _check_code(code, field)
+    except JukiError as error:
+        return error.violations[0]
+    return None
+
+
+class Authorised:
+    """A granted call: who asks, for which 事務 and mode, and which fields it receives."""
+
+    __slots__ = ("fields", "grant", "operator_id", "peer", "proto_fields", "template")
+
+    def __init__(self, peer: Peer, grant: Grant, fields: frozenset[IdentityField], provider: str,
+                 operator_id: str) -> None:
+        self.peer = peer
+        self.grant = grant
+        self.fields = fields
+        self.operator_id = operator_id
+        self.proto_fields = rec.proto_fields(fields)
+        # Everything but the resident code and the time is the same for every record of this call.
+        self.template = accesslog_pb2.ProvisionRecord(
+            recipient=peer.spiffe_id,
+            recipient_name=grant.agency.name,
+            purpose=grant.purpose.code,
+            purpose_name=grant.purpose.name,
+            query_mode=rec.MODE_TO_PROTO[grant.mode],
+            provider_tier=common_pb2.TIER_NATIONAL,
+            provider=provider,
+            outcome=accesslog_pb2.PROVISION_OUTCOME_PROVIDED,
+            trace_id=current_trace_id() or "",
+            operator_id=operator_id,
+        )
+
+    def provisions(
+        self, codes: Iterable[tuple[str, Sequence[rec.FieldNumber]]], at: Any = None
+    ) -> list[accesslog_pb2.ProvisionRecord]:
+        """One provision record per (resident code, fields provided)."""
+        if at is None:
+            at = _now()
+        out = []
+        template = self.template
+        for code, fields in codes:
+            record = accesslog_pb2.ProvisionRecord()
+            record.CopyFrom(template)
+            record.provided_at.CopyFrom(at)
+            record.resident_code = code
+            record.fields.extend(fields)
+            out.append(record)
+        return out
+
+
+def _now() -> Any:
+    from google.protobuf import timestamp_pb2
+
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
+    """Thin servicer: each RPC validates, authorises, reads, filters, logs and answers."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        policy: Policy,
+        provisions: ProvisionLog,
+        quotas: Quotas,
+        provider: str,
+        operators: OperatorCheck,
+    ) -> None:
+        self._pool = pool
+        self._policy = policy
+        self._provisions = provisions
+        self._quotas = quotas
+        self._provider = provider
+        self._operators = operators
+
+    # -- authorisation ---------------------------------------------------------------------------------
+
+    async def _authorise(
+        self,
+        method: str,
+        purpose: str,
+        mode: QueryMode,
+        requested: Iterable[int],
+        proof: common_pb2.OperatorProof | None,
+        request: Any,
+        resident_code: str = "",
+        quota_cost: float = 1.0,
+    ) -> Authorised:
+        peer = require_peer()
+        current_attempt.set(Attempt(purpose, mode, resident_code))
+        if not peer.is_public_body or peer.kind == "private":
+            raise JukiError(Reason.NOT_A_PUBLIC_BODY, f"{peer.spiffe_id} is not a public body")
+        if not purpose:
+            raise invalid("purpose", "the 事務 (purpose) code is required")
+        try:
+            grant = self._policy.authorise(peer.spiffe_id, purpose, mode)
+        except PolicyError as error:
+            raise _policy_error(error) from None
+        self._quotas.take(peer.spiffe_id, grant.agency.quota_per_second, quota_cost)
+        operator_id = await self._operators.check(peer, method, request, proof is not None)
+        if operator_id:
+            current_attempt.set(Attempt(purpose, mode, resident_code, operator_id))
+        wanted = list(requested)
+        if wanted:
+            unknown = [i for i, number in enumerate(wanted) if number not in rec.PROTO_TO_FIELD]
+            if unknown:
+                raise invalid(f"requested_fields[{unknown[0]}]", "not a known field")
+            try:
+                fields = grant.require_fields(rec.PROTO_TO_FIELD[number] for number in wanted)  # type: ignore[index]
+            except PolicyError as error:
+                raise _policy_error(error) from None
+        else:
+            fields = grant.fields
+        return Authorised(peer, grant, fields, self._provider, operator_id)
+
+    # -- by code -----------------------------------------------------------------------------------------
+
+    async def LookupByCode(
+        self, request: lookup_pb2.LookupByCodeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> lookup_pb2.LookupByCodeResponse:
+        proof = request.operator_proof if request.HasField("operator_proof") else None
+        call = await self._authorise(
+            "/juki.lookup.v1.LookupService/LookupByCode", request.purpose, QueryMode.BY_CODE,
+            request.requested_fields, proof, request, request.resident_code,
+        )
+        _check_code(request.resident_code, "resident_code")
+        row = await self._pool.fetchrow(_FIELDS_BY_CODE, request.resident_code)
+        if row is None:
+            raise JukiError(Reason.RESIDENT_NOT_FOUND, f"no resident has code {request.resident_code}")
+        record = rec.identity_record(row, call.fields)
+        await self._provisions.record(call.provisions([(request.resident_code, call.proto_fields)]))
+        return lookup_pb2.LookupByCodeResponse(record=record, provided_fields=call.proto_fields)
+
+    # -- by four items -------------------------------------------------------------------------------------
+
+    async def SearchByFourItems(
+        self, request: lookup_pb2.SearchByFourItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> lookup_pb2.SearchByFourItemsResponse:
+        proof = request.operator_proof if request.HasField("operator_proof") else None
+        call = await self._authorise(
+            "/juki.lookup.v1.LookupService/SearchByFourItems", request.purpose, QueryMode.BY_FOUR_ITEMS,
+            request.requested_fields, proof, request,
+        )
+        violations: list[FieldViolation] = []
+        name_key = address = ""
+        try:
+            name_key = match_key(request.name)
+        except InvalidText as error:
+            violations.append(FieldViolation("name", str(error)))
+        if not name_key and not violations:
+            violations.append(FieldViolation("name", "the name (氏名) is required"))
+        birth = request.birth_date
+        if not request.HasField("birth_date") or not birth.year:
+            violations.append(FieldViolation("birth_date", "the birth date (生年月日) is required"))
+        elif not 1 <= birth.month <= 12 and birth.month != 0:
+            violations.append(FieldViolation("birth_date.month", "month must be 1-12, or 0 when unknown"))
+        elif not 0 <= birth.day <= 31:
+            violations.append(FieldViolation("birth_date.day", "day must be 1-31, or 0 when unknown"))
+        if request.sex not in (common_pb2.SEX_MALE, common_pb2.SEX_FEMALE):
+            violations.append(FieldViolation("sex", "the sex (性別) is required"))
+        if request.address:
+            try:
+                address = address_key(request.address)
+            except InvalidText as error:
+                violations.append(FieldViolation("address", str(error)))
+        if violations:
+            raise invalid_many(violations)
+        rows = await self._pool.fetch(_FOUR_ITEMS, name_key, birth.year, birth.month, birth.day, request.sex)
+        matches = [row for row in rows if _name_matches(row, name_key)]
+        if address:
+            matches = [row for row in matches if _address_matches(row, address)]
+        matches.sort(key=lambda row: (row["status"] != rec.RESIDENT_STATUS_CURRENT, row["resident_code"]))
+        candidates = [rec.identity_record(row, call.fields) for row in matches]
+        await self._provisions.record(call.provisions((row["resident_code"], call.proto_fields) for row in matches))
+        return lookup_pb2.SearchByFourItemsResponse(candidates=candidates, provided_fields=call.proto_fields)
+
+    # -- batch verification -------------------------------------------------------------------------------
+
+    async def VerifyBatch(
+        self,
+        request_iterator: AsyncIterator[lookup_pb2.VerifyBatchRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[lookup_pb2.VerifyBatchResponse]:
+        call: Authorised | None = None
+        async for request in request_iterator:
+            if call is None:
+                proof = request.operator_proof if request.HasField("operator_proof") else None
+                call = await self._authorise(
+                    "/juki.lookup.v1.LookupService/VerifyBatch", request.purpose, QueryMode.BATCH_VERIFY,
+                    request.requested_fields, proof, request,
+                )
+            else:
+                if request.purpose and request.purpose != call.grant.purpose.code:
+                    raise invalid("purpose", "the purpose of a VerifyBatch stream cannot change")
+                self._quotas.take(call.peer.spiffe_id, call.grant.agency.quota_per_second)
+            yield await self._verify(call, request.items)
+
+    async def _verify(self, call: Authorised, items: Sequence[lookup_pb2.VerifyItem]) -> lookup_pb2.VerifyBatchResponse:
+        if len(items) > MAX_VERIFY_ITEMS:
+            raise invalid("items", f"at most {MAX_VERIFY_ITEMS} items per message")
+        codes = [item.resident_code for item in items]
+        violations = [v for i, code in enumerate(codes) if (v := _code_violation(code, f"items[{i}].resident_code"))]
+        if violations:
+            raise invalid_many(violations[:100])
+        rows = {row["resident_code"]: row for row in await self._pool.fetch(_FIELDS_BY_CODES, codes)}
+        response = lookup_pb2.VerifyBatchResponse()
+        logged: list[tuple[str, Sequence[rec.FieldNumber]]] = []
+        fields = call.fields
+        for item in items:
+            result = response.results.add(item_id=item.item_id)
+            row = rows.get(item.resident_code)
+            provided = _verify_one(item, row, fields, result)
+            logged.append((item.resident_code, call.proto_fields if provided else ()))
+        await self._provisions.record(call.provisions(logged))
+        return response
+
+    # -- change feed -------------------------------------------------------------------------------------
+
+    async def RegisterWatch(
+        self, request: lookup_pb2.RegisterWatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> lookup_pb2.RegisterWatchResponse:
+        proof = request.operator_proof if request.HasField("operator_proof") else None
+        call = await self._authorise(
+            "/juki.lookup.v1.LookupService/RegisterWatch", request.purpose, QueryMode.CHANGE_FEED, (), proof, request,
+        )
+        codes = list(request.resident_codes)
+        if not codes:
+            raise invalid("resident_codes", "at least one resident code is required")
+        if len(codes) > MAX_VERIFY_ITEMS:
+            raise invalid("resident_codes", f"at most {MAX_VERIFY_ITEMS} codes per request")
+        violations = [v for i, code in enumerate(codes) if (v := _code_violation(code, f"resident_codes[{i}]"))]
+        if violations:
+            raise invalid_many(violations[:100])
+        async with self._pool.acquire() as connection, connection.transaction():
+            status = await connection.execute(
+                "INSERT INTO watches (recipient, purpose, resident_code)"
+                " SELECT $1, $2, unnest($3::text[]) ON CONFLICT DO NOTHING",
+                call.peer.spiffe_id, call.grant.purpose.code, codes,
+            )
+            total = await connection.fetchval(
+                "SELECT count(*) FROM watches WHERE recipient = $1 AND purpose = $2",
+                call.peer.spiffe_id, call.grant.purpose.code,
+            )
+        return lookup_pb2.RegisterWatchResponse(registered_count=int(status.rsplit(" ", 1)[1]), watched_count=total)
+
+    async def _changes(self, call: Authorised, after: int, limit: int) -> tuple[list[lookup_pb2.ChangeEvent], int]:
+        rows = await self._pool.fetch(_CHANGES, call.peer.spiffe_id, call.grant.purpose.code, after, limit)
+        events = []
+        logged: list[tuple[str, Sequence[rec.FieldNumber]]] = []
+        for row in rows:
+            event = lookup_pb2.ChangeEvent(
+                resident_code=row["changed_code"], change_kind=row["change_kind"], cursor=str(row["change_id"])
+            )
+            occurred = rec.date_message(row["occurred_on"])
+            if occurred is not None:
+                event.occurred_on.CopyFrom(occurred)
+            if row["resident_code"] is not None:
+                event.record.CopyFrom(rec.identity_record(row, call.fields))
+                notified = rec.date_message(row["last_notified_on"])
+                if notified is not None:
+                    event.notified_on.CopyFrom(notified)
+                logged.append((row["changed_code"], call.proto_fields))
+            events.append(event)
+        await self._provisions.record(call.provisions(logged))
+        return events, (rows[-1]["change_id"] if rows else after)
+
+    async def ListChanges(
+        self, request: lookup_pb2.ListChangesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> lookup_pb2.ListChangesResponse:
+        proof = request.operator_proof if request.HasField("operator_proof") else None
+        call = await self._authorise(
+            "/juki.lookup.v1.LookupService/ListChanges", request.purpose, QueryMode.CHANGE_FEED, (), proof, request,
+        )
+        after = _parse_cursor(request.cursor)
+        if request.max_changes < 0:
+            raise invalid("max_changes", "must not be negative")
+        limit = min(request.max_changes or DEFAULT_MAX_CHANGES, MAX_CHANGES)
+        events, last = await self._changes(call, after, limit)
+        return lookup_pb2.ListChangesResponse(changes=events, next_cursor=str(last) if events else request.cursor)
+
+    async def StreamChanges(
+        self, request: lookup_pb2.StreamChangesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[lookup_pb2.StreamChangesResponse]:
+        proof = request.operator_proof if request.HasField("operator_proof") else None
+        call = await self._authorise(
+            "/juki.lookup.v1.LookupService/StreamChanges", request.purpose, QueryMode.CHANGE_FEED, (), proof, request,
+        )
+        after = _parse_cursor(request.cursor)
+        while True:
+            events, after = await self._changes(call, after, DEFAULT_MAX_CHANGES)
+            if events:
+                yield lookup_pb2.StreamChangesResponse(changes=events, next_cursor=str(after))
+            else:
+                await asyncio.sleep(STREAM_POLL_SECONDS)
+
+    # -- grants ------------------------------------------------------------------------------------------
+
+    async def ListPurposes(
+        self, request: lookup_pb2.ListPurposesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> lookup_pb2.ListPurposesResponse:
+        peer = require_peer()
+        agency = self._policy.agency(peer.spiffe_id)
+        if peer.kind == "private" or agency is None or not agency.public_body:
+            raise JukiError(Reason.NOT_A_PUBLIC_BODY, f"{peer.spiffe_id} is not a public body")
+        response = lookup_pb2.ListPurposesResponse(recipient=peer.spiffe_id, recipient_name=agency.name)
+        for code in sorted(agency.purposes):
+            purpose = agency.purposes[code]
+            response.grants.add(
+                purpose=purpose.code,
+                name=purpose.name,
+                legal_basis=f"住基法 {purpose.schedule_row}",
+                query_modes=sorted(rec.MODE_TO_PROTO[mode] for mode in purpose.modes),
+                fields=rec.proto_fields(purpose.fields),
+            )
+        return response
+
+
+def _parse_cursor(cursor: str) -> int:
+    if not cursor:
+        return 0
+    if not cursor.isascii() or not cursor.isdigit() or len(cursor) > 18:
+        raise invalid("cursor", "not a cursor returned by this service")
+    return int(cursor)
+
+
+def _name_matches(row: Mapping[str, Any], key: str) -> bool:
+    given = row["given_name"]
+    candidates = (
+        row["family_name"] + given,
+        row["former_family_name"] + given if row["former_family_name"] else "",
+        row["common_name"],
+        row["alphabetic_name"],
+        row["family_name_kana"] + row["given_name_kana"],
+    )
+    return any(text and match_key(text) == key for text in candidates)
+
+
+def _address_matches(row: Mapping[str, Any], key: str) -> bool:
+    street = row["street"]
+    forms = (street, row["municipality"] + street, row["prefecture"] + row["municipality"] + street)
+    return any(address_key(form) == key for form in forms if form)
+
+
+def _verify_one(
+    item: lookup_pb2.VerifyItem,
+    row: Mapping[str, Any] | None,
+    fields: frozenset[IdentityField],
+    result: lookup_pb2.VerifyResult,
+) -> bool:
+    """Fill ``result`` for one item; True when identity information was provided."""
+    if row is None:
+        result.status = lookup_pb2.VERIFY_STATUS_NOT_FOUND
+        return False
+    status = row["status"]
+    result.record.CopyFrom(rec.identity_record(row, fields))
+    if status == rec.RESIDENT_STATUS_CODE_RETIRED:
+        result.status = lookup_pb2.VERIFY_STATUS_CODE_CHANGED
+        if IdentityField.RESIDENT_CODE in fields and row["successor_code"]:
+            result.new_resident_code = row["successor_code"]
+        return True
+    if status == rec.RESIDENT_STATUS_DECEASED:
+        result.status = lookup_pb2.VERIFY_STATUS_DECEASED
+        death: _dt.date | None = row["death_date"] or row["last_changed_on"]
+        death_message = rec.date_message(death)
+        if death_message is not None:
+            result.death_date.CopyFrom(death_message)
+        return True
+    mismatched = _mismatches(item, row)
+    if mismatched:
+        result.status = lookup_pb2.VERIFY_STATUS_MISMATCH
+        result.mismatched_fields.extend(mismatched)
+        return True
+    if status in (rec.RESIDENT_STATUS_MOVED_OUT, rec.RESIDENT_STATUS_DELETED) or row["last_change_kind"] in _MOVE_KINDS:
+        result.status = lookup_pb2.VERIFY_STATUS_MOVED
+        if IdentityField.ADDRESS in fields:
+            result.new_address.CopyFrom(rec.address_message(row))
+        return True
+    result.status = lookup_pb2.VERIFY_STATUS_CURRENT
+    return True
+
+
+def _mismatches(item: lookup_pb2.VerifyItem, row: Mapping[str, Any]) -> list[rec.FieldNumber]:
+    out: list[rec.FieldNumber] = []
+    if item.HasField("expected_name"):
+        name = item.expected_name
+        pairs = (
+            (name.family_name, row["family_name"]), (name.given_name, row["given_name"]),
+            (name.family_name_kana, row["family_name_kana"]), (name.given_name_kana, row["given_name_kana"]),
+        )
+        try:
+            if any(expected and match_key(expected) != match_key(actual) for expected, actual in pairs):
+                out.append(common_pb2.FIELD_NAME)
+        except InvalidText:
+            out.append(common_pb2.FIELD_NAME)
+    if item.HasField("expected_birth_date"):
+        birth = item.expected_birth_date
+        if (birth.year, birth.month, birth.day) != (row["birth_year"], row["birth_month"], row["birth_day"]):
+            out.append(common_pb2.FIELD_BIRTH_DATE)
+    return out
