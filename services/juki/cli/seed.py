@@ -1,0 +1,136 @@
+"""Seeding of a fresh local mesh with a synthetic population (``juki up --population N``).
+
+The municipal registers are the source of truth: each municipality's share of the generated people is
+written straight into its CS schema (COPY as the administrative role, for speed), then each CS sends its
+whole register up through the real path (MunicipalService.ResyncToPrefecture -> IntakeService.BulkLoad
+at the prefecture, relayed to the national centre). A mesh that already holds residents is left as it is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import grpc
+
+from juki import domain
+from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
+from juki.domain.population import Person, Relationship, generate
+from juki.mesh.operator import sign_operator_proof
+from juki.mesh.settings import TlsFiles, schema_name
+from juki.mesh.tls import secure_channel
+from juki.municipal import convert
+
+RESYNC_METHOD = "/juki.municipal.v1.MunicipalService/ResyncToPrefecture"
+COPY_BATCH = 20_000
+
+
+def individual_number(resident_code: str) -> str:
+    """A deterministic, well-formed 個人番号 (12 digits, the last a check digit) for a synthetic resident."""
+    body = str(int.from_bytes(hashlib.sha256(resident_code.encode()).digest()[:8], "big") % 10**11).zfill(11)
+    total = 0
+    for n, digit in enumerate(reversed(body), start=1):
+        weight = n + 1 if n <= 6 else n - 5
+        total += int(digit) * weight
+    remainder = total % 11
+    return body + str(0 if remainder <= 1 else 11 - remainder)
+
+
+def _registered_on(person: Person) -> dt.date:
+    start = domain.FOREIGN_RESIDENTS_REGISTERED if person.resident_kind is domain.ResidentKind.FOREIGN \
+        else domain.NETWORK_START
+    return max(person.birth_date.earliest(), start)
+
+
+async def _count(conn: asyncpg.Connection, schema: str) -> int:
+    return int(await conn.fetchval(f'SELECT count(*) FROM "{schema}".residents'))
+
+
+async def load_registers(admin_url: str, municipalities: list[str], n: int, seed: int) -> Counter[str]:
+    """Generate ``n`` residents across ``municipalities`` and COPY them into the municipal schemas."""
+    loaded: Counter[str] = Counter()
+    conn = await asyncpg.connect(admin_url)
+    try:
+        pending: dict[str, list[tuple[Any, ...]]] = {m: [] for m in municipalities}
+        heads: dict[tuple[str, int], str] = {}
+
+        async def flush(code: str) -> None:
+            rows = pending[code]
+            if rows:
+                await conn.copy_records_to_table(
+                    "residents", schema_name=schema_name(f"municipal-{code}"), records=rows,
+                    columns=["resident_code", "household_id", "relationship", "status", "entry", "version"],
+                )
+                loaded[code] += len(rows)
+                pending[code] = []
+
+        for person in generate(n, seed, municipalities):
+            code = person.address.municipality_code
+            key = (code, person.household_id)
+            full_name = convert.IDEOGRAPHIC_SPACE.join(p for p in (person.family_name, person.given_name) if p)
+            if person.relationship is Relationship.HEAD or key not in heads:
+                heads[key] = full_name
+            entry = convert.entry_from_person(person, heads[key], _registered_on(person))
+            entry.individual_number = individual_number(person.resident_code)
+            pending[code].append((entry.resident_code, entry.household_id, entry.relationship, entry.status,
+                                  entry.SerializeToString(), entry.version))
+            if len(pending[code]) >= COPY_BATCH:
+                await flush(code)
+        for code in municipalities:
+            await flush(code)
+    finally:
+        await conn.close()
+    return loaded
+
+
+async def resync(address: str, tls: TlsFiles, operator: tuple[Any, Any]) -> municipal_pb2.ResyncToPrefectureResponse:
+    """Ask one municipal CS to send its whole register to its prefecture, as the demo operator."""
+    cert, key = operator
+    request = municipal_pb2.ResyncToPrefectureRequest()
+    sign_operator_proof(request, RESYNC_METHOD, cert_pem=cert.read_bytes(), key_pem=key.read_bytes())
+    async with secure_channel(address, tls) as channel:
+        stub = municipal_pb2_grpc.MunicipalServiceStub(channel)
+        response: municipal_pb2.ResyncToPrefectureResponse = await stub.ResyncToPrefecture(request, timeout=900)
+    return response
+
+
+async def seed_population(supervisor: Any, n: int, seed: int, echo: Callable[[str], None]) -> str:
+    """Seed an empty mesh (called by ``juki up`` once every service runs); return a one-line summary."""
+    municipalities = list(supervisor.layout.municipalities)
+    conn = await asyncpg.connect(supervisor.admin_url)
+    try:
+        existing = {m: await _count(conn, schema_name(f"municipal-{m}")) for m in municipalities}
+    finally:
+        await conn.close()
+    if any(existing.values()):
+        counts = ", ".join(f"{m} {c}" for m, c in existing.items())
+        return f"already seeded ({sum(existing.values())} residents: {counts}); reusing the data"
+    if n <= 0:
+        return "no population requested"
+    echo(f"generating {n} synthetic residents (seed {seed}) across {', '.join(municipalities)} ...")
+    loaded = await load_registers(supervisor.admin_url, municipalities, n, seed)
+    ca = supervisor.ca
+    operator = ca.paths("operator", "demo-operator")
+    tls = TlsFiles(ca=ca.ca_cert_path, cert=operator[0], key=operator[1])
+    applied = rejected = 0
+    problems: list[str] = []
+    for code in municipalities:
+        echo(f"  {code}: {loaded[code]} residents in the register; sending them to the prefecture ...")
+        try:
+            result = await resync(supervisor.address(f"municipal-{code}"), tls, operator)
+        except grpc.aio.AioRpcError as error:
+            problems.append(f"{code} resync failed: {error.code().name} {error.details()}")
+            continue
+        applied += result.records_applied
+        rejected += result.records_rejected
+    parts = ", ".join(f"{m} {loaded[m]}" for m in municipalities)
+    summary = f"seeded {sum(loaded.values())} residents ({parts}); prefectures applied {applied}"
+    if rejected:
+        summary += f", rejected {rejected}"
+    if problems:
+        summary += "; " + "; ".join(problems)
+    return summary

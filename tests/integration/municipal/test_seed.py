@@ -1,0 +1,43 @@
+"""Seeding the municipal registers from the synthetic population."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from juki._gen.juki.municipal.v1 import municipal_pb2
+from juki.cli.seed import individual_number, load_registers
+
+
+def test_individual_numbers_have_twelve_digits_and_a_check_digit() -> None:
+    number = individual_number("24727059608")
+    assert len(number) == 12 and number.isdigit()
+    assert number == individual_number("24727059608")
+    assert number != individual_number("24846016224")
+
+
+async def test_load_registers_puts_each_share_in_its_municipality(database: Any) -> None:
+    seed = int.from_bytes(os.urandom(4), "big")
+    conn = await database.admin()
+    try:
+        before = {m: await conn.fetchval(f"SELECT count(*) FROM municipal_{m}.residents") for m in ("131148", "141003")}
+        loaded = await load_registers(database.admin_url, ["131148", "141003"], 200, seed)
+        assert sum(loaded.values()) == 200 and loaded["131148"] > 0 and loaded["141003"] > 0
+        for code in ("131148", "141003"):
+            after = await conn.fetchval(f"SELECT count(*) FROM municipal_{code}.residents")
+            assert after - before[code] == loaded[code]
+        rows = await conn.fetch("SELECT entry FROM municipal_141003.residents WHERE relationship <> '世帯主' LIMIT 20")
+        assert rows
+        for row in rows:
+            entry = municipal_pb2.ResidentEntry.FromString(row["entry"])
+            assert entry.address.municipality_code == "141003" and entry.address.municipality == "横浜市"
+            assert entry.household_head and entry.household_id.startswith("141003-")
+            assert len(entry.individual_number) == 12
+            head = await conn.fetchval(
+                "SELECT entry FROM municipal_141003.residents WHERE household_id = $1 AND relationship = '世帯主'",
+                entry.household_id)
+            if head is not None:
+                head_entry = municipal_pb2.ResidentEntry.FromString(head)
+                assert entry.household_head == f"{head_entry.name.family_name}　{head_entry.name.given_name}".strip("　")
+    finally:
+        await conn.close()
