@@ -26,6 +26,16 @@ HEALTH_PORT = 50052
 GRPC_PORT = 50051
 SPIFFE_SERVICE = "spiffe://juki.local/service/{}"
 
+
+def spiffe_for(workload: str) -> str:
+    """The identity a workload's certificate must carry: prefecture intakes and municipal CSs speak as
+    their prefecture and municipality (that is what intake authorises), other services as services."""
+    if workload.startswith("intake-prefecture-"):
+        return "spiffe://juki.local/prefecture/" + workload.rsplit("-", 1)[1]
+    if workload.startswith("municipal-"):
+        return "spiffe://juki.local/municipality/" + workload.rsplit("-", 1)[1]
+    return SPIFFE_SERVICE.format(workload)
+
 Doc = dict[str, Any]
 
 
@@ -182,7 +192,7 @@ def certificate_violations(docs: list[Doc]) -> list[str]:
     certificates = of_kind(docs, "Certificate")
     issuers = {name(i) for i in of_kind(docs, "Issuer")}
     for service in (s for s in of_kind(docs, "Service") if is_juki(s)):
-        expected = SPIFFE_SERVICE.format(name(service))
+        expected = spiffe_for(name(service))
         matching = [c for c in certificates if c["spec"].get("uris") == [expected]]
         if len(matching) != 1:
             problems.append(f"Service/{name(service)}: {len(matching)} Certificates with URI {expected}")
