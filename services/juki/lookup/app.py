@@ -20,6 +20,7 @@ import grpc
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2_grpc
+from juki.domain.codes import is_valid_resident_code
 from juki.domain.policy import Policy, default_policy
 from juki.lookup import records as rec
 from juki.lookup.operator_check import OperatorCheck
@@ -92,7 +93,8 @@ class LookupApp:
             query_mode=rec.MODE_TO_PROTO[attempt.mode] if attempt else common_pb2.QUERY_MODE_UNSPECIFIED,
             provider_tier=common_pb2.TIER_NATIONAL,
             provider=PROVIDER,
-            resident_code=attempt.resident_code if attempt else "",
+            # Only a well-formed code is recorded: the refused request may carry anything.
+            resident_code=attempt.resident_code if attempt and is_valid_resident_code(attempt.resident_code) else "",
             outcome=accesslog_pb2.PROVISION_OUTCOME_REFUSED,
             trace_id=current_trace_id() or "",
             operator_id=attempt.operator_id if attempt else "",
