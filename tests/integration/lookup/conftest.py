@@ -17,12 +17,12 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
 from juki._gen.juki.lookup.v1 import lookup_pb2_grpc
 from juki.domain.codes import generate_resident_code
 from juki.domain.names import address_key, match_key
 from juki.mesh.settings import Peers, ServiceSettings
+
 from tests.conftest import Database, channel_as, make_settings, running
 
 _rng = random.Random()

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2
 from juki.lookup.app import create
 from juki.mesh.settings import Peers
+
 from tests.conftest import running
 from tests.integration.lookup.conftest import Mesh, add_resident, ensure_municipality, fresh_code
 
