@@ -531,10 +531,15 @@ class RevokeCardRequest(_message.Message):
     CARD_NUMBER_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     OPERATOR_PROOF_FIELD_NUMBER: _builtins.int
+    RESIDENT_CODE_FIELD_NUMBER: _builtins.int
     card_number: _builtins.str
     """Card number."""
     reason: _builtins.str
     """Why, e.g. "返納", "死亡", "住民票コード変更"."""
+    resident_code: _builtins.str
+    """Instead of card_number: revoke every card of this resident (住民票コード), as the home municipality's
+    CS does when the holder dies or the code is changed.
+    """
     @_builtins.property
     def operator_proof(self) -> _common_pb2.OperatorProof:
         """The operator revoking it; unset when a service revokes on a resident code change."""
@@ -545,10 +550,11 @@ class RevokeCardRequest(_message.Message):
         card_number: _builtins.str = ...,
         reason: _builtins.str = ...,
         operator_proof: _common_pb2.OperatorProof | None = ...,
+        resident_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["operator_proof", b"operator_proof"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "operator_proof", b"operator_proof", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "operator_proof", b"operator_proof", "reason", b"reason", "resident_code", b"resident_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -561,18 +567,22 @@ class RevokeCardResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CARD_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    revoked: _builtins.int
+    """Number of cards revoked by this call."""
     @_builtins.property
     def card(self) -> Global___Card:
-        """The card after revocation."""
+        """The card after revocation (the first one when revoked by resident_code)."""
 
     def __init__(
         self,
         *,
         card: Global___Card | None = ...,
+        revoked: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "revoked", b"revoked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

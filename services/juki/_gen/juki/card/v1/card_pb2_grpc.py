@@ -97,8 +97,9 @@ class CardServiceServicer:
     """
 
     def IssueCard(self, request, context):
-        """Issues a card at the resident's home municipality counter. Refused with CARD_ISSUANCE_ENDED on or
-        after 2015-12-22. Valid 10 years, or to the end of the period of stay for foreign residents.
+        """Issues a card at the resident's home municipality counter. Refused with CARD_ISSUANCE_ENDED after
+        2015-12-22, the last day of issuance. Valid 10 years, or to the end of the period of stay for
+        foreign residents.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,8 +37,9 @@ class CardServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CardServiceAsyncStub: ...
     IssueCard: _grpc.UnaryUnaryMultiCallable[_card_pb2.IssueCardRequest, _card_pb2.IssueCardResponse]
-    """Issues a card at the resident's home municipality counter. Refused with CARD_ISSUANCE_ENDED on or
-    after 2015-12-22. Valid 10 years, or to the end of the period of stay for foreign residents.
+    """Issues a card at the resident's home municipality counter. Refused with CARD_ISSUANCE_ENDED after
+    2015-12-22, the last day of issuance. Valid 10 years, or to the end of the period of stay for
+    foreign residents.
     """
     VerifyPin: _grpc.UnaryUnaryMultiCallable[_card_pb2.VerifyPinRequest, _card_pb2.VerifyPinResponse]
     """Checks a PIN. Three consecutive wrong PINs lock the card; a right PIN resets the count."""
@@ -72,8 +73,9 @@ class CardServiceAsyncStub(CardServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     IssueCard: _aio.UnaryUnaryMultiCallable[_card_pb2.IssueCardRequest, _card_pb2.IssueCardResponse]  # type: ignore[assignment]
-    """Issues a card at the resident's home municipality counter. Refused with CARD_ISSUANCE_ENDED on or
-    after 2015-12-22. Valid 10 years, or to the end of the period of stay for foreign residents.
+    """Issues a card at the resident's home municipality counter. Refused with CARD_ISSUANCE_ENDED after
+    2015-12-22, the last day of issuance. Valid 10 years, or to the end of the period of stay for
+    foreign residents.
     """
     VerifyPin: _aio.UnaryUnaryMultiCallable[_card_pb2.VerifyPinRequest, _card_pb2.VerifyPinResponse]  # type: ignore[assignment]
     """Checks a PIN. Three consecutive wrong PINs lock the card; a right PIN resets the count."""
@@ -110,8 +112,9 @@ class CardServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _card_pb2.IssueCardRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_card_pb2.IssueCardResponse, _abc.Awaitable[_card_pb2.IssueCardResponse]]:
-        """Issues a card at the resident's home municipality counter. Refused with CARD_ISSUANCE_ENDED on or
-        after 2015-12-22. Valid 10 years, or to the end of the period of stay for foreign residents.
+        """Issues a card at the resident's home municipality counter. Refused with CARD_ISSUANCE_ENDED after
+        2015-12-22, the last day of issuance. Valid 10 years, or to the end of the period of stay for
+        foreign residents.
         """
 
     @_abc_1.abstractmethod
