@@ -402,12 +402,19 @@ class VerifyLogRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    MAX_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    max_age_seconds: _builtins.int
+    """Accept the result of a verification made at most this many seconds ago (the service verifies in
+    the background and on every call); 0 to verify now.
+    """
     def __init__(
         self,
+        *,
+        max_age_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_age_seconds", b"max_age_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,6 +432,7 @@ class VerifyLogResponse(_message.Message):
     FIRST_BAD_SEQUENCE_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
     LATEST_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    VERIFIED_AT_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     """True when every record chains and every checkpoint verifies."""
     records_checked: _builtins.int
@@ -439,6 +447,10 @@ class VerifyLogResponse(_message.Message):
     def latest_checkpoint(self) -> Global___Checkpoint:
         """The latest checkpoint checked."""
 
+    @_builtins.property
+    def verified_at(self) -> _timestamp_pb2.Timestamp:
+        """When the verification was made."""
+
     def __init__(
         self,
         *,
@@ -448,10 +460,11 @@ class VerifyLogResponse(_message.Message):
         first_bad_sequence: _builtins.int = ...,
         problem: _builtins.str = ...,
         latest_checkpoint: Global___Checkpoint | None = ...,
+        verified_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["latest_checkpoint", b"latest_checkpoint"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latest_checkpoint", b"latest_checkpoint", "verified_at", b"verified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints_checked", b"checkpoints_checked", "first_bad_sequence", b"first_bad_sequence", "latest_checkpoint", b"latest_checkpoint", "ok", b"ok", "problem", b"problem", "records_checked", b"records_checked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints_checked", b"checkpoints_checked", "first_bad_sequence", b"first_bad_sequence", "latest_checkpoint", b"latest_checkpoint", "ok", b"ok", "problem", b"problem", "records_checked", b"records_checked", "verified_at", b"verified_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

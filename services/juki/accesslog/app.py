@@ -1,0 +1,186 @@
+"""Entry point of the access-log service: ``juki serve accesslog``.
+
+Settings (``JUKI_*``; see juki.mesh.settings):
+  ACCESSLOG_SIGNING_KEY_FILE / ACCESSLOG_SIGNING_CERT_FILE  Ed25519 checkpoint key and its certificate
+  PSEUDONYM_KEY_FILE              key of the HMAC pseudonym stored instead of the 住民票コード
+  ACCESSLOG_CHECKPOINT_SECONDS    interval of signed checkpoints (default 10; also one on shutdown)
+  ACCESSLOG_VERIFY_SECONDS        interval of the background full verification (default 600; 0 = never)
+  ACCESSLOG_MAX_GROUP_RECORDS     records per group commit at most (default 100000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import asyncpg
+
+from juki._gen.juki.accesslog.v1 import accesslog_pb2_grpc
+from juki.accesslog import chain
+from juki.accesslog.service import AccessLogServicer
+from juki.accesslog.verify import load_checkpoints
+from juki.accesslog.writer import LogWriter
+from juki.mesh import db
+from juki.mesh.errors import SettingsError
+from juki.mesh.server import ServiceBinding
+from juki.mesh.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "juki.accesslog.v1.AccessLogService"
+DISCLOSURE = "spiffe://juki.local/service/disclosure"
+ACCESS = {
+    "Append": frozenset({"service"}),
+    "AppendStream": frozenset({"service"}),
+    "ListProvisions": frozenset({DISCLOSURE}),
+    "VerifyLog": frozenset({"operator", "service"}),
+    "GetCheckpoint": frozenset({"operator", "service"}),
+}
+
+
+def read_pseudonym_key(path: str | None) -> bytes:
+    if not path:
+        raise SettingsError("the access log needs JUKI_PSEUDONYM_KEY_FILE (key of the resident-code pseudonym)")
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingsError(f"JUKI_PSEUDONYM_KEY_FILE: cannot read {path}: {exc.strerror}") from exc
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = text.encode()
+    if len(key) < 16:
+        raise SettingsError("JUKI_PSEUDONYM_KEY_FILE: the key must hold at least 16 bytes")
+    return key
+
+
+class Checkpointer:
+    """Signs (sequence, chain hash) of the committed head every few seconds and on shutdown."""
+
+    def __init__(self, pool: asyncpg.Pool, writer: LogWriter, signer: chain.Signer, interval: float) -> None:
+        self._pool = pool
+        self._writer = writer
+        self._signer = signer
+        self._interval = interval
+        self._signed_sequence = -1
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        async with self._pool.acquire() as conn:
+            existing = [cp for cp in await load_checkpoints(conn) if cp.kind != "purge"]
+        self._signed_sequence = existing[-1].sequence if existing else 0
+        if self._interval > 0:
+            self._task = asyncio.create_task(self._run(), name="accesslog-checkpointer")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.checkpoint("periodic")
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("checkpoint failed, will retry: %s", exc)
+
+    async def checkpoint(self, kind: str) -> chain.StoredCheckpoint | None:
+        """Sign the head this process committed, unless it is signed already."""
+        sequence, chain_hash = self._writer.head_sequence, self._writer.head_hash
+        if sequence == 0 or sequence <= self._signed_sequence:
+            return None
+        signed_at_ns = time.time_ns()
+        cp = chain.StoredCheckpoint(sequence, chain_hash, signed_at_ns,
+                                    self._signer.sign(sequence, chain_hash, signed_at_ns), self._signer.key_id, kind)
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO checkpoints (sequence, chain_hash, signed_at_ns, signature, key_id, kind)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                cp.sequence, cp.chain_hash, cp.signed_at_ns, cp.signature, cp.key_id, cp.kind,
+            )
+        self._signed_sequence = sequence
+        return cp
+
+    async def latest(self, *, create: bool = False) -> chain.StoredCheckpoint | None:
+        if create:
+            await self.checkpoint("periodic")
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT sequence, chain_hash, signed_at_ns, signature, key_id, kind FROM checkpoints"
+                " WHERE kind <> 'purge' ORDER BY sequence DESC, signed_at_ns DESC LIMIT 1"
+            )
+        if row is None:
+            return None
+        return chain.StoredCheckpoint(int(row["sequence"]), bytes(row["chain_hash"]), int(row["signed_at_ns"]),
+                                      bytes(row["signature"]), row["key_id"], row["kind"])
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.checkpoint("shutdown")
+
+
+class AccessLogApp:
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        extra = settings.extra
+        key_file = extra.get("accesslog_signing_key_file")
+        cert_file = extra.get("accesslog_signing_cert_file")
+        if not key_file or not cert_file:
+            raise SettingsError("the access log needs JUKI_ACCESSLOG_SIGNING_KEY_FILE and _CERT_FILE")
+        self.signer = chain.Signer(Path(key_file))
+        self.verifier = chain.CheckpointVerifier(Path(cert_file), settings.tls.ca)
+        if self.verifier.key_id != self.signer.key_id:
+            raise SettingsError("the access-log signing key does not match its certificate")
+        self.pseudonym_key = read_pseudonym_key(extra.get("pseudonym_key_file"))
+        self.checkpoint_seconds = float(extra.get("accesslog_checkpoint_seconds", "10"))
+        self.verify_seconds = float(extra.get("accesslog_verify_seconds", "600"))
+        self.max_group = int(extra.get("accesslog_max_group_records", "100000"))
+        self.pool: asyncpg.Pool | None = None
+        self.writer: LogWriter | None = None
+        self.checkpointer: Checkpointer | None = None
+        self.servicer: AccessLogServicer | None = None
+        self._verifier_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Sequence[ServiceBinding]:
+        self.pool = await db.create_pool(self.settings.database, self.settings.instance)
+        self.writer = LogWriter(self.pool, self.settings.database.schema, max_group_records=self.max_group)
+        await self.writer.start()
+        self.checkpointer = Checkpointer(self.pool, self.writer, self.signer, self.checkpoint_seconds)
+        await self.checkpointer.start()
+        self.servicer = AccessLogServicer(self.pool, self.writer, self.pseudonym_key, self.verifier, self.checkpointer)
+        if self.verify_seconds > 0:
+            self._verifier_task = asyncio.create_task(self._verify_periodically(), name="accesslog-verifier")
+        return [ServiceBinding(SERVICE_NAME, accesslog_pb2_grpc.add_AccessLogServiceServicer_to_server,
+                               self.servicer, ACCESS)]
+
+    async def _verify_periodically(self) -> None:
+        assert self.servicer is not None
+        while True:
+            try:
+                result = await self.servicer.verify_now()
+                if not result.ok:
+                    log.error("access log verification FAILED at sequence %d: %s",
+                              result.first_bad_sequence, result.problem)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("background verification failed: %s", exc)
+            await asyncio.sleep(self.verify_seconds)
+
+    async def stop(self) -> None:
+        if self._verifier_task is not None:
+            self._verifier_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._verifier_task
+        if self.writer is not None:
+            await self.writer.stop()
+        if self.checkpointer is not None:
+            await self.checkpointer.stop()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+def create(settings: ServiceSettings) -> AccessLogApp:
+    return AccessLogApp(settings)

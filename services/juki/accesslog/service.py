@@ -1,0 +1,228 @@
+"""The AccessLogService servicer: proto <-> writer, listing, verification and checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf import timestamp_pb2
+
+from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
+from juki._gen.juki.common.v1 import common_pb2
+from juki.accesslog import chain
+from juki.accesslog.verify import verify_log
+from juki.accesslog.writer import LogWriter, prepare
+from juki.domain import JAPAN_TIME, is_valid_resident_code
+from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
+
+MAX_BATCH_RECORDS = 100_000
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def check_records(records: Any, prefix: str = "records") -> None:
+    """Refuse a batch naming a malformed resident code or an unknown outcome (INVALID_ARGUMENT)."""
+    if len(records) > MAX_BATCH_RECORDS:
+        raise invalid(prefix, f"at most {MAX_BATCH_RECORDS} records per batch")
+    violations: list[FieldViolation] = []
+    for index, record in enumerate(records):
+        code = record.resident_code
+        if code and not (len(code) == 11 and is_valid_resident_code(code)):
+            violations.append(FieldViolation(f"{prefix}[{index}].resident_code", "not a valid 住民票コード",
+                                             Reason.CHECK_DIGIT_MISMATCH.name if len(code) == 11 and code.isdigit()
+                                             else Reason.INVALID_FIELD.name))
+        if record.outcome not in (1, 2):
+            violations.append(FieldViolation(f"{prefix}[{index}].outcome", "must be PROVIDED or REFUSED"))
+        if not code and record.outcome == accesslog_pb2.PROVISION_OUTCOME_PROVIDED:
+            violations.append(FieldViolation(f"{prefix}[{index}].resident_code",
+                                             "a provision must name the resident it concerns"))
+        if len(violations) >= 100:
+            break
+    if violations:
+        raise invalid_many(violations)
+
+
+def date_bound(value: common_pb2.Date, field: str, *, end: bool) -> dt.datetime | None:
+    """Start of the day (or of the next day, for an inclusive end) in Japan time; None when unset."""
+    if not (value.year or value.month or value.day):
+        return None
+    try:
+        day = dt.date(value.year, value.month, value.day)
+    except ValueError as exc:
+        raise invalid(field, f"not a calendar date: {exc}") from exc
+    if end:
+        day += dt.timedelta(days=1)
+    return dt.datetime(day.year, day.month, day.day, tzinfo=JAPAN_TIME)
+
+
+def encode_token(provided_at: dt.datetime, sequence: int) -> str:
+    micros = (provided_at - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+    return base64.urlsafe_b64encode(f"{micros}:{sequence}".encode()).decode()
+
+
+def decode_token(token: str) -> tuple[dt.datetime, int]:
+    try:
+        micros, sequence = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=int(micros)), int(sequence)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid("page_token", "not a token this service issued") from exc
+
+
+def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def checkpoint_message(cp: chain.StoredCheckpoint | None) -> accesslog_pb2.Checkpoint:
+    if cp is None:
+        return accesslog_pb2.Checkpoint()
+    seconds, nanos = divmod(cp.signed_at_ns, 1_000_000_000)
+    return accesslog_pb2.Checkpoint(
+        sequence=cp.sequence, chain_hash=cp.chain_hash, signature=cp.signature, key_id=cp.key_id,
+        signed_at=timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos),
+    )
+
+
+class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        writer: LogWriter,
+        pseudonym_key: bytes,
+        verifier: chain.CheckpointVerifier,
+        checkpointer: Any,
+    ) -> None:
+        self._pool = pool
+        self._writer = writer
+        self._key = pseudonym_key
+        self._verifier = verifier
+        self._checkpointer = checkpointer
+        self._verify_lock = asyncio.Lock()
+        self.last_verification: tuple[float, accesslog_pb2.VerifyLogResponse] | None = None
+
+    async def _append(self, records: Any, batch_id: str, prefix: str) -> tuple[int, int]:
+        check_records(records, prefix)
+        if not records:
+            return 0, 0
+        prepared = prepare(records, self._key, time.time_ns() // 1000)
+        ack = await self._writer.append(prepared, batch_id)
+        return ack.first_sequence, ack.count
+
+    async def Append(
+        self, request: accesslog_pb2.AppendRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> accesslog_pb2.AppendResponse:
+        first, count = await self._append(request.records, request.batch_id, "records")
+        return accesslog_pb2.AppendResponse(first_sequence=first, count=count)
+
+    async def AppendStream(
+        self,
+        request_iterator: AsyncIterator[accesslog_pb2.AppendStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[accesslog_pb2.AppendStreamResponse]:
+        # Batches are read ahead of their acknowledgements so that several of them can share one
+        # commit; acknowledgements still go out in request order, each once its batch is durable.
+        acks: asyncio.Queue[tuple[str, asyncio.Task[tuple[int, int]]] | None] = asyncio.Queue(maxsize=64)
+
+        async def reader() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(self._append(request.records, request.batch_id, "records"))
+                    await acks.put((request.batch_id, task))
+            finally:
+                await acks.put(None)
+
+        reading = asyncio.create_task(reader())
+        try:
+            while True:
+                item = await acks.get()
+                if item is None:
+                    break
+                batch_id, task = item
+                first, count = await task
+                yield accesslog_pb2.AppendStreamResponse(batch_id=batch_id, first_sequence=first, count=count)
+            await reading
+        finally:
+            if not reading.done():
+                reading.cancel()
+
+    async def ListProvisions(
+        self, request: accesslog_pb2.ListProvisionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> accesslog_pb2.ListProvisionsResponse:
+        code = request.resident_code
+        if not is_valid_resident_code(code):
+            raise invalid("resident_code", "not a valid 住民票コード")
+        if request.page_size < 0:
+            raise invalid("page_size", "must not be negative")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        start = date_bound(request.from_date, "from_date", end=False)
+        end = date_bound(request.to_date, "to_date", end=True)
+        if start and end and start >= end:
+            raise invalid("to_date", "must not be before from_date")
+        conditions = ["subject = $1"]
+        args: list[Any] = [chain.pseudonym(self._key, code)]
+        if start is not None:
+            args.append(start)
+            conditions.append(f"provided_at >= ${len(args)}")
+        if end is not None:
+            args.append(end)
+            conditions.append(f"provided_at < ${len(args)}")
+        if not request.include_refused:
+            conditions.append(f"outcome = {accesslog_pb2.PROVISION_OUTCOME_PROVIDED}")
+        if request.page_token:
+            after_time, after_sequence = decode_token(request.page_token)
+            args += [after_time, after_sequence]
+            conditions.append(f"(provided_at, sequence) < (${len(args) - 1}, ${len(args)})")
+        args.append(size + 1)
+        sql = (
+            "SELECT sequence, provided_at, recorded_at, payload FROM records WHERE " + " AND ".join(conditions)
+            + f" ORDER BY provided_at DESC, sequence DESC LIMIT ${len(args)}"
+        )
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(sql, *args)
+        response = accesslog_pb2.ListProvisionsResponse()
+        for row in rows[:size]:
+            record = accesslog_pb2.ProvisionRecord.FromString(row["payload"])
+            record.resident_code = code
+            response.provisions.append(accesslog_pb2.LoggedProvision(
+                sequence=row["sequence"], record=record, recorded_at=timestamp(row["recorded_at"])
+            ))
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = encode_token(last["provided_at"], int(last["sequence"]))
+        return response
+
+    async def verify_now(self) -> accesslog_pb2.VerifyLogResponse:
+        async with self._verify_lock, self._pool.acquire() as conn:
+            result = await verify_log(conn, self._verifier)
+        response = accesslog_pb2.VerifyLogResponse(
+            ok=result.ok, records_checked=result.records_checked, checkpoints_checked=result.checkpoints_checked,
+            first_bad_sequence=result.first_bad_sequence, problem=result.problem,
+            latest_checkpoint=checkpoint_message(result.latest_checkpoint),
+        )
+        response.verified_at.GetCurrentTime()
+        self.last_verification = (time.monotonic(), response)
+        return response
+
+    async def VerifyLog(
+        self, request: accesslog_pb2.VerifyLogRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> accesslog_pb2.VerifyLogResponse:
+        if request.max_age_seconds and self.last_verification is not None:
+            at, response = self.last_verification
+            if time.monotonic() - at <= request.max_age_seconds:
+                return response
+        return await self.verify_now()
+
+    async def GetCheckpoint(
+        self, request: accesslog_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> accesslog_pb2.GetCheckpointResponse:
+        latest = await self._checkpointer.latest(create=True)
+        if latest is None:
+            raise JukiError(Reason.FAILED_PRECONDITION, "the access log is empty: no checkpoint yet")
+        return accesslog_pb2.GetCheckpointResponse(checkpoint=checkpoint_message(latest))

@@ -1,0 +1,166 @@
+"""Audit verbs: ``juki audit verify`` (recompute the access log's chain and check its checkpoints) and
+``juki audit purge`` (the privileged retention purge).
+
+``verify`` reads the database directly with the administrative URL of the local mesh (from
+``endpoints.json``) or ``--database-url``, and checks checkpoint signatures against the signing
+certificate, itself checked against the mesh CA: the auditor trusts neither the service nor its role.
+With ``--via-service`` it asks the running access-log service instead (VerifyLog, as an operator).
+Exit status: 0 when intact, 1 when a problem was found (the first bad sequence is named), 2 on bad
+settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from juki.accesslog import chain
+from juki.accesslog.retention import DEFAULT_RETENTION, purge
+from juki.accesslog.verify import verify_log
+from juki.cli.main import add_data_dir
+from juki.mesh.errors import SettingsError
+from juki.mesh.settings import default_data_dir
+from juki.mesh.supervisor import read_endpoints
+
+
+def register(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="verify the access log's integrity; purge past retention")
+    asub = audit.add_subparsers(dest="audit_command", required=True)
+
+    verify = asub.add_parser("verify", help="recompute the access log's hash chain and check every checkpoint")
+    add_data_dir(verify)
+    _add_database_options(verify)
+    verify.add_argument("--via-service", action="store_true",
+                        help="ask the running access-log service (VerifyLog) instead of reading the database")
+    verify.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    verify.set_defaults(func=cmd_verify)
+
+    purge_parser = asub.add_parser(
+        "purge", help="delete records older than the retention period, anchored by a signed purge checkpoint"
+    )
+    add_data_dir(purge_parser)
+    _add_database_options(purge_parser)
+    purge_parser.add_argument("--older-than-days", type=float, default=DEFAULT_RETENTION.days,
+                              help=f"retention period in days (default {DEFAULT_RETENTION.days}, 7 years)")
+    purge_parser.add_argument("--signing-key", type=Path, help="checkpoint signing key (default: the mesh PKI's)")
+    purge_parser.set_defaults(func=cmd_purge)
+
+
+def _add_database_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", help="administrative URL (default: the local mesh's, from endpoints.json)")
+    parser.add_argument("--schema", default="accesslog", help="schema of the access log (default accesslog)")
+    parser.add_argument("--ca", type=Path, help="mesh CA certificate (default: the local mesh's)")
+    parser.add_argument("--signing-cert", type=Path, help="checkpoint signing certificate (default: the mesh PKI's)")
+
+
+def _pki_root(args: argparse.Namespace) -> Path | None:
+    data_dir = (args.data_dir or default_data_dir()).expanduser()
+    return data_dir / "pki" if (data_dir / "pki").is_dir() else None
+
+
+def _resolve(args: argparse.Namespace) -> tuple[str, Path, Path]:
+    url = args.database_url
+    if url is None:
+        endpoints = read_endpoints((args.data_dir or default_data_dir()).expanduser())
+        url = endpoints["database"]["admin_url"]
+    root = _pki_root(args)
+    ca = args.ca or (root / "ca.crt" if root else None)
+    cert = args.signing_cert or (root / "signing" / "accesslog.crt" if root else None)
+    if ca is None or cert is None or not Path(ca).is_file() or not Path(cert).is_file():
+        raise SettingsError("cannot find the mesh CA and signing certificate: pass --ca and --signing-cert")
+    return str(url), Path(ca), Path(cert)
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    if args.via_service:
+        return await _verify_via_service(args)
+    url, ca, cert = _resolve(args)
+    verifier = chain.CheckpointVerifier(cert, ca)
+    conn = await asyncpg.connect(url)
+    try:
+        total = await conn.fetchval(f'SELECT count(*) FROM "{args.schema}".records')
+        with Progress(
+            TextColumn("verifying access log"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            transient=True, disable=args.json or not sys.stderr.isatty(),
+        ) as progress:
+            task = progress.add_task("verify", total=total)
+            result = await verify_log(
+                conn, verifier, schema=args.schema,
+                progress=lambda done, _total: progress.update(task, completed=done),
+            )
+    finally:
+        await conn.close()
+    latest = result.latest_checkpoint
+    return _report(args, {
+        "ok": result.ok,
+        "records_checked": result.records_checked,
+        "checkpoints_checked": result.checkpoints_checked,
+        "first_sequence": result.first_sequence,
+        "last_sequence": result.last_sequence,
+        "first_bad_sequence": result.first_bad_sequence,
+        "problem": result.problem,
+        "latest_checkpoint_sequence": latest.sequence if latest else 0,
+        "signing_key_id": verifier.key_id,
+    })
+
+
+async def _verify_via_service(args: argparse.Namespace) -> int:
+    from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
+    from juki.mesh.client import MeshClient
+
+    async with MeshClient(args.data_dir, identity="operator") as client:
+        stub = accesslog_pb2_grpc.AccessLogServiceStub(client.channel("accesslog"))
+        reply = await stub.VerifyLog(accesslog_pb2.VerifyLogRequest(), timeout=3600)
+    return _report(args, {
+        "ok": reply.ok,
+        "records_checked": reply.records_checked,
+        "checkpoints_checked": reply.checkpoints_checked,
+        "first_bad_sequence": reply.first_bad_sequence,
+        "problem": reply.problem,
+        "latest_checkpoint_sequence": reply.latest_checkpoint.sequence,
+    })
+
+
+def _report(args: argparse.Namespace, figures: dict[str, Any]) -> int:
+    if args.json:
+        print(json.dumps(figures, ensure_ascii=False))
+    elif figures["ok"]:
+        print(f"access log intact: {figures['records_checked']} records chain, "
+              f"{figures['checkpoints_checked']} checkpoint(s) verify "
+              f"(latest covers sequence {figures['latest_checkpoint_sequence']})")
+    else:
+        print(f"access log TAMPERED: first bad sequence {figures['first_bad_sequence']}: {figures['problem']}")
+    return 0 if figures["ok"] else 1
+
+
+def _signing_key(args: argparse.Namespace) -> Path:
+    root = _pki_root(args)
+    key = args.signing_key or (root / "signing" / "accesslog.key" if root else None)
+    if key is None or not Path(key).is_file():
+        raise SettingsError("cannot find the checkpoint signing key: pass --signing-key")
+    return Path(key)
+
+
+async def cmd_purge(args: argparse.Namespace) -> int:
+    url, ca, cert = _resolve(args)
+    key = _signing_key(args)
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=args.older_than_days)
+    conn = await asyncpg.connect(url)
+    try:
+        result = await purge(conn, args.schema, chain.Signer(Path(key)), chain.CheckpointVerifier(cert, ca),
+                             older_than=cutoff)
+    finally:
+        await conn.close()
+    if result.problem:
+        print(f"error: {result.problem}", file=sys.stderr)
+        return 1
+    print(json.dumps({"purged": result.purged, "anchor_sequence": result.anchor_sequence,
+                      "cutoff": cutoff.isoformat()}))
+    return 0

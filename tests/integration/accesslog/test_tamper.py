@@ -1,0 +1,179 @@
+"""`juki audit verify` against logs tampered with directly in the database, and the retention purge."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import sys
+from typing import Any
+
+import pytest
+from juki._gen.juki.accesslog.v1 import accesslog_pb2
+from juki.accesslog import chain
+from juki.accesslog.retention import purge
+
+from tests.integration.accesslog.conftest import LiveLog, codes, provision
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def audit(database: Any, ca: Any, schema: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    """Run `juki audit verify --json` as a real process against the admin URL."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "juki", "audit", "verify", "--json", "--database-url", database.admin_url,
+        "--schema", schema, "--ca", str(ca.ca_cert_path), "--signing-cert", str(ca.paths("signing", "accesslog")[0]),
+        *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    assert out, err.decode()
+    return process.returncode, json.loads(out)
+
+
+async def filled(live_log: LiveLog, count: int = 20) -> None:
+    stub = live_log.stub()
+    residents = codes(count, seed=11)
+    for start in range(0, count, 5):
+        await stub.Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in residents[start:start + 5]]))
+    # A signed checkpoint over the whole log (as the periodic one would make).
+    await live_log.stub("operator", "demo-operator").GetCheckpoint(accesslog_pb2.GetCheckpointRequest())
+
+
+async def admin_execute(database: Any, *statements: str) -> None:
+    conn = await database.admin()
+    try:
+        async with conn.transaction():
+            for statement in statements:
+                await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def test_intact_log_verifies(live_log: LiveLog, database: Any, ca: Any) -> None:
+    await filled(live_log)
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 0, report
+    assert report["ok"] and report["records_checked"] == 20 and report["checkpoints_checked"] == 1
+
+
+async def test_altered_row_is_named(live_log: LiveLog, database: Any, ca: Any) -> None:
+    await filled(live_log)
+    record = accesslog_pb2.ProvisionRecord(purpose="FORGED")
+    await admin_execute(database, f"UPDATE \"{live_log.schema}\".records SET payload = '\\x{record.SerializeToString().hex()}'"
+                                  " WHERE sequence = 7")
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 1 and report["first_bad_sequence"] == 7, report
+
+
+async def test_altered_row_with_recomputed_chain_is_caught_by_the_checkpoint(
+    live_log: LiveLog, database: Any, ca: Any
+) -> None:
+    await filled(live_log)
+    conn = await database.admin()
+    try:
+        rows = await conn.fetch(
+            f'SELECT sequence, subject, (EXTRACT(EPOCH FROM provided_at) * 1000000)::bigint AS p,'
+            f' (EXTRACT(EPOCH FROM recorded_at) * 1000000)::bigint AS r, outcome, payload, chain_hash'
+            f' FROM "{live_log.schema}".records ORDER BY sequence'
+        )
+        previous = chain.GENESIS
+        async with conn.transaction():
+            for row in rows:
+                outcome = 2 if row["sequence"] == 12 else row["outcome"]
+                previous = chain.next_hash(previous, chain.canonical_bytes(
+                    row["sequence"], row["p"], row["r"], outcome, bytes(row["subject"]), bytes(row["payload"])))
+                await conn.execute(
+                    f'UPDATE "{live_log.schema}".records SET outcome = $2, chain_hash = $3 WHERE sequence = $1',
+                    row["sequence"], outcome, previous,
+                )
+    finally:
+        await conn.close()
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 1 and report["first_bad_sequence"] == 20 and "checkpoint" in report["problem"], report
+
+
+async def test_deleted_row_is_named(live_log: LiveLog, database: Any, ca: Any) -> None:
+    await filled(live_log)
+    await admin_execute(database, f'DELETE FROM "{live_log.schema}".records WHERE sequence = 9')
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 1 and report["first_bad_sequence"] == 9, report
+
+
+async def test_deleted_tail_covered_by_a_checkpoint_is_named(live_log: LiveLog, database: Any, ca: Any) -> None:
+    await filled(live_log)
+    await admin_execute(database, f'DELETE FROM "{live_log.schema}".records WHERE sequence >= 18')
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 1 and report["first_bad_sequence"] == 18, report
+
+
+async def test_deleted_head_without_purge_anchor_is_named(live_log: LiveLog, database: Any, ca: Any) -> None:
+    await filled(live_log)
+    await admin_execute(database, f'DELETE FROM "{live_log.schema}".records WHERE sequence <= 3')
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 1 and report["first_bad_sequence"] == 1, report
+
+
+async def test_inserted_row_is_named(live_log: LiveLog, database: Any, ca: Any) -> None:
+    await filled(live_log)
+    table = f'"{live_log.schema}".records'
+    forged = provision(codes(1, seed=99)[0]).SerializeToString().hex()
+    await admin_execute(
+        database,
+        # make room after 5 and slip a forged record in as the new 6th, copying its neighbour's hash
+        f"UPDATE {table} SET sequence = sequence + 1000 WHERE sequence >= 6",
+        f"UPDATE {table} SET sequence = sequence - 999 WHERE sequence >= 1006",
+        f"INSERT INTO {table} (sequence, subject, provided_at, recorded_at, outcome, payload, chain_hash)"
+        f" SELECT 6, subject, provided_at, recorded_at, outcome, '\\x{forged}', chain_hash FROM {table} WHERE sequence = 7",
+    )
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 1 and report["first_bad_sequence"] == 6, report
+
+
+async def test_reordered_rows_are_named(live_log: LiveLog, database: Any, ca: Any) -> None:
+    await filled(live_log)
+    table = f'"{live_log.schema}".records'
+    await admin_execute(
+        database,
+        f"UPDATE {table} SET sequence = -1 WHERE sequence = 4",
+        f"UPDATE {table} SET sequence = 4 WHERE sequence = 15",
+        f"UPDATE {table} SET sequence = 15 WHERE sequence = -1",
+    )
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 1 and report["first_bad_sequence"] == 4, report
+
+
+async def test_purge_keeps_the_rest_verifiable(live_log: LiveLog, database: Any, ca: Any) -> None:
+    await filled(live_log)  # records 1..20
+    await asyncio.sleep(0.05)
+    cutoff = dt.datetime.now(dt.UTC)
+    await asyncio.sleep(0.05)
+    stub = live_log.stub()
+    await stub.Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(5, seed=3)]))  # 21..25
+    signer = chain.Signer(ca.paths("signing", "accesslog")[1])
+    verifier = chain.CheckpointVerifier(ca.paths("signing", "accesslog")[0], ca.ca_cert_path)
+    conn = await database.admin()
+    try:
+        result = await purge(conn, live_log.schema, signer, verifier, older_than=cutoff)
+    finally:
+        await conn.close()
+    assert (result.purged, result.anchor_sequence, result.problem) == (20, 20, "")
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 0, report
+    assert report["first_sequence"] == 21 and report["records_checked"] == 5
+    # The service keeps appending on top of the purged log, and it still verifies.
+    await stub.Append(accesslog_pb2.AppendRequest(records=[provision(codes(1, seed=4)[0])]))
+    verified = await live_log.stub("operator", "demo-operator").VerifyLog(accesslog_pb2.VerifyLogRequest())
+    assert verified.ok and verified.records_checked == 6
+    # Deleting beyond the purge anchor is still caught.
+    await admin_execute(database, f'DELETE FROM "{live_log.schema}".records WHERE sequence = 21')
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 1 and report["first_bad_sequence"] == 21, report
+
+
+async def test_an_ordinary_checkpoint_cannot_anchor_a_deleted_prefix(live_log: LiveLog, database: Any, ca: Any) -> None:
+    await filled(live_log, 10)  # checkpoint at 10
+    await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(codes(1, seed=5)[0])]))
+    await admin_execute(database, f'DELETE FROM "{live_log.schema}".records WHERE sequence <= 10')
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 1 and report["first_bad_sequence"] == 1, report
