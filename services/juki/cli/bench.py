@@ -1,0 +1,27 @@
+"""``juki bench``: measurements printed as JSON, one sub-verb per module in :data:`BENCH_MODULES`.
+
+Each module exposes ``register_bench(bench_subparsers)`` adding its sub-verb (and setting ``func``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+BENCH_MODULES: tuple[str, ...] = (
+    "juki.cli.bench_accesslog",
+    "juki.cli.bench_disclose",
+)
+
+
+def register(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="measure throughput and latency; prints one JSON object")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    for name in BENCH_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register_bench(bench_sub)
