@@ -20,10 +20,17 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-
 from juki.mesh import db
 from juki.mesh.embedded import start_embedded
-from juki.mesh.settings import DatabaseSettings, Peers, Secret, ServiceSettings, TlsFiles, role_name, schema_name
+from juki.mesh.settings import (
+    DatabaseSettings,
+    Peers,
+    Secret,
+    ServiceSettings,
+    TlsFiles,
+    role_name,
+    schema_name,
+)
 from juki.mesh.supervisor import MeshLayout, ensure_pki, migration_targets
 from juki.mesh.tls import secure_channel
 

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
 from juki.mesh.supervisor import Supervisor
 from juki.mesh.tracesink import TraceSink
 

@@ -12,17 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-
 from juki._gen.juki.lookup.v1 import lookup_pb2, lookup_pb2_grpc
 from juki.mesh.settings import TlsFiles
 from juki.mesh.supervisor import Supervisor, read_endpoints
 from juki.mesh.tls import secure_channel
 from juki.mesh.tracesink import TraceSink
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 pytestmark = pytest.mark.e2e
 

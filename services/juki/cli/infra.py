@@ -72,9 +72,10 @@ def layout_from(args: argparse.Namespace) -> MeshLayout:
 
 
 async def cmd_up(args: argparse.Namespace) -> int:
+    import os
+
     from juki.cli.seed import seed_population
     from juki.mesh.settings import read_secret
-    import os
 
     env: dict[str, str] = {}
     if args.otlp:

@@ -233,7 +233,7 @@ class Supervisor:
     async def _spawn(self, spec: ChildSpec) -> asyncio.subprocess.Process:
         ready = self.data_dir / "run" / f"{spec.instance}.ready"
         ready.unlink(missing_ok=True)
-        logfile = open(self.data_dir / "run" / f"{spec.instance}.log", "ab")  # noqa: SIM115
+        logfile = open(self.data_dir / "run" / f"{spec.instance}.log", "ab")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "juki", "serve", *spec.args,
             env=self._env_for(spec), stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile,

@@ -76,7 +76,7 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, sink: TraceSink) -> None:
         self.sink = sink
 
-    async def Export(  # noqa: N802 (gRPC method name)
+    async def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         self.sink.add(spans_from_request(request))

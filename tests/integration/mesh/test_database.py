@@ -14,7 +14,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-
 from juki.mesh import db
 from juki.mesh.embedded import recover_stale_state, start_embedded
 
@@ -69,8 +68,9 @@ def test_recover_ignores_live_owners(tmp_path: Path) -> None:
 async def test_every_instance_has_its_schema_role_and_migrations(database: Any) -> None:
     conn: asyncpg.Connection = await database.admin()
     try:
-        from tests.conftest import LAYOUT
         from juki.mesh.supervisor import migration_targets
+
+        from tests.conftest import LAYOUT
 
         for target in migration_targets(LAYOUT):
             role = await conn.fetchrow(
@@ -104,8 +104,9 @@ async def test_a_changed_migration_is_refused(database: Any, monkeypatch: pytest
 
 
 async def test_migrate_twice_applies_nothing(database: Any) -> None:
-    from tests.conftest import LAYOUT
     from juki.mesh.supervisor import migration_targets
+
+    from tests.conftest import LAYOUT
 
     applied = await db.migrate(database.admin_url, migration_targets(LAYOUT))
     assert all(not versions for versions in applied.values())

@@ -14,12 +14,12 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_status import rpc_status
-
 from juki.mesh import pki
 from juki.mesh.errors import FieldViolation, JukiError, Reason
 from juki.mesh.server import ServiceBinding, start_server
 from juki.mesh.settings import TlsFiles
 from juki.mesh.tls import require_peer, secure_channel
+
 from tests.conftest import channel_as, make_settings
 
 SERVICE = "juki.test.v1.EchoService"
