@@ -124,7 +124,7 @@ def _tune(handle: Any) -> None:
         "ALTER SYSTEM SET checkpoint_timeout = '15min';"
         "ALTER SYSTEM SET commit_delay = 0;"
     )
-    from pgserver._commands import pg_ctl
+    from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
     pg_ctl(["-w", "restart", "-o", f'-h "" -k {handle.get_postmaster_info().socket_dir}', "-l", str(handle.log)],
            pgdata=handle.pgdata, user=handle.system_user, timeout=30)

@@ -363,4 +363,4 @@ async def serve(settings: ServiceSettings, service: MeshService, *, ready_file: 
 
 
 def code_name(code: int) -> str:
-    return code_pb2.Code.Name(code)
+    return str(code_pb2.Code.Name(code))
