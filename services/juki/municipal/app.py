@@ -15,6 +15,8 @@ import asyncpg
 import grpc
 
 from juki import domain
+from juki._gen.juki.card.v1 import card_pb2, card_pb2_grpc
+from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
 from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
 from juki.mesh.db import create_pool
@@ -33,6 +35,11 @@ SERVICE_NAME = "juki.municipal.v1.MunicipalService"
 CARD_SERVICE = "spiffe://juki.local/service/card"
 DISCLOSURE_SERVICE = "spiffe://juki.local/service/disclosure"
 RESYNC_BATCH = 1000
+# Changes after which the resident's 住基カード are revoked (the card service is told at once).
+_CARD_REVOKING = {
+    common_pb2.CHANGE_KIND_DEATH: "死亡",
+    common_pb2.CHANGE_KIND_RESIDENT_CODE_CHANGE: "住民票コード変更",
+}
 
 
 class MunicipalServicer(municipal_pb2_grpc.MunicipalServiceServicer):
@@ -54,6 +61,8 @@ class MunicipalServicer(municipal_pb2_grpc.MunicipalServiceServicer):
         await self._operator("RecordChange", request, request.entry.resident_code)
         recorded = await self.app.registry.record_change(request, self.app.clock.today())
         self.app.sender.wake()
+        if request.change_kind in _CARD_REVOKING:
+            await self.app.revoke_cards(request.entry.resident_code, _CARD_REVOKING[request.change_kind])
         queued = not self.app.sender.connected or not recorded.connected
         return municipal_pb2.RecordChangeResponse(
             notification_id=recorded.notification_id, sequence=recorded.sequence, queued=queued,
@@ -176,6 +185,21 @@ class MunicipalApp:
 
     async def on_refusal(self, peer: Peer | None, method: str, error: JukiError) -> None:
         log.warning("refused %s to %s: %s", method, peer.spiffe_id if peer else "unknown peer", error.reason.name)
+
+    async def revoke_cards(self, resident_code: str, reason: str) -> None:
+        """Tell the card service to revoke the resident's cards; a failure is logged, not raised (the
+        change is committed, and the card service re-checks the register when a card is used)."""
+        address = self.settings.peers.card
+        if not address:
+            return
+        try:
+            async with secure_channel(address, self.settings.tls) as channel:
+                response = await card_pb2_grpc.CardServiceStub(channel).RevokeCard(
+                    card_pb2.RevokeCardRequest(resident_code=resident_code, reason=reason), timeout=10)
+            if response.revoked:
+                log.info("revoked %d card(s) after %s", response.revoked, reason)
+        except grpc.aio.AioRpcError as error:
+            log.warning("could not revoke the cards after %s: %s", reason, error.code().name)
 
     async def resync(self) -> municipal_pb2.ResyncToPrefectureResponse:
         """Send the whole register to the prefecture (IntakeService.BulkLoad) as one snapshot."""
