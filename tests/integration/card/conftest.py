@@ -10,12 +10,12 @@ from typing import Any
 
 import grpc
 import pytest
-
 from juki._gen.juki.card.v1 import card_pb2_grpc
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
 from juki.mesh.settings import Peers
 from juki.mesh.supervisor import free_port
+
 from tests.conftest import channel_as, running
 from tests.integration.municipal.helpers import date, sign
 

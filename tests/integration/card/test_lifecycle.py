@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from juki._gen.juki.card.v1 import card_pb2
 from juki._gen.juki.common.v1 import common_pb2
+
 from tests.integration.card.conftest import NAKANO, YOKOHAMA, CardMesh
 from tests.integration.municipal.helpers import date, person, reason_of, sign, violations_of
 
@@ -190,8 +190,9 @@ async def test_death_and_code_change_at_the_register_revoke_the_card(mesh: CardM
     changed = await resident(mesh, "改番")
     first = await issue(mesh, deceased)
     second = await issue(mesh, changed)
-    from tests.integration.card.conftest import RECORD
     from juki._gen.juki.municipal.v1 import municipal_pb2
+
+    from tests.integration.card.conftest import RECORD
 
     death = municipal_pb2.RecordChangeRequest(
         change_kind=common_pb2.CHANGE_KIND_DEATH, entry=municipal_pb2.ResidentEntry(resident_code=deceased),
