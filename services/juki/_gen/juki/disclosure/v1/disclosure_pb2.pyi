@@ -204,10 +204,22 @@ class IntegrityReport(_message.Message):
     CHECKPOINT_SEQUENCE_FIELD_NUMBER: _builtins.int
     CHECKPOINT_SIGNED_AT_FIELD_NUMBER: _builtins.int
     VERIFIED_AT_FIELD_NUMBER: _builtins.int
+    RECORDS_CHECKED_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_CHECKED_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    SIGNING_KEY_ID_FIELD_NUMBER: _builtins.int
     chain_verified: _builtins.bool
     """True when the access log's hash chain verified up to the checkpoint."""
     checkpoint_sequence: _builtins.int
     """Sequence of the latest signed checkpoint."""
+    records_checked: _builtins.int
+    """Records whose hashes were recomputed in that verification."""
+    checkpoints_checked: _builtins.int
+    """Signed checkpoints whose signature and chain hash were checked."""
+    problem: _builtins.str
+    """The first problem found; empty when chain_verified."""
+    signing_key_id: _builtins.str
+    """Id of the checkpoint signing key (hex SHA-256 of its Ed25519 public key)."""
     @_builtins.property
     def checkpoint_signed_at(self) -> _timestamp_pb2.Timestamp:
         """When that checkpoint was signed."""
@@ -223,10 +235,14 @@ class IntegrityReport(_message.Message):
         checkpoint_sequence: _builtins.int = ...,
         checkpoint_signed_at: _timestamp_pb2.Timestamp | None = ...,
         verified_at: _timestamp_pb2.Timestamp | None = ...,
+        records_checked: _builtins.int = ...,
+        checkpoints_checked: _builtins.int = ...,
+        problem: _builtins.str = ...,
+        signing_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_signed_at", b"checkpoint_signed_at", "verified_at", b"verified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_verified", b"chain_verified", "checkpoint_sequence", b"checkpoint_sequence", "checkpoint_signed_at", b"checkpoint_signed_at", "verified_at", b"verified_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_verified", b"chain_verified", "checkpoint_sequence", b"checkpoint_sequence", "checkpoint_signed_at", b"checkpoint_signed_at", "checkpoints_checked", b"checkpoints_checked", "problem", b"problem", "records_checked", b"records_checked", "signing_key_id", b"signing_key_id", "verified_at", b"verified_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

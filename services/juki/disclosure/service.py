@@ -1,0 +1,199 @@
+"""The DisclosureService servicer: prove the resident, gather record, history and provisions, log it.
+
+Flow of GetDisclosure:
+  1. the resident code must be well formed (INVALID_ARGUMENT otherwise);
+  2. proof: the resident's card and PIN, checked by the card service (the card must belong to that
+     code), or a counter operator's signed proof (photo ID checked in person);
+  3. the disclosure itself is logged in the access log (機能区分 本人開示) and is durable before any
+     information is returned, as every provision is;
+  4. the current record and its history come from the national intake, the provisions from the
+     access log (for this resident's code only: the log is keyed by its pseudonym), the integrity
+     report from the access log's verification and its latest signed checkpoint.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
+from juki._gen.juki.card.v1 import card_pb2, card_pb2_grpc
+from juki._gen.juki.common.v1 import common_pb2
+from juki._gen.juki.disclosure.v1 import disclosure_pb2, disclosure_pb2_grpc
+from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
+from juki.domain import is_valid_resident_code
+from juki.domain.policy import Policy
+from juki.mesh.errors import JukiError, Reason, invalid
+from juki.mesh.operator import OperatorVerifier
+from juki.mesh.tls import require_peer
+
+METHOD = "/juki.disclosure.v1.DisclosureService/GetDisclosure"
+SELF = "spiffe://juki.local/service/disclosure"
+DISCLOSURE_PURPOSE = "DISCLOSURE"
+DISCLOSURE_PURPOSE_NAME = "本人確認情報の開示（本人開示）"
+ALL_FIELDS = (common_pb2.FIELD_RESIDENT_CODE, common_pb2.FIELD_NAME, common_pb2.FIELD_BIRTH_DATE,
+              common_pb2.FIELD_SEX, common_pb2.FIELD_ADDRESS, common_pb2.FIELD_CHANGE_INFO)
+DEFAULT_PAGE_SIZE = 50
+VERIFY_MAX_AGE_SECONDS = 300
+
+T = TypeVar("T")
+
+
+def forwarded(exc: grpc.aio.AioRpcError, service: str) -> JukiError:
+    """A peer's refusal passed on with its own reason; anything else is a dependency failure."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    reason_name = ""
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason_name = info.reason
+    if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
+                      grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT) \
+            and reason_name in Reason.__members__ and Reason[reason_name].value.code == exc.code():
+        return JukiError(Reason[reason_name], f"{service}: {exc.details()}")
+    if exc.code() == grpc.StatusCode.NOT_FOUND:
+        return JukiError(Reason.RESIDENT_NOT_FOUND, f"{service}: {exc.details()}")
+    return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"{service} failed: {exc.code().name}", retry_after_seconds=1)
+
+
+async def call(service: str, awaitable: Awaitable[T]) -> T:
+    try:
+        return await awaitable
+    except grpc.aio.AioRpcError as exc:
+        raise forwarded(exc, service) from exc
+
+
+class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
+    def __init__(
+        self,
+        *,
+        intake: intake_pb2_grpc.IntakeServiceStub,
+        accesslog: accesslog_pb2_grpc.AccessLogServiceStub,
+        card: card_pb2_grpc.CardServiceStub | None,
+        operators: OperatorVerifier,
+        policy: Policy,
+        timeout: float = 30.0,
+    ) -> None:
+        self._intake = intake
+        self._accesslog = accesslog
+        self._card = card
+        self._operators = operators
+        self._policy = policy
+        self._timeout = timeout
+
+    async def _prove(self, request: disclosure_pb2.GetDisclosureRequest) -> str:
+        """Check the proof; return the operator id for a counter disclosure, "" for a card."""
+        which = request.WhichOneof("proof")
+        if which == "card_proof":
+            proof = request.card_proof
+            if not proof.card_number:
+                raise invalid("card_proof.card_number", "the card number is required")
+            if not (len(proof.pin) == 4 and proof.pin.isascii() and proof.pin.isdigit()):
+                raise invalid("card_proof.pin", "the PIN has 4 digits")
+            if self._card is None:
+                raise JukiError(Reason.DEPENDENCY_UNAVAILABLE, "the card service is not configured")
+            status = await call("card", self._card.GetCardStatus(
+                card_pb2.GetCardStatusRequest(card_number=proof.card_number), timeout=self._timeout))
+            if status.card.resident_code != request.resident_code:
+                raise JukiError(Reason.PEER_NOT_AUTHORISED, "the card does not belong to this resident code")
+            checked = await call("card", self._card.VerifyPin(
+                card_pb2.VerifyPinRequest(card_number=proof.card_number, pin=proof.pin), timeout=self._timeout))
+            if not checked.ok:
+                raise JukiError(Reason.PIN_MISMATCH,
+                                f"the PIN does not match; {checked.remaining_attempts} attempt(s) left",
+                                metadata={"remaining_attempts": str(checked.remaining_attempts)})
+            return ""
+        if which == "counter_operator":
+            verified = await self._operators.verify(METHOD, request, "counter_operator")
+            return verified.operator_id
+        raise invalid("proof", "prove the resident's identity: card_proof or counter_operator")
+
+    async def _log(self, request: disclosure_pb2.GetDisclosureRequest, recipient: str, operator_id: str) -> None:
+        record = accesslog_pb2.ProvisionRecord(
+            recipient=recipient, recipient_name="本人（開示請求）", purpose=DISCLOSURE_PURPOSE,
+            purpose_name=DISCLOSURE_PURPOSE_NAME, query_mode=common_pb2.QUERY_MODE_DISCLOSURE,
+            provider_tier=common_pb2.TIER_NATIONAL, provider=SELF, fields=ALL_FIELDS,
+            resident_code=request.resident_code, outcome=accesslog_pb2.PROVISION_OUTCOME_PROVIDED,
+            operator_id=operator_id, reason="本人からの開示請求" + ("（窓口）" if operator_id else "（住基カード）"),
+        )
+        record.provided_at.GetCurrentTime()
+        try:
+            await self._accesslog.Append(accesslog_pb2.AppendRequest(batch_id=str(uuid.uuid4()), records=[record]),
+                                         timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise JukiError(Reason.ACCESS_LOG_UNAVAILABLE, retry_after_seconds=1) from exc
+
+    def _purpose_name(self, provision: accesslog_pb2.ProvisionRecord) -> str:
+        if provision.purpose_name:
+            return provision.purpose_name
+        agency = self._policy.agency(provision.recipient)
+        purpose = agency.purposes.get(provision.purpose) if agency is not None else None
+        return purpose.name if purpose is not None else provision.purpose
+
+    async def GetDisclosure(
+        self, request: disclosure_pb2.GetDisclosureRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> disclosure_pb2.GetDisclosureResponse:
+        if not is_valid_resident_code(request.resident_code):
+            raise invalid("resident_code", "not a valid 住民票コード (11 digits with check digit)")
+        if request.page_size < 0:
+            raise invalid("page_size", "must not be negative")
+        peer = require_peer()
+        operator_id = await self._prove(request)
+        # Validate the filters before anything is provided (the access log would refuse them later).
+        list_request = accesslog_pb2.ListProvisionsRequest(
+            resident_code=request.resident_code, from_date=request.from_date, to_date=request.to_date,
+            page_size=request.page_size or DEFAULT_PAGE_SIZE, page_token=request.page_token,
+        )
+        resident = await call("national intake", self._intake.GetResident(
+            intake_pb2.GetResidentRequest(resident_code=request.resident_code), timeout=self._timeout))
+        await self._log(request, peer.spiffe_id, operator_id)
+
+        response = disclosure_pb2.GetDisclosureResponse(identity=resident.record)
+        token = ""
+        while True:
+            page = await call("national intake", self._intake.ListResidentHistory(
+                intake_pb2.ListResidentHistoryRequest(resident_code=request.resident_code, page_size=500,
+                                                      page_token=token), timeout=self._timeout))
+            for version in page.versions:
+                response.history.append(disclosure_pb2.HistoryEntry(
+                    version=version.version, change_kind=version.change_kind, occurred_on=version.occurred_on,
+                    notified_on=version.notified_on, recorded_at=version.recorded_at, record=version.record,
+                ))
+            token = page.next_page_token
+            if not token:
+                break
+
+        listed = await call("access log", self._accesslog.ListProvisions(list_request, timeout=self._timeout))
+        for logged in listed.provisions:
+            record = logged.record
+            response.provisions.append(disclosure_pb2.Provision(
+                provided_at=record.provided_at, query_mode=record.query_mode,
+                reason=record.reason or self._purpose_name(record), purpose=record.purpose,
+                purpose_name=self._purpose_name(record), provider=record.provider,
+                provider_tier=record.provider_tier, recipient=record.recipient,
+                recipient_name=record.recipient_name, fields=record.fields, sequence=logged.sequence,
+            ))
+        response.next_page_token = listed.next_page_token
+
+        verified = await call("access log", self._accesslog.VerifyLog(
+            accesslog_pb2.VerifyLogRequest(max_age_seconds=VERIFY_MAX_AGE_SECONDS), timeout=600))
+        checkpoint = verified.latest_checkpoint
+        if not checkpoint.sequence:
+            checkpoint = (await call("access log", self._accesslog.GetCheckpoint(
+                accesslog_pb2.GetCheckpointRequest(), timeout=self._timeout))).checkpoint
+        response.integrity.chain_verified = verified.ok
+        response.integrity.checkpoint_sequence = checkpoint.sequence
+        response.integrity.checkpoint_signed_at.CopyFrom(checkpoint.signed_at)
+        response.integrity.verified_at.CopyFrom(verified.verified_at)
+        response.integrity.records_checked = verified.records_checked
+        response.integrity.checkpoints_checked = verified.checkpoints_checked
+        response.integrity.problem = verified.problem
+        response.integrity.signing_key_id = checkpoint.key_id
+        return response

@@ -1,0 +1,204 @@
+"""Disclosure against a real national intake and a real access log, over mTLS, with counter-operator proofs."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
+from juki._gen.juki.common.v1 import common_pb2
+from juki._gen.juki.disclosure.v1 import disclosure_pb2, disclosure_pb2_grpc
+from juki.accesslog.app import create as create_accesslog
+from juki.disclosure.app import create as create_disclosure
+from juki.disclosure.service import METHOD
+from juki.domain import generate_resident_code
+from juki.mesh.settings import Peers
+
+from tests.conftest import channel_as, running
+from tests.integration.accesslog.conftest import fresh_instance, provision
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@dataclass
+class Mesh:
+    disclosure: str
+    accesslog: str
+    ca: Any
+    channels: list[grpc.aio.Channel]
+
+    def stub(self, kind: str = "operator", name: str = "demo-operator") -> disclosure_pb2_grpc.DisclosureServiceStub:
+        channel = channel_as(self.ca, kind, name, self.disclosure)
+        self.channels.append(channel)
+        return disclosure_pb2_grpc.DisclosureServiceStub(channel)
+
+    def log(self, kind: str = "service", name: str = "lookup") -> accesslog_pb2_grpc.AccessLogServiceStub:
+        channel = channel_as(self.ca, kind, name, self.accesslog)
+        self.channels.append(channel)
+        return accesslog_pb2_grpc.AccessLogServiceStub(channel)
+
+
+class MethodNamesOnly:
+    """Serve another service with its access table keyed by bare method names, as ServiceBinding wants."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def start(self) -> list[Any]:
+        from dataclasses import replace
+
+        return [replace(b, access={k.rsplit("/", 1)[-1]: v for k, v in b.access.items()})
+                for b in await self.inner.start()]
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+
+@pytest.fixture
+async def mesh(settings_factory: Any, database: Any, ca: Any) -> AsyncIterator[Mesh]:
+    from juki.intake.app import create as create_intake
+
+    log_instance = await fresh_instance(database)
+    base = settings_factory("accesslog", log_instance, ("service", "accesslog"))
+    log_settings = settings_factory("accesslog", log_instance, ("service", "accesslog"),
+                                    extra={**base.extra, "accesslog_checkpoint_seconds": "0",
+                                           "accesslog_verify_seconds": "0"})
+    intake_settings = settings_factory("intake", "intake-national", ("service", "intake-national"), tier="national")
+    async with contextlib.AsyncExitStack() as stack:
+        log_address = await stack.enter_async_context(running(log_settings, create_accesslog(log_settings)))
+        intake_address = await stack.enter_async_context(
+            running(intake_settings, MethodNamesOnly(create_intake(intake_settings))))
+        settings = settings_factory("disclosure", "disclosure", ("service", "disclosure"),
+                                    peers=Peers(accesslog=log_address, national_intake=intake_address))
+        address = await stack.enter_async_context(running(settings, create_disclosure(settings)))
+        found = Mesh(address, log_address, ca, [])
+        yield found
+        for channel in found.channels:
+            await channel.close()
+
+
+async def seed_resident(database: Any, rng: random.Random) -> str:
+    """A resident in the national store, with two versions of its record (as intake would store them)."""
+    code = generate_resident_code(rng)
+    record = common_pb2.IdentityRecord(
+        resident_code=code, resident_kind=common_pb2.RESIDENT_KIND_JAPANESE,
+        name=common_pb2.PersonName(family_name="山田", given_name="花子", family_name_kana="ヤマダ",
+                                   given_name_kana="ハナコ"),
+        birth_date=common_pb2.Date(year=1980, month=4, day=1, precision=common_pb2.DATE_PRECISION_FULL),
+        sex=common_pb2.SEX_FEMALE,
+        address=common_pb2.Address(municipality_code="131148", prefecture="東京都", municipality="中野区",
+                                   street="中野四丁目8番1号"),
+        status=common_pb2.RESIDENT_STATUS_CURRENT, version=2,
+    )
+    conn = await database.admin()
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO intake_national.residents (resident_code, resident_kind, family_name, given_name,"
+                " family_name_kana, given_name_kana, birth_year, birth_month, birth_day, sex, municipality_code,"
+                " prefecture, municipality, street, status, last_change_kind, version)"
+                " VALUES ($1, 1, '山田', '花子', 'ヤマダ', 'ハナコ', 1980, 4, 1, 2, '131148', '東京都', '中野区',"
+                " '中野四丁目8番1号', 1, 8, 2)",
+                code,
+            )
+            for version, kind in ((1, common_pb2.CHANGE_KIND_BIRTH), (2, common_pb2.CHANGE_KIND_ADDRESS_CHANGE)):
+                await conn.execute(
+                    "INSERT INTO intake_national.resident_versions (resident_code, version, change_kind, occurred_on,"
+                    " notified_on, record) VALUES ($1, $2, $3, $4::date, $4::date, $5)",
+                    code, version, kind, dt.date(1980 + version * 20, 4, 1),
+                    record.SerializeToString(),
+                )
+    finally:
+        await conn.close()
+    return code
+
+
+def signed(code: str, ca: Any, **fields: Any) -> disclosure_pb2.GetDisclosureRequest:
+    from juki.mesh.operator import sign_operator_proof
+
+    request = disclosure_pb2.GetDisclosureRequest(resident_code=code, **fields)
+    cert, key = ca.paths("operator", "demo-operator")
+    sign_operator_proof(request, METHOD, cert_pem=cert.read_bytes(), key_pem=key.read_bytes(), password="demo",
+                        proof_field="counter_operator")
+    return request
+
+
+async def test_counter_disclosure_shows_record_history_provisions_and_integrity(mesh: Mesh, database: Any) -> None:
+    rng = random.Random(501)
+    me = await seed_resident(database, rng)
+    someone_else = await seed_resident(database, rng)
+    base = 1_704_034_800  # 2024-01-01 JST
+    await mesh.log().Append(accesslog_pb2.AppendRequest(records=[
+        provision(me, seconds=base + 86_400 * i, purpose=f"P{i}") for i in range(5)
+    ] + [provision(someone_else, seconds=base, purpose="OTHER")]))
+    reply = await mesh.stub().GetDisclosure(signed(me, mesh.ca))
+    assert reply.identity.resident_code == me and reply.identity.name.family_name == "山田"
+    assert [h.version for h in reply.history] == [1, 2]
+    assert reply.history[0].change_kind == common_pb2.CHANGE_KIND_BIRTH
+    purposes = [p.purpose for p in reply.provisions]
+    assert purposes[0] == "DISCLOSURE"  # the disclosure itself is logged first and shows up
+    assert purposes[1:] == ["P4", "P3", "P2", "P1", "P0"]
+    assert "OTHER" not in purposes
+    first = reply.provisions[1]
+    assert first.recipient_name == "日本年金機構" and first.reason == "年金受給者の現況確認"
+    assert first.query_mode == common_pb2.QUERY_MODE_BY_CODE and list(first.fields) == [2, 5]
+    assert reply.integrity.chain_verified and reply.integrity.checkpoint_sequence >= 6
+    assert reply.integrity.records_checked >= 7
+
+
+async def test_date_filter_and_pages(mesh: Mesh, database: Any) -> None:
+    me = await seed_resident(database, random.Random(502))
+    base = 1_704_034_800
+    await mesh.log().Append(accesslog_pb2.AppendRequest(records=[
+        provision(me, seconds=base + 86_400 * i, purpose=f"P{i:02d}") for i in range(12)
+    ]))
+    seen: list[str] = []
+    token = ""
+    while True:
+        reply = await mesh.stub().GetDisclosure(signed(
+            me, mesh.ca, page_size=4, page_token=token,
+            from_date=common_pb2.Date(year=2024, month=1, day=3), to_date=common_pb2.Date(year=2024, month=1, day=10)))
+        seen += [p.purpose for p in reply.provisions]
+        token = reply.next_page_token
+        if not token:
+            break
+    assert seen == [f"P{i:02d}" for i in range(9, 1, -1)]
+
+
+async def test_refusals(mesh: Mesh, database: Any) -> None:
+    me = await seed_resident(database, random.Random(503))
+    stub = mesh.stub()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetDisclosure(disclosure_pb2.GetDisclosureRequest(resident_code=me))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetDisclosure(signed(me[:-1] + str((int(me[-1]) + 1) % 10), mesh.ca))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A proof signed for one resident cannot be reused for another (the signature covers the request).
+    request = signed(me, mesh.ca)
+    other = await seed_resident(database, random.Random(504))
+    request.resident_code = other
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetDisclosure(request)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Replay of a good proof is refused.
+    good = signed(me, mesh.ca)
+    await stub.GetDisclosure(good)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetDisclosure(good)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Agencies and private companies may not ask for disclosures at all.
+    for kind, name in (("agency", "jps"), ("private", "acme-insurance")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await mesh.stub(kind, name).GetDisclosure(signed(me, mesh.ca))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Bad dates name the field.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetDisclosure(signed(me, mesh.ca, from_date=common_pb2.Date(year=2024, month=13, day=1)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
