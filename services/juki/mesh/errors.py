@@ -65,6 +65,9 @@ class Reason(Enum):
         grpc.StatusCode.UNAVAILABLE, True, "the access log could not record the provision; nothing was provided"
     )
     DEPENDENCY_UNAVAILABLE = ErrorKind(grpc.StatusCode.UNAVAILABLE, True, "a service this call needs is unavailable")
+    DEPENDENCY_REFUSED = ErrorKind(
+        grpc.StatusCode.FAILED_PRECONDITION, False, "a service this call needs refused the request it was sent"
+    )
     DEADLINE_EXCEEDED = ErrorKind(grpc.StatusCode.DEADLINE_EXCEEDED, True, "the deadline passed")
     INTERNAL_FAULT = ErrorKind(grpc.StatusCode.INTERNAL, True, "an internal fault; nothing was changed")
 

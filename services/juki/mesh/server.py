@@ -100,10 +100,12 @@ def _classify(exc: BaseException) -> JukiError:
         ("asyncpg.exceptions.ConnectionDoesNotExist", "asyncpg.exceptions._base.InterfaceError")
     ) or "CannotConnectNow" in name or "AdminShutdown" in name or "ConnectionFailure" in name:
         return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a dependency failed: {type(exc).__name__}")
-    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
-        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
-    ):
-        return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a service this call needs failed: {exc.code().name}")
+    if isinstance(exc, grpc.aio.AioRpcError):
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a service this call needs failed: {exc.code().name}")
+        if exc.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            # A downstream refusal is not the caller's fault, but hiding it as INTERNAL helps nobody.
+            return JukiError(Reason.DEPENDENCY_REFUSED, f"{exc.code().name}: {exc.details()}")
     return JukiError(Reason.INTERNAL_FAULT)
 
 

@@ -415,6 +415,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The request does not fit the current state (e.g. unlocking a card that is not locked)."""
     ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 31
     """The call's deadline passed before it completed."""
+    ERROR_REASON_DEPENDENCY_REFUSED: _ErrorReason.ValueType  # 32
+    """A service this call needed refused the request it was sent (its status is in the message)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable reasons for failures. Servers send them as google.rpc.ErrorInfo.reason with the value name
@@ -486,6 +488,8 @@ ERROR_REASON_FAILED_PRECONDITION: ErrorReason.ValueType  # 30
 """The request does not fit the current state (e.g. unlocking a card that is not locked)."""
 ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 31
 """The call's deadline passed before it completed."""
+ERROR_REASON_DEPENDENCY_REFUSED: ErrorReason.ValueType  # 32
+"""A service this call needed refused the request it was sent (its status is in the message)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
