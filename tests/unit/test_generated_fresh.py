@@ -54,3 +54,11 @@ def test_stubs_import_under_the_application_package() -> None:
     assert lookup_pb2.LookupByCodeRequest.FromString(request.SerializeToString()) == request
     assert lookup_pb2.LookupByCodeRequest.__module__ == "juki._gen.juki.lookup.v1.lookup_pb2"
     assert hasattr(lookup_pb2_grpc, "add_LookupServiceServicer_to_server")
+
+
+def test_buf_breaking_against_main_passes() -> None:
+    """The protos in the work tree keep wire and source compatibility with the main branch."""
+    result = subprocess.run(
+        [sys.executable, str(GENERATOR), "--breaking"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
