@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -202,3 +204,42 @@ async def test_refusals(mesh: Mesh, database: Any) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetDisclosure(signed(me, mesh.ca, from_date=common_pb2.Date(year=2024, month=13, day=1)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def endpoints_for(tmp: Path, mesh: Mesh) -> Path:
+    """An endpoints.json naming the in-process services, as `juki up` writes it."""
+    cert, key = mesh.ca.paths("operator", "demo-operator")
+    (tmp / "endpoints.json").write_text(json.dumps({
+        "ca": str(mesh.ca.ca_cert_path),
+        "services": {"disclosure": {"address": mesh.disclosure}, "accesslog": {"address": mesh.accesslog}},
+        "clients": {"operator": {"spiffe_id": "spiffe://juki.local/operator/demo-operator",
+                                 "cert": str(cert), "key": str(key)}},
+    }))
+    return tmp
+
+
+@pytest.mark.parametrize("fmt", ["text", "json", "html", "pdf"])
+async def test_juki_disclose_documents(mesh: Mesh, database: Any, fmt: str, tmp_path: Path) -> None:
+    from juki.cli.disclose import cmd_disclose
+    from juki.cli.main import build_parser
+
+    me = await seed_resident(database, random.Random(f"disclose-{fmt}"))
+    await mesh.log().Append(accesslog_pb2.AppendRequest(records=[provision(me, purpose="B1-PENSION-BENEFIT")]))
+    data_dir = endpoints_for(tmp_path, mesh)
+    out = tmp_path / f"disclosure.{fmt}"
+    args = build_parser().parse_args(["disclose", me, "--data-dir", str(data_dir), "--format", fmt,
+                                      "--out", str(out), "--page-size", "1"])
+    assert await cmd_disclose(args) == 0
+    content = out.read_bytes()
+    if fmt == "pdf":
+        assert content.startswith(b"%PDF") and b"HeiseiMin-W3" in content and len(content) > 2000
+        return
+    text = content.decode()
+    for label in ("本人確認情報", "提供年月日", "機能区分", "提供事務区分", "提供先", "日本年金機構", "山田"):
+        assert label in text, label
+    assert "本人開示" in text  # the disclosure itself is listed (paged through, page size 1)
+    if fmt == "json":
+        document = json.loads(text)
+        assert len(document["提供状況"]) == 2 and document["完全性"]["検証結果"] == "検証済み"
+    else:
+        assert "検証済み" in text and "チェックポイント" in text
