@@ -1,0 +1,254 @@
+"""``juki bench accesslog``: append throughput of the access log, in a throwaway embedded PostgreSQL.
+
+Two figures from the same run:
+  * ``writer_records_per_s``: the service core (pseudonymise, serialise, chain, COPY, COMMIT) fed by
+    concurrent producers, as the servicer feeds it;
+  * ``grpc_records_per_s``: end to end over mutual TLS with AppendStream (the path lookup uses), the
+    client in a separate process; ``grpc_ratio`` = grpc / writer.
+Every acknowledged batch is durable (synchronous_commit on); the log is verified at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from juki._gen.juki.accesslog.v1 import accesslog_pb2
+from juki._gen.juki.common.v1 import common_pb2
+from juki.domain import generate_resident_code
+
+
+def register_bench(bench_sub: Any) -> None:
+    parser = bench_sub.add_parser("accesslog", help="access-log append throughput (records/s)")
+    parser.add_argument("--records", type=int, default=1_000_000, help="records to append in the writer phase")
+    parser.add_argument("--grpc-records", type=int, default=400_000, help="records to append over gRPC (0 to skip)")
+    parser.add_argument("--batch", type=int, default=5_000, help="records per Append batch")
+    parser.add_argument("--producers", type=int, default=4, help="concurrent producers / streams")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
+    parser.set_defaults(func=cmd_bench_accesslog)
+
+
+def sample_records(count: int, seed: int = 1) -> list[accesslog_pb2.ProvisionRecord]:
+    rng = random.Random(seed)
+    residents = [generate_resident_code(rng) for _ in range(min(count, 100_000))]
+    base = 1_700_000_000
+    out = []
+    for index in range(count):
+        record = accesslog_pb2.ProvisionRecord(
+            recipient="spiffe://juki.local/agency/jps", recipient_name="日本年金機構", purpose="J001",
+            purpose_name="年金給付の事務", query_mode=common_pb2.QUERY_MODE_BATCH_VERIFY,
+            provider_tier=common_pb2.TIER_NATIONAL, provider="spiffe://juki.local/service/lookup",
+            fields=[common_pb2.FIELD_NAME, common_pb2.FIELD_ADDRESS, common_pb2.FIELD_CHANGE_INFO],
+            resident_code=residents[index % len(residents)],
+            outcome=accesslog_pb2.PROVISION_OUTCOME_PROVIDED, trace_id=f"{rng.getrandbits(128):032x}",
+        )
+        record.provided_at.FromSeconds(base + index)
+        out.append(record)
+    return out
+
+
+class BenchEnvironment:
+    """A temporary embedded PostgreSQL, CA and access-log schema; removed on close."""
+
+    def __init__(self) -> None:
+        from juki.mesh import pki
+        from juki.mesh.embedded import start_embedded
+
+        self.root = Path(tempfile.mkdtemp(prefix="juki-bench-accesslog-"))
+        self.pg = start_embedded(self.root)
+        self.ca = pki.CertificateAuthority(self.root / "pki")
+        self.ca.create()
+        for kind, name in (("service", "accesslog"), ("signing", "accesslog"), ("service", "lookup")):
+            self.ca.issue(kind, name)
+        self.pseudonym_file = self.root / "pseudonym.key"
+        self.pseudonym_file.write_text(os.urandom(32).hex())
+
+    async def migrate(self, instance: str = "accesslog") -> None:
+        from juki.mesh import db
+
+        await db.migrate(self.pg.admin_url, [db.MigrationTarget("accesslog", instance)])
+
+    def settings(self, instance: str = "accesslog", **extra: str) -> Any:
+        from juki.mesh.settings import (
+            DatabaseSettings,
+            Peers,
+            Secret,
+            ServiceSettings,
+            TlsFiles,
+            role_name,
+            schema_name,
+        )
+
+        cert, key = self.ca.paths("service", "accesslog")
+        sign_cert, sign_key = self.ca.paths("signing", "accesslog")
+        return ServiceSettings(
+            service="accesslog", instance=instance, listen="127.0.0.1:0",
+            tls=TlsFiles(ca=self.ca.ca_cert_path, cert=cert, key=key, crl=self.ca.crl_path),
+            database=DatabaseSettings(url=Secret(self.pg.url(role_name(instance))), schema=schema_name(instance),
+                                      pool_min=2, pool_max=8),
+            data_dir=self.root, peers=Peers(),
+            extra={"accesslog_signing_key_file": str(sign_key), "accesslog_signing_cert_file": str(sign_cert),
+                   "pseudonym_key_file": str(self.pseudonym_file), "accesslog_checkpoint_seconds": "5",
+                   "accesslog_verify_seconds": "0", **extra},
+        )
+
+    def close(self) -> None:
+        self.pg.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def writer_phase(env: BenchEnvironment, records: int, batch: int, producers: int) -> dict[str, Any]:
+    from juki.accesslog.app import create
+    from juki.accesslog.service import check_records
+    from juki.accesslog.writer import prepare
+
+    app = create(env.settings())
+    await app.start()
+    assert app.writer is not None
+    template = sample_records(min(records, 200_000))
+    batches = [template[i:i + batch] for i in range(0, len(template), batch)]
+    # Each producer re-sends fresh copies (prepare mutates records), as requests would arrive.
+    wire = [[r.SerializeToString() for r in b] for b in batches]
+    total = records // batch
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(total):
+        queue.put_nowait(index)
+
+    async def producer() -> None:
+        assert app.writer is not None
+        while not queue.empty():
+            index = queue.get_nowait()
+            request = accesslog_pb2.AppendRequest.FromString(
+                accesslog_pb2.AppendRequest(records=[]).SerializeToString()
+                + b"".join(b"\x12" + _varint(len(w)) + w for w in wire[index % len(wire)])
+            )
+            check_records(request.records)
+            await app.writer.append(prepare(request.records, app.pseudonym_key, time.time_ns() // 1000))
+
+    started = time.perf_counter()
+    await asyncio.gather(*[producer() for _ in range(producers)])
+    elapsed = time.perf_counter() - started
+    stats = app.writer.stats
+    await app.stop()
+    return {
+        "writer_records": total * batch,
+        "writer_seconds": round(elapsed, 3),
+        "writer_records_per_s": round(total * batch / elapsed),
+        "group_commits": stats.groups,
+        "largest_group": stats.largest_group,
+    }
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+CLIENT = r"""
+import asyncio, json, sys, time
+from pathlib import Path
+from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
+from juki.cli.bench_accesslog import sample_records
+from juki.mesh.settings import TlsFiles
+from juki.mesh.tls import secure_channel
+
+address, ca, cert, key, records, batch, streams = sys.argv[1:8]
+records, batch, streams = int(records), int(batch), int(streams)
+template = sample_records(min(records, 100_000))
+payloads = [accesslog_pb2.AppendStreamRequest(records=template[i:i + batch]) for i in range(0, len(template), batch)]
+
+async def main():
+    channel = secure_channel(address, TlsFiles(ca=Path(ca), cert=Path(cert), key=Path(key)))
+    stub = accesslog_pb2_grpc.AccessLogServiceStub(channel)
+    per_stream = records // batch // streams
+    async def one(s):
+        async def requests():
+            for i in range(per_stream):
+                yield payloads[(s * per_stream + i) % len(payloads)]
+        return sum([a.count async for a in stub.AppendStream(requests())])
+    started = time.perf_counter()
+    counts = await asyncio.gather(*[one(s) for s in range(streams)])
+    elapsed = time.perf_counter() - started
+    await channel.close()
+    print(json.dumps({"records": sum(counts), "seconds": elapsed}))
+
+asyncio.run(main())
+"""
+
+
+async def grpc_phase(env: BenchEnvironment, records: int, batch: int, streams: int) -> dict[str, Any]:
+    from juki.accesslog.app import create
+    from juki.mesh.server import start_server
+
+    settings = env.settings()
+    app = create(settings)
+    bindings = await app.start()
+    server = await start_server(settings, bindings)
+    cert, key = env.ca.paths("service", "lookup")
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CLIENT, server.address, str(env.ca.ca_cert_path), str(cert), str(key),
+            str(records), str(batch), str(streams), stdout=subprocess.PIPE,
+        )
+        out, _ = await process.communicate()
+        figures = json.loads(out)
+    finally:
+        await server.stop(1)
+        await app.stop()
+    return {
+        "grpc_records": figures["records"],
+        "grpc_seconds": round(figures["seconds"], 3),
+        "grpc_records_per_s": round(figures["records"] / figures["seconds"]),
+    }
+
+
+async def verify_phase(env: BenchEnvironment) -> dict[str, Any]:
+    import asyncpg
+
+    from juki.accesslog import chain
+    from juki.accesslog.verify import verify_log
+
+    verifier = chain.CheckpointVerifier(env.ca.paths("signing", "accesslog")[0], env.ca.ca_cert_path)
+    conn = await asyncpg.connect(env.pg.admin_url)
+    try:
+        started = time.perf_counter()
+        result = await verify_log(conn, verifier, schema="accesslog")
+        elapsed = time.perf_counter() - started
+    finally:
+        await conn.close()
+    return {"verified_ok": result.ok, "verified_records": result.records_checked,
+            "verify_records_per_s": round(result.records_checked / elapsed) if elapsed else 0}
+
+
+async def cmd_bench_accesslog(args: argparse.Namespace) -> int:
+    env = BenchEnvironment()
+    try:
+        await env.migrate()
+        figures: dict[str, Any] = {"bench": "accesslog", "batch": args.batch, "producers": args.producers,
+                                   "cpus": os.cpu_count(), "goal_records_per_s": 200_000}
+        figures.update(await writer_phase(env, args.records, args.batch, args.producers))
+        if args.grpc_records:
+            figures.update(await grpc_phase(env, args.grpc_records, args.batch, args.producers))
+            figures["grpc_ratio"] = round(figures["grpc_records_per_s"] / figures["writer_records_per_s"], 3)
+        figures.update(await verify_phase(env))
+    finally:
+        env.close()
+    print(json.dumps(figures))
+    return 0 if figures.get("verified_ok") else 1
