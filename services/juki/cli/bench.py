@@ -9,6 +9,7 @@ import importlib
 from typing import Any
 
 BENCH_MODULES: tuple[str, ...] = (
+    "juki.cli.bench_lookup",
     "juki.cli.bench_accesslog",
     "juki.cli.bench_disclose",
 )

@@ -7,6 +7,7 @@ provision is logged through the access-log service before it is answered.
 Settings beyond the common ones (``JUKI_*`` environment variables):
   ``JUKI_LOOKUP_QUOTA_MULTIPLIER``  scales every 別表 quota (default 1; benchmarks raise it).
   ``JUKI_LOOKUP_ACK_TIMEOUT``       seconds to wait for the access log's acknowledgement (default 5).
+  ``JUKI_LOOKUP_LOG_IN_FLIGHT``     access-log batches sent and not yet acknowledged (default 4).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from juki.domain.codes import is_valid_resident_code
 from juki.domain.policy import Policy, default_policy
 from juki.lookup import records as rec
 from juki.lookup.operator_check import OperatorCheck
-from juki.lookup.provisions import ProvisionLog
+from juki.lookup.provisions import MAX_IN_FLIGHT, ProvisionLog
 from juki.lookup.quota import Quotas
 from juki.lookup.service import LookupServicer, current_attempt
 from juki.mesh import db
@@ -60,6 +61,7 @@ class LookupApp:
         try:
             self._quota_multiplier = float(settings.extra.get("lookup_quota_multiplier", "1"))
             self._ack_timeout = float(settings.extra.get("lookup_ack_timeout", "5"))
+            self._log_in_flight = int(settings.extra.get("lookup_log_in_flight", str(MAX_IN_FLIGHT)))
         except ValueError as exc:
             raise SettingsError(f"lookup settings: {exc}") from exc
         if self._quota_multiplier <= 0 or self._ack_timeout <= 0:
@@ -68,9 +70,11 @@ class LookupApp:
     async def start(self) -> Sequence[ServiceBinding]:
         address = self.settings.peers.require("accesslog")
         self.pool = await db.create_pool(self.settings.database, "lookup")
-        self._channel = secure_channel(address, self.settings.tls)
+        # No per-message tracing on the log stream: it is shared by many calls, and each record already
+        # carries the trace id of the call it belongs to.
+        self._channel = secure_channel(address, self.settings.tls, interceptors=[])
         stub = accesslog_pb2_grpc.AccessLogServiceStub(self._channel)
-        self.provisions = ProvisionLog(lambda: stub, ack_timeout=self._ack_timeout)
+        self.provisions = ProvisionLog(lambda: stub, ack_timeout=self._ack_timeout, max_in_flight=self._log_in_flight)
         servicer = LookupServicer(
             self.pool, self.policy, self.provisions, Quotas(self._quota_multiplier), PROVIDER,
             OperatorCheck(OperatorVerifier(self.settings.tls, self.pool)),

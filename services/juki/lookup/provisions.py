@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 MAX_BATCH_RECORDS = 20_000
 # Batches sent and not yet acknowledged; more overlaps round trips, fewer makes bigger batches.
 MAX_IN_FLIGHT = 4
+# A second batch goes out before the first is acknowledged only when this many records wait.
+PIPELINE_RECORDS = 1_000
+# An idle stream is closed after this long and reopened by the next request.
+IDLE_SECONDS = 30.0
 
 
 @dataclass
@@ -46,6 +50,7 @@ class _Batch:
     batch_id: str
     waiters: list[_Pending] = field(default_factory=list)
     count: int = 0
+    sent_at: float = 0.0
 
 
 @dataclass
@@ -55,6 +60,7 @@ class ProvisionLogStats:
     batches: int = 0
     records: int = 0
     failures: int = 0
+    timeouts: int = 0
 
 
 class ProvisionLog:
@@ -73,29 +79,30 @@ class ProvisionLog:
         self._max_batch_records = max_batch_records
         self._max_in_flight = max_in_flight
         self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_records = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.stats = ProvisionLogStats()
 
     async def record(self, records: Sequence[accesslog_pb2.ProvisionRecord]) -> None:
-        """Return once ``records`` are durable in the access log; raise ACCESS_LOG_UNAVAILABLE otherwise."""
+        """Return once ``records`` are durable in the access log; raise ACCESS_LOG_UNAVAILABLE otherwise.
+
+        The acknowledgement timeout is enforced once, by the stream's reader, not per waiter: a
+        stream that stops acknowledging fails every waiter together.
+        """
         if not records:
             return
         if self._closed:
             raise JukiError(Reason.ACCESS_LOG_UNAVAILABLE, "the lookup service is stopping")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self._queue.append(_Pending(records, future))
+        self._queued_records += len(records)
         self._wakeup.set()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="provision-log")
-        try:
-            await asyncio.wait_for(asyncio.shield(future), self._ack_timeout)
-        except TimeoutError:
-            future.cancel()
-            raise JukiError(
-                Reason.ACCESS_LOG_UNAVAILABLE, "the access log did not acknowledge in time; nothing was provided"
-            ) from None
+            self._task = loop.create_task(self._run(), name="provision-log")
+        await future
 
     async def close(self) -> None:
         self._closed = True
@@ -105,6 +112,7 @@ class ProvisionLog:
                 await self._task
         self._fail_all(self._queue, "the lookup service is stopping")
         self._queue.clear()
+        self._queued_records = 0
 
     # -- the sender -----------------------------------------------------------------------------------
 
@@ -115,6 +123,7 @@ class ProvisionLog:
             if batch.waiters and batch.count + len(pending.records) > self._max_batch_records:
                 break
             self._queue.popleft()
+            self._queued_records -= len(pending.records)
             if pending.future.done():  # its caller gave up (deadline): do not log what was not provided
                 continue
             batch.waiters.append(pending)
@@ -122,61 +131,44 @@ class ProvisionLog:
         return batch
 
     async def _run(self) -> None:
-        """Open one stream and pump batches until it fails or the queue stays empty."""
+        """Open one stream and pump batches until it fails or stays idle."""
+        loop = asyncio.get_running_loop()
         in_flight: collections.deque[_Batch] = collections.deque()
-        call = None
+        call = self._stub_factory().AppendStream(wait_for_ready=False)
+        reader = loop.create_task(self._read_acks(call, in_flight))
+        reader.add_done_callback(lambda _: self._wakeup.set())
+        watching = loop.create_task(self._watchdog(call, in_flight, reader))
         failed = False
         try:
-            call = self._stub_factory().AppendStream(wait_for_ready=False)
-            window = asyncio.Semaphore(self._max_in_flight)
-            reader = asyncio.get_running_loop().create_task(self._read_acks(call, in_flight, window))
-
-            def _reader_ended(_: object) -> None:
-                # Unblock the sender wherever it waits, so a broken stream fails its waiters at once.
-                self._wakeup.set()
-                window.release()
-
-            reader.add_done_callback(_reader_ended)
-            try:
-                while True:
-                    if not self._queue:
-                        self._wakeup.clear()
-                        if not in_flight:
-                            # Idle: keep the stream open a little for the next burst, then end it.
-                            try:
-                                await asyncio.wait_for(self._wakeup.wait(), 30.0)
-                            except TimeoutError:
-                                break
-                        else:
-                            await self._wakeup.wait()
-                        if reader.done():
-                            break
+            while True:
+                if reader.done():
+                    reader.result()  # raises what broke the stream
+                    break  # the log ended the stream cleanly: open a new one for what is queued
+                if not self._ready_to_send(in_flight):
+                    self._wakeup.clear()
+                    if in_flight or self._queue:
+                        await self._wakeup.wait()
                         continue
-                    await window.acquire()
-                    if reader.done():
-                        window.release()
+                    try:  # idle: keep the stream a while for the next burst, then end it
+                        await asyncio.wait_for(self._wakeup.wait(), IDLE_SECONDS)
+                    except TimeoutError:
                         break
-                    batch = self._take_batch()
-                    if not batch.waiters:
-                        window.release()
-                        continue
-                    in_flight.append(batch)
-                    request = accesslog_pb2.AppendStreamRequest(batch_id=batch.batch_id)
-                    for pending in batch.waiters:
-                        request.records.extend(pending.records)
-                    await call.write(request)
-                    self.stats.batches += 1
-                    self.stats.records += batch.count
-            finally:
-                if not reader.done():
-                    with contextlib.suppress(Exception):
-                        await call.done_writing()
-                    if not in_flight:
-                        reader.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await asyncio.wait_for(reader, self._ack_timeout)
-                elif reader.exception() is not None:
-                    raise reader.exception()  # type: ignore[misc]
+                    continue
+                batch = self._take_batch()
+                if not batch.waiters:
+                    continue
+                request = accesslog_pb2.AppendStreamRequest(batch_id=batch.batch_id)
+                for pending in batch.waiters:
+                    request.records.extend(pending.records)
+                batch.sent_at = loop.time()
+                in_flight.append(batch)
+                await call.write(request)
+                self.stats.batches += 1
+                self.stats.records += batch.count
+            with contextlib.suppress(Exception):
+                await call.done_writing()
+            if in_flight:
+                await reader
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the stream broke: everyone waiting fails, nothing is provided
@@ -184,28 +176,59 @@ class ProvisionLog:
             self.stats.failures += 1
             log.warning("access log stream failed: %s", exc)
         finally:
+            watching.cancel()
+            if not reader.done():
+                reader.cancel()
+            call.cancel()
             for batch in in_flight:
                 self._fail_all(batch.waiters, "the access log is unavailable; nothing was provided")
-            if call is not None:
-                call.cancel()
             if self._queue and not self._closed:
                 if failed:
                     # Requests queued while the stream broke fail too; the next request opens a new one.
                     self._fail_all(self._queue, "the access log is unavailable; nothing was provided")
                     self._queue.clear()
+                    self._queued_records = 0
                 else:
                     # Requests that arrived while an idle stream was closing get a fresh stream.
-                    self._task = asyncio.get_running_loop().create_task(self._run(), name="provision-log")
+                    self._task = loop.create_task(self._run(), name="provision-log")
 
-    async def _read_acks(
-        self, call: grpc.aio.StreamStreamCall, in_flight: collections.deque[_Batch], window: asyncio.Semaphore
+    def _ready_to_send(self, in_flight: collections.deque[_Batch]) -> bool:
+        """Send now when nothing is in flight; otherwise only a large backlog overlaps round trips.
+
+        Small batches wait for the acknowledgement in flight, so under load each batch carries every
+        request that arrived meanwhile (fewer, larger commits); large ones (batch verification) are
+        pipelined so that the log commits one while lookup prepares the next.
+        """
+        if not self._queue:
+            return False
+        if not in_flight:
+            return True
+        return len(in_flight) < self._max_in_flight and self._queued_records >= PIPELINE_RECORDS
+
+    async def _watchdog(
+        self, call: grpc.aio.StreamStreamCall, in_flight: collections.deque[_Batch], reader: asyncio.Task[None]
     ) -> None:
+        """One timer for the whole stream instead of one per waiter: a batch unacknowledged for longer
+        than the timeout ends the stream, which fails every waiter."""
+        loop = asyncio.get_running_loop()
+        while not reader.done():
+            await asyncio.sleep(self._ack_timeout / 4)
+            if in_flight and loop.time() - in_flight[0].sent_at > self._ack_timeout:
+                self.stats.timeouts += 1
+                call.cancel()
+                return
+
+    async def _read_acks(self, call: grpc.aio.StreamStreamCall, in_flight: collections.deque[_Batch]) -> None:
         while True:
-            ack = await call.read()
+            try:
+                ack = await call.read()
+            except asyncio.CancelledError:
+                if call.done():  # the watchdog cancelled the stream: a failure, not our own cancellation
+                    raise ConnectionError("the access log did not acknowledge in time") from None
+                raise
             if ack is grpc.aio.EOF:
                 if in_flight:
                     raise ConnectionError("the access log closed the stream with batches unacknowledged")
-                self._wakeup.set()
                 return
             if not in_flight or ack.batch_id != in_flight[0].batch_id:
                 raise ConnectionError(f"unexpected acknowledgement {ack.batch_id!r}")
@@ -215,7 +238,7 @@ class ProvisionLog:
             for pending in batch.waiters:
                 if not pending.future.done():
                     pending.future.set_result(None)
-            window.release()
+            self._wakeup.set()
 
     @staticmethod
     def _fail_all(waiters: Sequence[_Pending] | collections.deque[_Pending], message: str) -> None:

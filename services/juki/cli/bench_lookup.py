@@ -1,0 +1,517 @@
+"""``juki bench lookup`` and ``juki bench verify``: the lookup service against a synthetic national store.
+
+Each run builds a throwaway environment in a temporary directory: an embedded PostgreSQL with the
+access-log, national-store and lookup schemas, N synthetic residents (valid check digits, generated
+inside PostgreSQL), a CA, and three server processes — the real access-log service, the real lookup
+service (each ``python -m juki serve ...``, as ``juki up`` starts them) and a bare mTLS ``grpc.aio``
+echo server. The client runs in this process, so client and servers do not share one GIL.
+
+``lookup``: unary LookupByCode calls by the pension service (日本年金機構) over mTLS, with authorisation,
+tracing at its default configuration and every provision durable in the access log before the answer,
+``--concurrency`` calls in flight. The ceiling is the same client making the same calls, with the same
+message sizes, to the echo server. ``verify``: a pension file of ``--codes`` codes through one
+VerifyBatch stream, every item logged; the ceiling is the same stream shape answered by the echo
+server with no work behind it. Runs alternate ceiling and service; figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from juki._gen.juki.common.v1 import common_pb2
+from juki._gen.juki.lookup.v1 import lookup_pb2, lookup_pb2_grpc
+from juki.domain.codes import resident_code_from_body
+
+PENSION = "B1-PENSION-BENEFIT"
+ECHO_UNARY = "/juki.bench.v1.Echo/LookupByCode"
+ECHO_VERIFY = "/juki.bench.v1.Echo/VerifyBatch"
+BODY_BASE = 1_000_000_000
+BODY_STEP = 7  # resident i has code body BODY_BASE + i * BODY_STEP: unique, valid, cheap to recompute
+_WEIGHTS = (2, 3, 4, 5, 6, 7, 2, 3, 4, 5)
+
+
+def register_bench(bench_sub: Any) -> None:
+    lookup = bench_sub.add_parser("lookup", help="unary lookups by code vs the bare mTLS echo ceiling")
+    _common(lookup)
+    lookup.add_argument("--concurrency", type=int, default=8, help="calls in flight (default 8)")
+    lookup.add_argument("--seconds", type=float, default=5.0, help="length of each measured run (default 5)")
+    lookup.set_defaults(func=cmd_bench_lookup)
+
+    verify = bench_sub.add_parser("verify", help="batch verification of a pension file vs the same stream shape")
+    _common(verify)
+    verify.add_argument("--codes", type=int, default=1_000_000, help="codes in the pension file (default 1,000,000)")
+    verify.add_argument("--batch", type=int, default=10_000, help="items per VerifyBatch message (default 10,000)")
+    verify.set_defaults(func=cmd_bench_verify)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--residents", type=int, default=1_000_000, help="residents in the store (default 1,000,000)")
+    parser.add_argument("--runs", type=int, default=3, help="measured runs of each side (default 3)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, profiles)")
+    parser.add_argument("--profile", type=Path,
+                        help="record each server with py-spy (must be installed) into this folder (raw stacks)")
+
+
+# -- the environment -------------------------------------------------------------------------------------
+
+def _check_digit_sql(body: str) -> str:
+    total = " + ".join(f"(({body} / {10 ** k}) % 10) * {w}" for k, w in enumerate(_WEIGHTS))
+    return f"(CASE WHEN ({total}) % 11 <= 1 THEN 0 ELSE 11 - ({total}) % 11 END)"
+
+
+_FAMILY = ("山田", "佐藤", "鈴木", "高橋", "田中", "伊藤", "渡辺", "中村", "小林", "加藤")
+_GIVEN = ("太郎", "花子", "一郎", "陽子", "健", "美咲", "翔", "由美", "大輔", "恵")
+
+
+def load_sql(first: int, last: int) -> str:
+    """One INSERT ... SELECT generating residents ``first``..``last`` (folded) inside PostgreSQL."""
+    families = "(ARRAY[" + ",".join(f"'{n}'" for n in _FAMILY) + "])"
+    givens = "(ARRAY[" + ",".join(f"'{n}'" for n in _GIVEN) + "])"
+    body = f"({BODY_BASE}::bigint + i::bigint * {BODY_STEP})"
+    return f"""
+    INSERT INTO intake_national.residents (resident_code, resident_kind, family_name, given_name,
+        family_name_kana, given_name_kana, birth_year, birth_month, birth_day, sex, municipality_code,
+        prefecture, municipality, street, status, last_change_kind, last_changed_on, last_notified_on,
+        death_date, version, name_key, address_key)
+    SELECT {body}::text || {_check_digit_sql(body)}::text, 1,
+        {families}[1 + i % 10], {givens}[1 + (i / 10) % 10], 'ヤマダ', 'タロウ',
+        1930 + i % 70, 1 + i % 12, 1 + i % 28, 1 + i % 2,
+        CASE WHEN i % 2 = 0 THEN '131148' ELSE '141003' END,
+        CASE WHEN i % 2 = 0 THEN '東京都' ELSE '神奈川県' END,
+        CASE WHEN i % 2 = 0 THEN '中野区' ELSE '横浜市' END,
+        '中央' || (1 + i % 9) || '丁目' || (1 + i % 30) || '番' || (1 + i % 20) || '号',
+        CASE WHEN i % 50 = 0 THEN 2 ELSE 1 END,
+        CASE WHEN i % 50 = 0 THEN 6 WHEN i % 7 = 0 THEN 1 ELSE 3 END,
+        DATE '2003-09-16', DATE '2003-09-17',
+        CASE WHEN i % 50 = 0 THEN DATE '2024-01-15' END, 1,
+        {families}[1 + i % 10] || {givens}[1 + (i / 10) % 10], ''
+    FROM generate_series({first}, {last}) AS i
+    """
+
+
+def resident_code(index: int) -> str:
+    return resident_code_from_body(BODY_BASE + index * BODY_STEP)
+
+
+class Environment:
+    """Temporary directory, CA, embedded PostgreSQL, loaded store and the three server processes."""
+
+    def __init__(self, residents: int, keep: bool = False, profile: Path | None = None) -> None:
+        self.residents = residents
+        self.keep = keep
+        self.profile = profile
+        self.root = Path(tempfile.mkdtemp(prefix="juki-bench-lookup-"))
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.addresses: dict[str, str] = {}
+        self.pg: Any = None
+        self.ca: Any = None
+        self.load_seconds = 0.0
+
+    async def start(self) -> None:
+        from juki.mesh import db
+        from juki.mesh.embedded import start_embedded
+        from juki.mesh.supervisor import MeshLayout, ensure_pki
+
+        self.ca = ensure_pki(self.root, MeshLayout())
+        self.pg = start_embedded(self.root)
+        await db.migrate(self.pg.admin_url, [
+            db.MigrationTarget("accesslog", "accesslog"),
+            db.MigrationTarget("intake", "intake-national"),
+            db.MigrationTarget("lookup", "lookup"),
+        ])
+        await self._load()
+        (self.root / "pseudonym.key").write_text(os.urandom(32).hex())
+        self.addresses["accesslog"] = self._spawn("accesslog", ["serve", "accesslog"], ("service", "accesslog"))
+        self.addresses["lookup"] = self._spawn("lookup", ["serve", "lookup"], ("service", "lookup"))
+        self.addresses["echo"] = self._spawn("echo", [], ("service", "lookup"), echo=True)
+
+    async def _load(self) -> None:
+        import asyncpg
+
+        started = time.perf_counter()
+        conn = await asyncpg.connect(self.pg.admin_url)
+        try:
+            await conn.execute("SET synchronous_commit = off")
+            await conn.execute(
+                "INSERT INTO intake_national.municipalities (municipality_code) VALUES ('131148'), ('141003')"
+            )
+            step = 1_000_000
+            for start in range(0, self.residents, step):
+                chunk = min(step, self.residents - start)
+                await conn.execute(load_sql(start, start + chunk - 1))
+            await conn.execute("ANALYZE intake_national.residents")
+        finally:
+            await conn.close()
+        self.load_seconds = time.perf_counter() - started
+
+    def _env(self, name: str, identity: tuple[str, str]) -> dict[str, str]:
+        cert, key = self.ca.paths(*identity)
+        # A mesh's own settings must not leak in; lookup tuning (JUKI_LOOKUP_*) may, for experiments.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JUKI_") or k.startswith("JUKI_LOOKUP_")}
+        env = {**env, **{
+            "JUKI_DATA_DIR": str(self.root),
+            "JUKI_LISTEN": "127.0.0.1:0",
+            "JUKI_TLS_CA_FILE": str(self.ca.ca_cert_path),
+            "JUKI_TLS_CERT_FILE": str(cert),
+            "JUKI_TLS_KEY_FILE": str(key),
+            "JUKI_TLS_CRL_FILE": str(self.ca.crl_path),
+            "JUKI_DATABASE_URL": self.pg.url("juki_" + name),
+            "JUKI_ACCESSLOG_ADDRESS": self.addresses.get("accesslog", ""),
+            "JUKI_ACCESSLOG_SIGNING_KEY_FILE": str(self.ca.paths("signing", "accesslog")[1]),
+            "JUKI_ACCESSLOG_SIGNING_CERT_FILE": str(self.ca.paths("signing", "accesslog")[0]),
+            "JUKI_PSEUDONYM_KEY_FILE": str(self.root / "pseudonym.key"),
+            "JUKI_READY_FILE": str(self.root / f"{name}.ready"),
+            # The 別表 quota of the pension service (2,000/s) would cap the figure being measured.
+            "JUKI_LOOKUP_QUOTA_MULTIPLIER": os.environ.get("JUKI_LOOKUP_QUOTA_MULTIPLIER", "1000"),
+            "JUKI_LOG_LEVEL": "WARNING",
+            "PYTHONUNBUFFERED": "1",
+        }}
+        return env
+
+    def _spawn(self, name: str, args: list[str], identity: tuple[str, str], echo: bool = False) -> str:
+        env = self._env(name, identity)
+        command = [sys.executable, "-m", "juki.cli.bench_lookup"] if echo else [sys.executable, "-m", "juki", *args]
+        if self.profile is not None:
+            self.profile.mkdir(parents=True, exist_ok=True)
+            py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            command = [py_spy, "record", *(["--native"] if os.environ.get("JUKI_BENCH_NATIVE") else ["--nonblocking"]), "-r", "250", "-f", "raw",
+                       "-o", str(self.profile / f"{name}.txt"), "--", *command]
+        log = open(self.root / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+        ready = self.root / f"{name}.ready"
+        deadline = time.monotonic() + 60
+        while not ready.is_file():
+            if self.processes[name].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start; see {self.root / (name + '.log')}:\n"
+                                   + (self.root / f"{name}.log").read_text()[-3000:])
+            time.sleep(0.05)
+        return str(json.loads(ready.read_text())["address"])
+
+    def tls(self, kind: str, name: str) -> Any:
+        from juki.mesh.settings import TlsFiles
+
+        cert, key = self.ca.paths(kind, name)
+        return TlsFiles(ca=self.ca.ca_cert_path, cert=cert, key=key)
+
+    def pids(self) -> dict[str, int]:
+        return {name: process.pid for name, process in self.processes.items()}
+
+    def close(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                # py-spy writes its profile on SIGINT (and then stops the server it runs).
+                process.send_signal(signal.SIGINT if self.profile is not None else signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self.pg is not None:
+            self.pg.stop()
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+# -- the echo server (a child process) --------------------------------------------------------------------
+
+def _canned_record() -> common_pb2.IdentityRecord:
+    record = common_pb2.IdentityRecord(
+        resident_code=resident_code(1), resident_kind=common_pb2.RESIDENT_KIND_JAPANESE,
+        name=common_pb2.PersonName(family_name="佐藤", given_name="花子", family_name_kana="ヤマダ",
+                                   given_name_kana="タロウ"),
+        birth_date=common_pb2.Date(year=1931, month=2, day=2, precision=common_pb2.DATE_PRECISION_FULL),
+        sex=common_pb2.SEX_FEMALE,
+        address=common_pb2.Address(municipality_code="141003", prefecture="神奈川県", municipality="横浜市",
+                                   street="中央2丁目2番2号"),
+        status=common_pb2.RESIDENT_STATUS_CURRENT, last_change_kind=common_pb2.CHANGE_KIND_BIRTH,
+        last_changed_on=common_pb2.Date(year=2003, month=9, day=16, precision=common_pb2.DATE_PRECISION_FULL),
+        last_notified_on=common_pb2.Date(year=2003, month=9, day=17, precision=common_pb2.DATE_PRECISION_FULL),
+        version=1,
+    )
+    record.as_of.GetCurrentTime()
+    return record
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+async def serve_echo() -> None:
+    """A bare mTLS grpc.aio server (no interceptors, no work) answering with lookup-shaped messages."""
+    from juki.mesh.settings import TlsFiles
+    from juki.mesh.tls import SERVER_OPTIONS, server_credentials
+
+    tls = TlsFiles(ca=Path(os.environ["JUKI_TLS_CA_FILE"]), cert=Path(os.environ["JUKI_TLS_CERT_FILE"]),
+                   key=Path(os.environ["JUKI_TLS_KEY_FILE"]))
+    record = _canned_record()
+    unary_answer = lookup_pb2.LookupByCodeResponse(
+        record=record, provided_fields=[1, 2, 3, 4, 5, 6]).SerializeToString()
+    record_bytes = record.SerializeToString()
+    # A VerifyResult minus its item_id: status CURRENT (field 2) and the record (field 3).
+    result_tail = b"\x10\x01\x1a" + _varint(len(record_bytes)) + record_bytes
+
+    async def unary(request: bytes, context: Any) -> bytes:
+        return unary_answer
+
+    async def verify(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for raw in requests:
+            request = lookup_pb2.VerifyBatchRequest.FromString(raw)
+            parts = []
+            for item in request.items:
+                result = b"\x08" + _varint(item.item_id) + result_tail
+                parts.append(b"\x0a" + _varint(len(result)) + result)
+            yield b"".join(parts)
+
+    def same(value: bytes) -> bytes:
+        return value
+
+    handler = grpc.method_handlers_generic_handler("juki.bench.v1.Echo", {
+        "LookupByCode": grpc.unary_unary_rpc_method_handler(unary, same, same),
+        "VerifyBatch": grpc.stream_stream_rpc_method_handler(verify, same, same),
+    })
+    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(tls))
+    await server.start()
+    ready = Path(os.environ["JUKI_READY_FILE"])
+    ready.with_suffix(".tmp").write_text(json.dumps({"address": f"127.0.0.1:{port}", "pid": os.getpid()}))
+    ready.with_suffix(".tmp").replace(ready)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+# -- measuring -----------------------------------------------------------------------------------------
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def _closed_loop(call: Any, requests: list[Any], concurrency: int, seconds: float) -> tuple[float, list[float]]:
+    """``concurrency`` workers calling back to back for ``seconds``; (calls/s, latencies in ms)."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    count = len(requests)
+
+    async def worker(offset: int) -> None:
+        index = offset
+        clock = time.perf_counter
+        while clock() < deadline:
+            started = clock()
+            await call(requests[index % count])
+            latencies.append((clock() - started) * 1000)
+            index += concurrency
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return len(latencies) / (time.perf_counter() - started), latencies
+
+
+def _lookup_requests(residents: int, count: int = 20_000) -> list[lookup_pb2.LookupByCodeRequest]:
+    rng = random.Random(4)
+    return [lookup_pb2.LookupByCodeRequest(purpose=PENSION, resident_code=resident_code(rng.randrange(residents)))
+            for _ in range(count)]
+
+
+async def bench_lookup(env: Environment, concurrency: int, seconds: float, runs: int) -> dict[str, Any]:
+    from juki.mesh.tls import secure_channel
+
+    tls = env.tls("agency", "jps")
+    requests = _lookup_requests(env.residents)
+    lookup_channel = secure_channel(env.addresses["lookup"], tls)
+    echo_channel = secure_channel(env.addresses["echo"], tls)
+    lookup_call = lookup_pb2_grpc.LookupServiceStub(lookup_channel).LookupByCode
+    echo_call = echo_channel.unary_unary(
+        ECHO_UNARY, request_serializer=lookup_pb2.LookupByCodeRequest.SerializeToString,
+        response_deserializer=lookup_pb2.LookupByCodeResponse.FromString,
+    )
+    try:
+        answer = await lookup_call(requests[0])  # fails loudly if the service refuses
+        assert answer.record.resident_code == requests[0].resident_code
+        await _closed_loop(echo_call, requests, concurrency, 1.0)  # warm-up
+        await _closed_loop(lookup_call, requests, concurrency, 1.0)
+        service: list[tuple[float, list[float]]] = []
+        ceiling: list[tuple[float, list[float]]] = []
+        for _ in range(runs):
+            ceiling.append(await _closed_loop(echo_call, requests, concurrency, seconds))
+            service.append(await _closed_loop(lookup_call, requests, concurrency, seconds))
+    finally:
+        await lookup_channel.close()
+        await echo_channel.close()
+    throughput = statistics.median(r for r, _ in service)
+    ceiling_rate = statistics.median(r for r, _ in ceiling)
+    latencies = [latency for _, run in service for latency in run]
+    echo_latencies = [latency for _, run in ceiling for latency in run]
+    return {
+        "throughput": round(throughput, 1),
+        "ceiling": round(ceiling_rate, 1),
+        "ratio": round(throughput / ceiling_rate, 3),
+        "p50_ms": round(_percentile(latencies, 0.50), 3),
+        "p99_ms": round(_percentile(latencies, 0.99), 3),
+        "ceiling_p50_ms": round(_percentile(echo_latencies, 0.50), 3),
+        "ceiling_p99_ms": round(_percentile(echo_latencies, 0.99), 3),
+        "runs": runs,
+        "run_throughputs": [round(r, 1) for r, _ in service],
+        "run_ceilings": [round(r, 1) for r, _ in ceiling],
+        "concurrency": concurrency,
+        "seconds_per_run": seconds,
+    }
+
+
+def _verify_messages(residents: int, codes: int, batch: int) -> list[lookup_pb2.VerifyBatchRequest]:
+    """The pension file: ``codes`` codes of pensioners, about 1 in 100 not (or no longer) in the store."""
+    rng = random.Random(5)
+    messages = []
+    for start in range(0, codes, batch):
+        message = lookup_pb2.VerifyBatchRequest()
+        if start == 0:
+            message.purpose = PENSION
+        for item_id in range(start, min(codes, start + batch)):
+            index = rng.randrange(residents) if rng.random() >= 0.01 else residents + rng.randrange(residents)
+            message.items.add(item_id=item_id, resident_code=resident_code(index))
+        messages.append(message)
+    return messages
+
+
+async def _stream(call_factory: Any, messages: list[Any]) -> tuple[float, int]:
+    """Send every message on one stream while reading answers; (records/s, results counted)."""
+    started = time.perf_counter()
+    call = call_factory()
+    expected = sum(len(m.items) for m in messages)
+
+    async def send() -> None:
+        for message in messages:
+            await call.write(message)
+        await call.done_writing()
+
+    sender = asyncio.ensure_future(send())
+    results = 0
+    while True:
+        response = await call.read()
+        if response is grpc.aio.EOF:
+            break
+        results += len(response.results)
+    await sender
+    elapsed = time.perf_counter() - started
+    if results != expected:
+        raise RuntimeError(f"the stream answered {results} of {expected} items")
+    return results / elapsed, results
+
+
+async def bench_verify(env: Environment, codes: int, batch: int, runs: int) -> dict[str, Any]:
+    from juki.mesh.tls import secure_channel
+
+    tls = env.tls("agency", "jps")
+    messages = _verify_messages(env.residents, codes, batch)
+    lookup_channel = secure_channel(env.addresses["lookup"], tls)
+    echo_channel = secure_channel(env.addresses["echo"], tls)
+    stub = lookup_pb2_grpc.LookupServiceStub(lookup_channel)
+    echo = echo_channel.stream_stream(
+        ECHO_VERIFY, request_serializer=lookup_pb2.VerifyBatchRequest.SerializeToString,
+        response_deserializer=lookup_pb2.VerifyBatchResponse.FromString,
+    )
+    try:
+        warm = messages[:2]
+        await _stream(stub.VerifyBatch, warm)
+        await _stream(echo, warm)
+        service: list[float] = []
+        ceiling: list[float] = []
+        for _ in range(runs):
+            ceiling.append((await _stream(echo, messages))[0])
+            service.append((await _stream(stub.VerifyBatch, messages))[0])
+    finally:
+        await lookup_channel.close()
+        await echo_channel.close()
+    throughput = statistics.median(service)
+    ceiling_rate = statistics.median(ceiling)
+    return {
+        "throughput": round(throughput, 1),
+        "ceiling": round(ceiling_rate, 1),
+        "ratio": round(throughput / ceiling_rate, 3),
+        "runs": runs,
+        "run_throughputs": [round(r, 1) for r in service],
+        "run_ceilings": [round(r, 1) for r in ceiling],
+        "codes": codes,
+        "batch": batch,
+    }
+
+
+async def _logged(env: Environment) -> tuple[int, int]:
+    """(records, batches) in the access log: every provision, and how many group-commit batches carried them."""
+    import asyncpg
+
+    conn = await asyncpg.connect(env.pg.admin_url)
+    try:
+        records: int = await conn.fetchval("SELECT count(*) FROM accesslog.records")
+        batches: int = await conn.fetchval("SELECT count(*) FROM accesslog.batches")
+        return records, batches
+    except asyncpg.PostgresError:
+        return -1, -1
+    finally:
+        await conn.close()
+
+
+async def _run(args: argparse.Namespace, kind: str) -> int:
+    env = Environment(args.residents, keep=args.keep, profile=args.profile)
+    try:
+        await env.start()
+        if kind == "lookup":
+            result = await bench_lookup(env, args.concurrency, args.seconds, args.runs)
+        else:
+            result = await bench_verify(env, args.codes, args.batch, args.runs)
+        result["residents"] = args.residents
+        result["load_seconds"] = round(env.load_seconds, 1)
+        result["access_log_records"], result["access_log_batches"] = await _logged(env)
+        result["cpus"] = os.cpu_count()
+        if args.keep:
+            result["directory"] = str(env.root)
+            result["pids"] = env.pids()
+    finally:
+        env.close()
+    print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+async def cmd_bench_lookup(args: argparse.Namespace) -> int:
+    return await _run(args, "lookup")
+
+
+async def cmd_bench_verify(args: argparse.Namespace) -> int:
+    return await _run(args, "verify")
+
+
+if __name__ == "__main__":
+    asyncio.run(serve_echo())
+
