@@ -23,7 +23,7 @@ from juki._gen.juki.accesslog.v1 import accesslog_pb2_grpc
 from juki.accesslog import chain
 from juki.accesslog.service import AccessLogServicer
 from juki.accesslog.verify import load_checkpoints
-from juki.accesslog.writer import LogWriter
+from juki.accesslog.writer import LogWriter, micros_timestamps
 from juki.mesh import db
 from juki.mesh.errors import SettingsError
 from juki.mesh.server import ServiceBinding
@@ -140,6 +140,7 @@ class AccessLogApp:
         self.verify_seconds = float(extra.get("accesslog_verify_seconds", "600"))
         self.max_group = int(extra.get("accesslog_max_group_records", "100000"))
         self.pool: asyncpg.Pool | None = None
+        self.writer_pool: asyncpg.Pool | None = None
         self.writer: LogWriter | None = None
         self.checkpointer: Checkpointer | None = None
         self.servicer: AccessLogServicer | None = None
@@ -147,7 +148,8 @@ class AccessLogApp:
 
     async def start(self) -> Sequence[ServiceBinding]:
         self.pool = await db.create_pool(self.settings.database, self.settings.instance)
-        self.writer = LogWriter(self.pool, self.settings.database.schema, max_group_records=self.max_group)
+        self.writer_pool = await create_writer_pool(self.settings)
+        self.writer = LogWriter(self.writer_pool, self.settings.database.schema, max_group_records=self.max_group)
         await self.writer.start()
         self.checkpointer = Checkpointer(self.pool, self.writer, self.signer, self.checkpoint_seconds)
         await self.checkpointer.start()
@@ -178,8 +180,21 @@ class AccessLogApp:
             await self.writer.stop()
         if self.checkpointer is not None:
             await self.checkpointer.stop()
+        if self.writer_pool is not None:
+            await self.writer_pool.close()
         if self.pool is not None:
             await self.pool.close()
+
+
+async def create_writer_pool(settings: ServiceSettings) -> asyncpg.Pool:
+    """The writer's own two connections (one committing, one waiting for the lock), integer timestamps."""
+    pool = await asyncpg.create_pool(
+        settings.database.url.reveal(), min_size=1, max_size=2, init=micros_timestamps,
+        server_settings={"search_path": f"{settings.database.schema},public",
+                         "application_name": f"{settings.instance}-writer"},
+    )
+    assert pool is not None
+    return pool
 
 
 def create(settings: ServiceSettings) -> AccessLogApp:

@@ -17,7 +17,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -39,30 +39,43 @@ def micros_to_datetime(micros: int) -> dt.datetime:
     return _EPOCH + dt.timedelta(microseconds=micros)
 
 
-@dataclass(frozen=True)
-class PreparedRecord:
-    """A record ready for the chain: everything but its sequence, recorded_at and hash."""
-
-    subject: bytes
-    provided_at_us: int
-    outcome: int
-    payload: bytes
+# PostgreSQL counts timestamps in microseconds since 2000-01-01; Unix since 1970-01-01.
+_PG_EPOCH_OFFSET_US = 946_684_800_000_000
 
 
-def prepare(records: Sequence[accesslog_pb2.ProvisionRecord], pseudonym_key: bytes, now_us: int) -> list[PreparedRecord]:
-    """Pseudonymise and serialise records (mutates them: resident_code is cleared)."""
+async def micros_timestamps(conn: asyncpg.Connection) -> None:
+    """Pool ``init`` of the writer: timestamptz travels as integer microseconds since the Unix epoch.
+
+    The writer assigns two timestamps per record; building datetime objects for them cost more than
+    the COPY encoding of a whole row. Only the writer's own connections use this codec.
+    """
+    await conn.set_type_codec(
+        "timestamptz", schema="pg_catalog", format="tuple",
+        encoder=lambda micros: (micros - _PG_EPOCH_OFFSET_US,),
+        decoder=lambda value: value[0] + _PG_EPOCH_OFFSET_US,
+    )
+
+
+# A record ready for the chain: (subject, provided_at in microseconds, outcome, payload).
+PreparedRecord = tuple[bytes, int, int, bytes]
+
+
+def prepare(
+    records: Sequence[accesslog_pb2.ProvisionRecord], pseudonymise: Callable[[str], bytes], now_us: int
+) -> list[PreparedRecord]:
+    """Pseudonymise and serialise records (mutates them: resident_code is cleared, provided_at defaulted)."""
     prepared: list[PreparedRecord] = []
     append = prepared.append
-    digest = chain.pseudonym
     for record in records:
         code = record.resident_code
-        record.resident_code = ""
+        if code:
+            record.resident_code = ""
         stamp = record.provided_at
-        provided = stamp.seconds * 1_000_000 + stamp.nanos // 1000 if (stamp.seconds or stamp.nanos) else now_us
-        if not (stamp.seconds or stamp.nanos):
+        provided = stamp.seconds * 1_000_000 + stamp.nanos // 1000
+        if not provided:
             record.provided_at.FromMicroseconds(now_us)
-        append(PreparedRecord(digest(pseudonym_key, code), provided, record.outcome,
-                              record.SerializeToString(deterministic=True)))
+            provided = now_us
+        append((pseudonymise(code), provided, record.outcome, record.SerializeToString(deterministic=True)))
     return prepared
 
 
@@ -77,6 +90,20 @@ class _Pending:
     batch_id: str
     records: list[PreparedRecord]
     future: asyncio.Future[Ack]
+
+
+@dataclass
+class _Built:
+    """A group with sequences and hashes assigned from a given head."""
+
+    base_sequence: int
+    base_hash: bytes
+    recorded_us: int
+    rows: list[tuple[object, ...]] = field(default_factory=list)
+    new_batches: list[tuple[str, int, int, int]] = field(default_factory=list)
+    answers: dict[int, Ack] = field(default_factory=dict)
+    end_sequence: int = 0
+    end_hash: bytes = b""
 
 
 @dataclass
@@ -101,6 +128,7 @@ class LogWriter:
         self._closing = False
         self.head_sequence = 0
         self.head_hash = chain.GENESIS
+        self._respeculate = False
         self.stats = WriterStats()
 
     async def start(self) -> None:
@@ -127,37 +155,93 @@ class LogWriter:
         return await future
 
     async def _run(self) -> None:
+        # Commits are pipelined: while one group is in COPY/COMMIT, the next one is chained in Python
+        # from the speculative head (the end of the group in flight). Under the lock each commit checks
+        # that the head it was built on is the real one, and rebuilds it otherwise (after a failed commit,
+        # or when another replica wrote in between), so speculation never breaks the chain.
+        in_flight: list[asyncio.Task[None]] = []
+        speculative = (self.head_sequence, self.head_hash)
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
+                while len(in_flight) >= 2:
+                    with contextlib.suppress(Exception):
+                        await in_flight[0]
+                    in_flight.pop(0)
                 group: list[_Pending] = []
                 size = 0
                 while self._pending and (not group or size + len(self._pending[0].records) <= self._max_group):
                     item = self._pending.pop(0)
                     group.append(item)
                     size += len(item.records)
-                try:
-                    await self._commit(group)
-                except Exception as exc:  # every waiter learns that nothing of its batch is durable
-                    log.error("access-log group commit failed: %s", exc)
-                    error = exc if isinstance(exc, JukiError) else JukiError(
-                        Reason.ACCESS_LOG_UNAVAILABLE, f"the access log could not commit: {type(exc).__name__}",
-                        retry_after_seconds=0.5,
-                    )
-                    for item in group:
-                        if not item.future.done():
-                            item.future.set_exception(error)
+                if self._respeculate:
+                    # A commit failed or found another head: let the pipeline drain, restart from the real head.
+                    for task in in_flight:
+                        with contextlib.suppress(Exception):
+                            await task
+                    in_flight.clear()
+                    speculative = (self.head_sequence, self.head_hash)
+                    self._respeculate = False
+                built = self._build(group, speculative, {})
+                speculative = (built.end_sequence, built.end_hash)
+                previous = in_flight[-1] if in_flight else None
+                in_flight.append(asyncio.create_task(self._commit_guarded(group, built, previous)))
             if self._closing and not self._pending:
+                for task in in_flight:
+                    with contextlib.suppress(Exception):
+                        await task
                 return
 
-    async def _commit(self, group: list[_Pending]) -> None:
+    async def _commit_guarded(self, group: list[_Pending], built: _Built, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await previous
+        try:
+            await self._commit(group, built)
+        except Exception as exc:  # every waiter learns that nothing of its batch is durable
+            self._respeculate = True
+            log.error("access-log group commit failed: %s", exc)
+            error = exc if isinstance(exc, JukiError) else JukiError(
+                Reason.ACCESS_LOG_UNAVAILABLE, f"the access log could not commit: {type(exc).__name__}",
+                retry_after_seconds=0.5,
+            )
+            for item in group:
+                if not item.future.done():
+                    item.future.set_exception(error)
+
+    def _build(self, group: list[_Pending], head: tuple[int, bytes], known: dict[str, Ack]) -> _Built:
+        """Assign sequences and chain hashes to a group, starting after ``head``."""
+        recorded_us = time.time_ns() // 1000
+        built = _Built(head[0], head[1], recorded_us)
+        known = dict(known)
+        sequence, previous = head
+        canonical = chain.canonical_bytes
+        next_hash = chain.next_hash
+        rows = built.rows
+        for index, item in enumerate(group):
+            if item.batch_id and item.batch_id in known:
+                built.answers[index] = known[item.batch_id]
+                continue
+            first = sequence + 1
+            for subject, provided_us, outcome, payload in item.records:
+                sequence += 1
+                previous = next_hash(previous, canonical(sequence, provided_us, recorded_us, outcome, subject, payload))
+                rows.append((sequence, subject, provided_us, recorded_us, outcome, payload, previous))
+            ack = Ack(first, len(item.records))
+            built.answers[index] = ack
+            if item.batch_id:
+                known[item.batch_id] = ack
+                built.new_batches.append((item.batch_id, ack.first_sequence, ack.count, recorded_us))
+        built.end_sequence, built.end_hash = sequence, previous
+        return built
+
+    async def _commit(self, group: list[_Pending], built: _Built) -> None:
         started = time.perf_counter()
-        answers: dict[int, Ack] = {}
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(LOCK_SQL)
             row = await conn.fetchrow(HEAD_SQL)
-            head_sequence, head_hash = (int(row["sequence"]), bytes(row["chain_hash"])) if row else (0, chain.GENESIS)
+            head = (int(row["sequence"]), bytes(row["chain_hash"])) if row else (0, chain.GENESIS)
             batch_ids = [item.batch_id for item in group if item.batch_id]
             known: dict[str, Ack] = {}
             if batch_ids:
@@ -165,49 +249,28 @@ class LogWriter:
                     "SELECT batch_id, first_sequence, count FROM batches WHERE batch_id = ANY($1::text[])", batch_ids
                 ):
                     known[found["batch_id"]] = Ack(int(found["first_sequence"]), int(found["count"]))
-            recorded_us = time.time_ns() // 1000
-            recorded_at = micros_to_datetime(recorded_us)
-            rows: list[tuple[object, ...]] = []
-            new_batches: list[tuple[str, int, int, dt.datetime]] = []
-            sequence, previous = head_sequence, head_hash
-            canonical_header = chain.canonical_bytes
-            sha = chain.next_hash
-            to_datetime = micros_to_datetime
-            for index, item in enumerate(group):
-                if item.batch_id and item.batch_id in known:
-                    answers[index] = known[item.batch_id]
-                    continue
-                first = sequence + 1
-                for record in item.records:
-                    sequence += 1
-                    previous = sha(previous, canonical_header(
-                        sequence, record.provided_at_us, recorded_us, record.outcome, record.subject, record.payload
-                    ))
-                    rows.append((sequence, record.subject, to_datetime(record.provided_at_us), recorded_at,
-                                 record.outcome, record.payload, previous))
-                ack = Ack(first, len(item.records))
-                answers[index] = ack
-                if item.batch_id:
-                    known[item.batch_id] = ack
-                    new_batches.append((item.batch_id, ack.first_sequence, ack.count, recorded_at))
-            if rows:
+            if head != (built.base_sequence, built.base_hash):
+                self._respeculate = True
+            if known or head != (built.base_sequence, built.base_hash):
+                built = self._build(group, head, known)
+            if built.rows:
                 await conn.copy_records_to_table(
-                    "records", records=rows, columns=RECORD_COLUMNS, schema_name=self._schema
+                    "records", records=built.rows, columns=RECORD_COLUMNS, schema_name=self._schema
                 )
-            if new_batches:
+            if built.new_batches:
                 await conn.copy_records_to_table(
-                    "batches", records=new_batches, columns=("batch_id", "first_sequence", "count", "recorded_at"),
-                    schema_name=self._schema,
+                    "batches", records=built.new_batches,
+                    columns=("batch_id", "first_sequence", "count", "recorded_at"), schema_name=self._schema,
                 )
         # Committed: from here on the records are durable.
-        self.head_sequence, self.head_hash = sequence, previous
+        self.head_sequence, self.head_hash = built.end_sequence, built.end_hash
+        count = len(built.rows)
         self.stats.groups += 1
-        self.stats.records += len(rows)
-        self.stats.last_group_size = len(rows)
-        self.stats.largest_group = max(self.stats.largest_group, len(rows))
-        with contextlib.suppress(Exception):
-            self.stats.durations_ms.append((time.perf_counter() - started) * 1000)
-            del self.stats.durations_ms[:-1000]
+        self.stats.records += count
+        self.stats.last_group_size = count
+        self.stats.largest_group = max(self.stats.largest_group, count)
+        self.stats.durations_ms.append((time.perf_counter() - started) * 1000)
+        del self.stats.durations_ms[:-1000]
         for index, item in enumerate(group):
             if not item.future.done():
-                item.future.set_result(answers[index])
+                item.future.set_result(built.answers[index])

@@ -108,6 +108,7 @@ class BenchEnvironment:
 
 
 async def writer_phase(env: BenchEnvironment, records: int, batch: int, producers: int) -> dict[str, Any]:
+    from juki.accesslog import chain
     from juki.accesslog.app import create
     from juki.accesslog.service import check_records
     from juki.accesslog.writer import prepare
@@ -115,10 +116,11 @@ async def writer_phase(env: BenchEnvironment, records: int, batch: int, producer
     app = create(env.settings())
     await app.start()
     assert app.writer is not None
+    pseudonymise = chain.Pseudonymiser(app.pseudonym_key)
     template = sample_records(min(records, 200_000))
     batches = [template[i:i + batch] for i in range(0, len(template), batch)]
-    # Each producer re-sends fresh copies (prepare mutates records), as requests would arrive.
-    wire = [[r.SerializeToString() for r in b] for b in batches]
+    # Requests arrive as bytes: each producer parses one (as the gRPC server would), checks, prepares.
+    wire = [accesslog_pb2.AppendRequest(records=b).SerializeToString() for b in batches]
     total = records // batch
     queue: asyncio.Queue[int] = asyncio.Queue()
     for index in range(total):
@@ -128,12 +130,9 @@ async def writer_phase(env: BenchEnvironment, records: int, batch: int, producer
         assert app.writer is not None
         while not queue.empty():
             index = queue.get_nowait()
-            request = accesslog_pb2.AppendRequest.FromString(
-                accesslog_pb2.AppendRequest(records=[]).SerializeToString()
-                + b"".join(b"\x12" + _varint(len(w)) + w for w in wire[index % len(wire)])
-            )
+            request = accesslog_pb2.AppendRequest.FromString(wire[index % len(wire)])
             check_records(request.records)
-            await app.writer.append(prepare(request.records, app.pseudonym_key, time.time_ns() // 1000))
+            await app.writer.append(prepare(request.records, pseudonymise, time.time_ns() // 1000))
 
     started = time.perf_counter()
     await asyncio.gather(*[producer() for _ in range(producers)])
@@ -147,18 +146,6 @@ async def writer_phase(env: BenchEnvironment, records: int, batch: int, producer
         "group_commits": stats.groups,
         "largest_group": stats.largest_group,
     }
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
 
 
 CLIENT = r"""
