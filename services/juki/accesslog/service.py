@@ -121,10 +121,14 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         self.last_verification: tuple[float, accesslog_pb2.VerifyLogResponse] | None = None
 
     async def _append(self, records: Any, batch_id: str, prefix: str) -> tuple[int, int]:
-        check_records(records, prefix)
+        if len(records) > MAX_BATCH_RECORDS:
+            raise invalid(prefix, f"at most {MAX_BATCH_RECORDS} records per batch")
         if not records:
             return 0, 0
-        prepared = prepare(records, self._pseudonymise, time.time_ns() // 1000)
+        prepared = prepare(records, self._pseudonymise, time.time_ns() // 1000, valid_code)
+        if prepared is None:
+            check_records(records, prefix)
+            raise invalid(prefix, "a record is malformed")
         ack = await self._writer.append(prepared, batch_id)
         return ack.first_sequence, ack.count
 

@@ -61,21 +61,37 @@ PreparedRecord = tuple[bytes, int, int, bytes]
 
 
 def prepare(
-    records: Sequence[accesslog_pb2.ProvisionRecord], pseudonymise: Callable[[str], bytes], now_us: int
-) -> list[PreparedRecord]:
-    """Pseudonymise and serialise records (mutates them: resident_code is cleared, provided_at defaulted)."""
+    records: Sequence[accesslog_pb2.ProvisionRecord],
+    pseudonymise: Callable[[str], bytes],
+    now_us: int,
+    valid_code: Callable[[str], bool] = lambda code: True,
+) -> list[PreparedRecord] | None:
+    """Pseudonymise and serialise records in one pass; None when any record is malformed.
+
+    Mutates the records (resident_code cleared, provided_at defaulted to now). On None the batch is
+    restored and the caller builds the precise field violations with a slower pass; the happy path
+    walks the batch once.
+    """
     prepared: list[PreparedRecord] = []
     append = prepared.append
+    cleared: list[str] = []
+    keep = cleared.append
     for record in records:
         code = record.resident_code
+        outcome = record.outcome
+        if (code and not valid_code(code)) or (not code and outcome == 1) or (outcome != 1 and outcome != 2):
+            for index, original in enumerate(cleared):  # put the batch back as it came, for the error report
+                records[index].resident_code = original
+            return None
+        keep(code)
         if code:
             record.resident_code = ""
         stamp = record.provided_at
         provided = stamp.seconds * 1_000_000 + stamp.nanos // 1000
         if not provided:
-            record.provided_at.FromMicroseconds(now_us)
+            stamp.FromMicroseconds(now_us)
             provided = now_us
-        append((pseudonymise(code), provided, record.outcome, record.SerializeToString(deterministic=True)))
+        append((pseudonymise(code), provided, outcome, record.SerializeToString(deterministic=True)))
     return prepared
 
 

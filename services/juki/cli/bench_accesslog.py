@@ -110,7 +110,7 @@ class BenchEnvironment:
 async def writer_phase(env: BenchEnvironment, records: int, batch: int, producers: int) -> dict[str, Any]:
     from juki.accesslog import chain
     from juki.accesslog.app import create
-    from juki.accesslog.service import check_records
+    from juki.accesslog.service import valid_code
     from juki.accesslog.writer import prepare
 
     app = create(env.settings())
@@ -131,8 +131,9 @@ async def writer_phase(env: BenchEnvironment, records: int, batch: int, producer
         while not queue.empty():
             index = queue.get_nowait()
             request = accesslog_pb2.AppendRequest.FromString(wire[index % len(wire)])
-            check_records(request.records)
-            await app.writer.append(prepare(request.records, pseudonymise, time.time_ns() // 1000))
+            prepared = prepare(request.records, pseudonymise, time.time_ns() // 1000, valid_code)
+            assert prepared is not None
+            await app.writer.append(prepared)
 
     started = time.perf_counter()
     await asyncio.gather(*[producer() for _ in range(producers)])
