@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import asyncpg
 import grpc
 
-from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
+from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2_grpc
 from juki.domain.codes import is_valid_resident_code
@@ -73,8 +73,7 @@ class LookupApp:
         # No per-message tracing on the log stream: it is shared by many calls, and each record already
         # carries the trace id of the call it belongs to.
         self._channel = secure_channel(address, self.settings.tls, interceptors=[])
-        stub = accesslog_pb2_grpc.AccessLogServiceStub(self._channel)
-        self.provisions = ProvisionLog(lambda: stub, ack_timeout=self._ack_timeout, max_in_flight=self._log_in_flight)
+        self.provisions = ProvisionLog(self._channel, ack_timeout=self._ack_timeout, max_in_flight=self._log_in_flight)
         servicer = LookupServicer(
             self.pool, self.policy, self.provisions, Quotas(self._quota_multiplier), PROVIDER,
             OperatorCheck(OperatorVerifier(self.settings.tls, self.pool)),
@@ -105,7 +104,7 @@ class LookupApp:
             refusal_reason=common_pb2.ErrorReason.Value(f"ERROR_REASON_{error.reason.name}"),
         )
         record.provided_at.GetCurrentTime()
-        await self.provisions.record([record])
+        await self.provisions.record([record.SerializeToString()])
 
     async def stop(self) -> None:
         if self.provisions is not None:

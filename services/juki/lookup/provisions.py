@@ -18,12 +18,12 @@ import collections
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
 
-from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
+from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki.mesh.errors import JukiError, Reason
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,46 @@ PIPELINE_RECORDS = 1_000
 IDLE_SECONDS = 30.0
 
 
+APPEND_STREAM = "/juki.accesslog.v1.AccessLogService/AppendStream"
+
+
+def encode_varint(value: int) -> bytes:
+    """Protobuf base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_records(records: Sequence[accesslog_pb2.ProvisionRecord]) -> list[bytes]:
+    """Serialised records, as :meth:`ProvisionLog.record` takes them."""
+    return [record.SerializeToString() for record in records]
+
+
+def _append_stream_request(batch_id: str, records: Sequence[bytes]) -> bytes:
+    """An ``AppendStreamRequest`` (batch_id = 1, records = 2) written directly from serialised records.
+
+    Records are built from per-call templates as bytes (see ``service.Authorised``), so a batch of
+    thousands is joined here instead of being parsed into messages and serialised again.
+    """
+    identifier = batch_id.encode()
+    parts = [b"\x0a", encode_varint(len(identifier)), identifier]
+    for record in records:
+        parts.append(b"\x12")
+        parts.append(encode_varint(len(record)))
+        parts.append(record)
+    return b"".join(parts)
+
+
+def _passthrough(request: bytes) -> bytes:
+    return request
+
+
 @dataclass
 class _Pending:
-    records: Sequence[accesslog_pb2.ProvisionRecord]
+    records: Sequence[bytes]
     future: asyncio.Future[None]
 
 
@@ -68,13 +105,16 @@ class ProvisionLog:
 
     def __init__(
         self,
-        stub_factory: Callable[[], accesslog_pb2_grpc.AccessLogServiceStub],
+        channel: grpc.aio.Channel,
         *,
         ack_timeout: float = 5.0,
         max_batch_records: int = MAX_BATCH_RECORDS,
         max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
-        self._stub_factory = stub_factory
+        self._append_stream = channel.stream_stream(
+            APPEND_STREAM, request_serializer=_passthrough,
+            response_deserializer=accesslog_pb2.AppendStreamResponse.FromString,
+        )
         self._ack_timeout = ack_timeout
         self._max_batch_records = max_batch_records
         self._max_in_flight = max_in_flight
@@ -85,8 +125,9 @@ class ProvisionLog:
         self._closed = False
         self.stats = ProvisionLogStats()
 
-    async def record(self, records: Sequence[accesslog_pb2.ProvisionRecord]) -> None:
-        """Return once ``records`` are durable in the access log; raise ACCESS_LOG_UNAVAILABLE otherwise.
+    async def record(self, records: Sequence[bytes]) -> None:
+        """Return once ``records`` (serialised ProvisionRecords) are durable in the access log; raise
+        ACCESS_LOG_UNAVAILABLE otherwise.
 
         The acknowledgement timeout is enforced once, by the stream's reader, not per waiter: a
         stream that stops acknowledging fails every waiter together.
@@ -134,7 +175,7 @@ class ProvisionLog:
         """Open one stream and pump batches until it fails or stays idle."""
         loop = asyncio.get_running_loop()
         in_flight: collections.deque[_Batch] = collections.deque()
-        call = self._stub_factory().AppendStream(wait_for_ready=False)
+        call = self._append_stream(wait_for_ready=False)
         reader = loop.create_task(self._read_acks(call, in_flight))
         reader.add_done_callback(lambda _: self._wakeup.set())
         watching = loop.create_task(self._watchdog(call, in_flight, reader))
@@ -157,9 +198,12 @@ class ProvisionLog:
                 batch = self._take_batch()
                 if not batch.waiters:
                     continue
-                request = accesslog_pb2.AppendStreamRequest(batch_id=batch.batch_id)
-                for pending in batch.waiters:
-                    request.records.extend(pending.records)
+                if len(batch.waiters) == 1:
+                    request = _append_stream_request(batch.batch_id, batch.waiters[0].records)
+                else:
+                    request = _append_stream_request(
+                        batch.batch_id, [record for pending in batch.waiters for record in pending.records]
+                    )
                 batch.sent_at = loop.time()
                 in_flight.append(batch)
                 await call.write(request)

@@ -37,7 +37,7 @@ from juki.domain.policy import (
 )
 from juki.lookup import records as rec
 from juki.lookup.operator_check import OperatorCheck
-from juki.lookup.provisions import ProvisionLog
+from juki.lookup.provisions import ProvisionLog, encode_varint
 from juki.lookup.quota import Quotas
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
 from juki.mesh.telemetry import current_trace_id
@@ -128,7 +128,8 @@ class Authorised:
         self.fields = fields
         self.operator_id = operator_id
         self.proto_fields = rec.proto_fields(fields)
-        # Everything but the resident code and the time is the same for every record of this call.
+        # Everything but the resident code, the time and the fields is the same for every record of
+        # this call, so each record is written as template bytes plus its own fields.
         self.template = accesslog_pb2.ProvisionRecord(
             recipient=peer.spiffe_id,
             recipient_name=grant.agency.name,
@@ -142,30 +143,24 @@ class Authorised:
             operator_id=operator_id,
         )
 
-    def provisions(
-        self, codes: Iterable[tuple[str, Sequence[rec.FieldNumber]]], at: Any = None
-    ) -> list[accesslog_pb2.ProvisionRecord]:
-        """One provision record per (resident code, fields provided)."""
-        if at is None:
-            at = _now()
+    def provisions(self, items: Iterable[tuple[str, bool]]) -> list[bytes]:
+        """Serialised provision records, one per (resident code, whether the granted fields were provided).
+
+        Protobuf allows fields in any order, so a record is the call's template (with the time and
+        the fields) followed by its resident code (field 10); the access log re-serialises
+        deterministically before hashing.
+        """
+        stamped = accesslog_pb2.ProvisionRecord()
+        stamped.CopyFrom(self.template)
+        stamped.provided_at.GetCurrentTime()
+        without_fields = stamped.SerializeToString()
+        stamped.fields.extend(self.proto_fields)
+        with_fields = stamped.SerializeToString()
         out = []
-        template = self.template
-        for code, fields in codes:
-            record = accesslog_pb2.ProvisionRecord()
-            record.CopyFrom(template)
-            record.provided_at.CopyFrom(at)
-            record.resident_code = code
-            record.fields.extend(fields)
-            out.append(record)
+        for code, provided in items:
+            encoded = code.encode()
+            out.append((with_fields if provided else without_fields) + b"\x52" + encode_varint(len(encoded)) + encoded)
         return out
-
-
-def _now() -> Any:
-    from google.protobuf import timestamp_pb2
-
-    stamp = timestamp_pb2.Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
 
 
 class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
@@ -242,7 +237,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         if row is None:
             raise JukiError(Reason.RESIDENT_NOT_FOUND, f"no resident has code {request.resident_code}")
         record = rec.identity_record(row, call.fields)
-        await self._provisions.record(call.provisions([(request.resident_code, call.proto_fields)]))
+        await self._provisions.record(call.provisions([(request.resident_code, True)]))
         return lookup_pb2.LookupByCodeResponse(record=record, provided_fields=call.proto_fields)
 
     # -- by four items -------------------------------------------------------------------------------------
@@ -285,7 +280,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
             matches = [row for row in matches if _address_matches(row, address)]
         matches.sort(key=lambda row: (row["status"] != rec.RESIDENT_STATUS_CURRENT, row["resident_code"]))
         candidates = [rec.identity_record(row, call.fields) for row in matches]
-        await self._provisions.record(call.provisions((row["resident_code"], call.proto_fields) for row in matches))
+        await self._provisions.record(call.provisions((row["resident_code"], True) for row in matches))
         return lookup_pb2.SearchByFourItemsResponse(candidates=candidates, provided_fields=call.proto_fields)
 
     # -- batch verification -------------------------------------------------------------------------------
@@ -313,18 +308,19 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         if len(items) > MAX_VERIFY_ITEMS:
             raise invalid("items", f"at most {MAX_VERIFY_ITEMS} items per message")
         codes = [item.resident_code for item in items]
-        violations = [v for i, code in enumerate(codes) if (v := _code_violation(code, f"items[{i}].resident_code"))]
-        if violations:
+        if not all(len(code) == 11 and code.isdigit() and is_valid_resident_code(code) for code in codes):
+            violations = [
+                v for i, code in enumerate(codes) if (v := _code_violation(code, f"items[{i}].resident_code"))
+            ]
             raise invalid_many(violations[:100])
         rows = {row["resident_code"]: row for row in await self._pool.fetch(_FIELDS_BY_CODES, codes)}
         response = lookup_pb2.VerifyBatchResponse()
-        logged: list[tuple[str, Sequence[rec.FieldNumber]]] = []
+        logged: list[tuple[str, bool]] = []
         fields = call.fields
         for item in items:
             result = response.results.add(item_id=item.item_id)
             row = rows.get(item.resident_code)
-            provided = _verify_one(item, row, fields, result)
-            logged.append((item.resident_code, call.proto_fields if provided else ()))
+            logged.append((item.resident_code, _verify_one(item, row, fields, result)))
         await self._provisions.record(call.provisions(logged))
         return response
 
@@ -360,7 +356,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
     async def _changes(self, call: Authorised, after: int, limit: int) -> tuple[list[lookup_pb2.ChangeEvent], int]:
         rows = await self._pool.fetch(_CHANGES, call.peer.spiffe_id, call.grant.purpose.code, after, limit)
         events = []
-        logged: list[tuple[str, Sequence[rec.FieldNumber]]] = []
+        logged: list[tuple[str, bool]] = []
         for row in rows:
             event = lookup_pb2.ChangeEvent(
                 resident_code=row["changed_code"], change_kind=row["change_kind"], cursor=str(row["change_id"])
@@ -373,7 +369,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
                 notified = rec.date_message(row["last_notified_on"])
                 if notified is not None:
                     event.notified_on.CopyFrom(notified)
-                logged.append((row["changed_code"], call.proto_fields))
+                logged.append((row["changed_code"], True))
             events.append(event)
         await self._provisions.record(call.provisions(logged))
         return events, (rows[-1]["change_id"] if rows else after)

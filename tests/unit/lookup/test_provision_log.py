@@ -62,15 +62,17 @@ async def _serve(ca: Any, data_dir: Any, servicer: StandInLog) -> Any:
     return await start_server(settings, [binding])
 
 
-def _record(code: str) -> accesslog_pb2.ProvisionRecord:
-    return accesslog_pb2.ProvisionRecord(resident_code=code, recipient="spiffe://juki.local/agency/jps")
+def _record(code: str) -> bytes:
+    return accesslog_pb2.ProvisionRecord(
+        resident_code=code, recipient="spiffe://juki.local/agency/jps"
+    ).SerializeToString()
 
 
 async def test_concurrent_requests_share_batches_and_each_waits_for_its_ack(ca: Any, data_dir: Any) -> None:
     stand_in = StandInLog(delay=0.02)
     server = await _serve(ca, data_dir, stand_in)
     channel = channel_as(ca, "service", "lookup", server.address)
-    log = ProvisionLog(lambda: accesslog_pb2_grpc.AccessLogServiceStub(channel), max_in_flight=1)
+    log = ProvisionLog(channel, max_in_flight=1)
     try:
         await asyncio.wait_for(
             asyncio.gather(*(log.record([_record(f"{i:011d}")]) for i in range(200))), 30
@@ -91,7 +93,7 @@ async def test_a_request_does_not_return_before_its_batch_is_acknowledged(ca: An
     stand_in.hold.clear()
     server = await _serve(ca, data_dir, stand_in)
     channel = channel_as(ca, "service", "lookup", server.address)
-    log = ProvisionLog(lambda: accesslog_pb2_grpc.AccessLogServiceStub(channel))
+    log = ProvisionLog(channel)
     try:
         pending = asyncio.ensure_future(log.record([_record("24727059608")]))
         await asyncio.sleep(0.3)
@@ -112,7 +114,7 @@ async def test_a_broken_stream_fails_waiters_with_access_log_unavailable_then_re
     stand_in.fail_next = True
     server = await _serve(ca, data_dir, stand_in)
     channel = channel_as(ca, "service", "lookup", server.address)
-    log = ProvisionLog(lambda: accesslog_pb2_grpc.AccessLogServiceStub(channel))
+    log = ProvisionLog(channel)
     try:
         with pytest.raises(JukiError) as refused:
             await asyncio.wait_for(log.record([_record("24727059608")]), 10)
@@ -127,7 +129,7 @@ async def test_a_broken_stream_fails_waiters_with_access_log_unavailable_then_re
 
 async def test_an_unreachable_access_log_answers_unavailable_within_the_timeout(ca: Any) -> None:
     channel = channel_as(ca, "service", "lookup", "127.0.0.1:1")
-    log = ProvisionLog(lambda: accesslog_pb2_grpc.AccessLogServiceStub(channel), ack_timeout=2.0)
+    log = ProvisionLog(channel, ack_timeout=2.0)
     try:
         with pytest.raises(JukiError) as refused:
             await asyncio.wait_for(log.record([_record("24727059608")]), 10)
