@@ -243,3 +243,78 @@ async def test_juki_disclose_documents(mesh: Mesh, database: Any, fmt: str, tmp_
         assert len(document["提供状況"]) == 2 and document["完全性"]["検証結果"] == "検証済み"
     else:
         assert "検証済み" in text and "チェックポイント" in text
+
+
+@pytest.fixture
+async def card_mesh(settings_factory: Any, database: Any, ca: Any) -> AsyncIterator[tuple[Mesh, str]]:
+    """The mesh above plus a real card service (business clock in 2010, while cards were issued)."""
+    from juki.card.app import create as create_card
+    from juki.intake.app import create as create_intake
+
+    log_instance = await fresh_instance(database)
+    base = settings_factory("accesslog", log_instance, ("service", "accesslog"))
+    log_settings = settings_factory("accesslog", log_instance, ("service", "accesslog"),
+                                    extra={**base.extra, "accesslog_checkpoint_seconds": "0",
+                                           "accesslog_verify_seconds": "0"})
+    intake_settings = settings_factory("intake", "intake-national", ("service", "intake-national"), tier="national")
+    async with contextlib.AsyncExitStack() as stack:
+        log_address = await stack.enter_async_context(running(log_settings, create_accesslog(log_settings)))
+        intake_address = await stack.enter_async_context(
+            running(intake_settings, MethodNamesOnly(create_intake(intake_settings))))
+        card_settings = settings_factory("card", "card", ("service", "card"), clock="2010-06-01",
+                                         peers=Peers(accesslog=log_address))
+        card_address = await stack.enter_async_context(running(card_settings, create_card(card_settings)))
+        settings = settings_factory("disclosure", "disclosure", ("service", "disclosure"),
+                                    peers=Peers(accesslog=log_address, national_intake=intake_address,
+                                                card=card_address))
+        address = await stack.enter_async_context(running(settings, create_disclosure(settings)))
+        found = Mesh(address, log_address, ca, [])
+        yield found, card_address
+        for channel in found.channels:
+            await channel.close()
+
+
+async def seed_card(database: Any, resident_code: str, pin: str) -> str:
+    from juki.card import rules, store
+
+    salt, digest = rules.hash_pin(pin)
+    card = store.StoredCard(
+        card_number=store.new_card_number(), resident_code=resident_code, card_type=1, resident_kind=1,
+        state=rules.ACTIVE, state_before_suspension=None, failed_pin_attempts=0, pin_salt=salt, pin_hash=digest,
+        issued_on=dt.date(2009, 4, 1), expires_on=dt.date(2019, 4, 1), issuing_municipality="131148",
+        home_municipality="131148", revoked_reason="", state_changed_at=dt.datetime(2009, 4, 1, tzinfo=dt.UTC),
+    )
+    conn = await database.admin()
+    try:
+        await conn.execute("SET search_path TO card")
+        await store.insert(conn, card, None)
+    finally:
+        await conn.close()
+    return card.card_number
+
+
+async def test_card_and_pin_disclosure(card_mesh: tuple[Mesh, str], database: Any) -> None:
+    mesh, _ = card_mesh
+    rng = random.Random("card-path")
+    me, other = await seed_resident(database, rng), await seed_resident(database, rng)
+    my_card, other_card = await seed_card(database, me, "1234"), await seed_card(database, other, "4321")
+    stub = mesh.stub()
+    reply = await stub.GetDisclosure(disclosure_pb2.GetDisclosureRequest(
+        resident_code=me, card_proof=common_pb2.CardProof(card_number=my_card, pin="1234")))
+    assert reply.identity.resident_code == me
+    assert reply.provisions[0].query_mode == common_pb2.QUERY_MODE_DISCLOSURE
+    assert "住基カード" in reply.provisions[0].reason
+    # Wrong PIN: refused, nothing disclosed.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetDisclosure(disclosure_pb2.GetDisclosureRequest(
+            resident_code=me, card_proof=common_pb2.CardProof(card_number=my_card, pin="0000")))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Someone else's card, even with its right PIN, never reaches my records (nor theirs through mine).
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetDisclosure(disclosure_pb2.GetDisclosureRequest(
+            resident_code=me, card_proof=common_pb2.CardProof(card_number=other_card, pin="4321")))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetDisclosure(disclosure_pb2.GetDisclosureRequest(
+            resident_code=me, card_proof=common_pb2.CardProof(card_number=my_card, pin="12a4")))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
