@@ -91,7 +91,7 @@ def prepare(
         if not provided:
             stamp.FromMicroseconds(now_us)
             provided = now_us
-        append((pseudonymise(code), provided, outcome, record.SerializeToString(deterministic=True)))
+        append((pseudonymise(code), provided, outcome, record.SerializeToString()))
     return prepared
 
 

@@ -251,3 +251,14 @@ async def test_forged_checkpoint_signature_is_found(live_log: LiveLog, database:
     finally:
         await admin.close()
     assert not result.ok and result.first_bad_sequence == 3 and "signature" in result.problem
+
+
+async def test_verify_log_may_answer_from_a_recent_verification(live_log: LiveLog) -> None:
+    auditor = live_log.stub("operator", "demo-operator")
+    await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(3)]))
+    first = await auditor.VerifyLog(accesslog_pb2.VerifyLogRequest())
+    await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(2)]))
+    cached = await auditor.VerifyLog(accesslog_pb2.VerifyLogRequest(max_age_seconds=3600))
+    fresh = await auditor.VerifyLog(accesslog_pb2.VerifyLogRequest())
+    assert (first.records_checked, cached.records_checked, fresh.records_checked) == (3, 3, 5)
+    assert cached.verified_at == first.verified_at and fresh.verified_at.seconds >= first.verified_at.seconds
