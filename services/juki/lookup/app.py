@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import grpc
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki._gen.juki.common.v1 import common_pb2
-from juki._gen.juki.lookup.v1 import lookup_pb2_grpc
+from juki._gen.juki.lookup.v1 import lookup_pb2
 from juki.domain.codes import is_valid_resident_code
 from juki.domain.policy import Policy, default_policy
 from juki.lookup import records as rec
@@ -79,7 +80,7 @@ class LookupApp:
             OperatorCheck(OperatorVerifier(self.settings.tls, self.pool)),
         )
         return [ServiceBinding(
-            SERVICE_NAME, lookup_pb2_grpc.add_LookupServiceServicer_to_server, servicer,
+            SERVICE_NAME, add_to_server, servicer,
             {method: CALLERS for method in METHODS},
         )]
 
@@ -113,6 +114,30 @@ class LookupApp:
             await self._channel.close()
         if self.pool is not None:
             await self.pool.close()
+
+
+def _serialize(message: Any) -> bytes:
+    """Messages are serialised; bytes (VerifyBatch answers, written directly) pass through."""
+    return message if isinstance(message, bytes) else message.SerializeToString()  # type: ignore[no-any-return]
+
+
+def add_to_server(servicer: LookupServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, with a serializer that also takes pre-serialised answers."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in lookup_pb2.DESCRIPTOR.services_by_name["LookupService"].methods:
+        request_class = getattr(lookup_pb2, method.input_type.name)
+        factory = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(  # type: ignore[operator]
+            getattr(servicer, method.name),
+            request_deserializer=request_class.FromString,
+            response_serializer=_serialize,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def create(settings: ServiceSettings) -> LookupApp:

@@ -39,11 +39,14 @@ from juki.lookup import records as rec
 from juki.lookup.operator_check import OperatorCheck
 from juki.lookup.provisions import ProvisionLog, encode_varint
 from juki.lookup.quota import Quotas
+from juki.lookup.records import RecordEncoder
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
 from juki.mesh.telemetry import current_trace_id
 from juki.mesh.tls import Peer, require_peer
 
 MAX_VERIFY_ITEMS = 50_000
+# Messages of one VerifyBatch stream being answered at once (see VerifyBatch).
+VERIFY_PIPELINE = 3
 DEFAULT_MAX_CHANGES = 500
 MAX_CHANGES = 10_000
 STREAM_POLL_SECONDS = 0.2
@@ -285,44 +288,78 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
 
     # -- batch verification -------------------------------------------------------------------------------
 
-    async def VerifyBatch(
+    async def VerifyBatch(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[lookup_pb2.VerifyBatchRequest],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[lookup_pb2.VerifyBatchResponse]:
-        call: Authorised | None = None
-        async for request in request_iterator:
-            if call is None:
-                proof = request.operator_proof if request.HasField("operator_proof") else None
-                call = await self._authorise(
-                    "/juki.lookup.v1.LookupService/VerifyBatch", request.purpose, QueryMode.BATCH_VERIFY,
-                    request.requested_fields, proof, request,
-                )
-            else:
-                if request.purpose and request.purpose != call.grant.purpose.code:
-                    raise invalid("purpose", "the purpose of a VerifyBatch stream cannot change")
-                self._quotas.take(call.peer.spiffe_id, call.grant.agency.quota_per_second)
-            yield await self._verify(call, request.items)
+    ) -> AsyncIterator[bytes]:
+        """Yields serialised VerifyBatchResponses (the binding's serializer passes bytes through)."""
+        iterator = request_iterator.__aiter__()
+        try:
+            first = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        proof = first.operator_proof if first.HasField("operator_proof") else None
+        call = await self._authorise(
+            "/juki.lookup.v1.LookupService/VerifyBatch", first.purpose, QueryMode.BATCH_VERIFY,
+            first.requested_fields, proof, first,
+        )
+        # Messages are verified in a short pipeline: while one waits for the store or for the access
+        # log's acknowledgement, the next is already being read and answered. Answers leave in order.
+        answers: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(VERIFY_PIPELINE)
+        loop = asyncio.get_running_loop()
 
-    async def _verify(self, call: Authorised, items: Sequence[lookup_pb2.VerifyItem]) -> lookup_pb2.VerifyBatchResponse:
+        async def read() -> None:
+            try:
+                await answers.put(loop.create_task(self._verify(call, first.items)))
+                async for request in iterator:
+                    if request.purpose and request.purpose != call.grant.purpose.code:
+                        raise invalid("purpose", "the purpose of a VerifyBatch stream cannot change")
+                    self._quotas.take(call.peer.spiffe_id, call.grant.agency.quota_per_second)
+                    await answers.put(loop.create_task(self._verify(call, request.items)))
+            finally:
+                await answers.put(None)
+
+        reader = loop.create_task(read())
+        started: list[asyncio.Task[bytes]] = []
+        try:
+            while (task := await answers.get()) is not None:
+                started.append(task)
+                yield await task
+                started.pop()
+            await reader
+        finally:
+            reader.cancel()
+            for task in started:
+                task.cancel()
+            while not answers.empty():
+                leftover = answers.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+
+    async def _verify(self, call: Authorised, items: Sequence[lookup_pb2.VerifyItem]) -> bytes:
+        """One VerifyBatchResponse, serialised: records are written as bytes (``RecordEncoder``)."""
         if len(items) > MAX_VERIFY_ITEMS:
             raise invalid("items", f"at most {MAX_VERIFY_ITEMS} items per message")
         codes = [item.resident_code for item in items]
-        if not all(len(code) == 11 and code.isdigit() and is_valid_resident_code(code) for code in codes):
-            violations = [
-                v for i, code in enumerate(codes) if (v := _code_violation(code, f"items[{i}].resident_code"))
-            ]
-            raise invalid_many(violations[:100])
         rows = {row["resident_code"]: row for row in await self._pool.fetch(_FIELDS_BY_CODES, codes)}
-        response = lookup_pb2.VerifyBatchResponse()
+        # Codes found in the store are valid by construction; only the others need the check digit.
+        violations = [
+            v for i, code in enumerate(codes)
+            if code not in rows and (v := _code_violation(code, f"items[{i}].resident_code"))
+        ]
+        if violations:
+            raise invalid_many(violations[:100])
+        encoder = RecordEncoder(call.fields)
+        parts: list[bytes] = []
         logged: list[tuple[str, bool]] = []
-        fields = call.fields
         for item in items:
-            result = response.results.add(item_id=item.item_id)
             row = rows.get(item.resident_code)
-            logged.append((item.resident_code, _verify_one(item, row, fields, result)))
+            result = _verify_one(item, row, encoder)
+            parts.append(b"\x0a" + encode_varint(len(result)) + result)
+            logged.append((item.resident_code, row is not None))
         await self._provisions.record(call.provisions(logged))
-        return response
+        return b"".join(parts)
 
     # -- change feed -------------------------------------------------------------------------------------
 
@@ -451,42 +488,46 @@ def _address_matches(row: Mapping[str, Any], key: str) -> bool:
     return any(address_key(form) == key for form in forms if form)
 
 
-def _verify_one(
-    item: lookup_pb2.VerifyItem,
-    row: Mapping[str, Any] | None,
-    fields: frozenset[IdentityField],
-    result: lookup_pb2.VerifyResult,
-) -> bool:
-    """Fill ``result`` for one item; True when identity information was provided."""
+def _verify_one(item: lookup_pb2.VerifyItem, row: Mapping[str, Any] | None, encoder: RecordEncoder) -> bytes:
+    """The serialised VerifyResult of one item (identity information is provided when ``row`` exists)."""
+    head = b"\x08" + encode_varint(item.item_id) if item.item_id else b""
     if row is None:
-        result.status = lookup_pb2.VERIFY_STATUS_NOT_FOUND
-        return False
+        return head + _STATUS_NOT_FOUND
+    record = encoder.encode(row)
+    record_part = b"\x1a" + encode_varint(len(record)) + record
+    fields = encoder.fields
     status = row["status"]
-    result.record.CopyFrom(rec.identity_record(row, fields))
+    if status == rec.RESIDENT_STATUS_CURRENT and row["last_change_kind"] not in _MOVE_KINDS and not (
+        item.HasField("expected_name") or item.HasField("expected_birth_date")
+    ):
+        return head + _STATUS_CURRENT + record_part  # the common case, without a message
+    result = lookup_pb2.VerifyResult()
     if status == rec.RESIDENT_STATUS_CODE_RETIRED:
         result.status = lookup_pb2.VERIFY_STATUS_CODE_CHANGED
         if IdentityField.RESIDENT_CODE in fields and row["successor_code"]:
             result.new_resident_code = row["successor_code"]
-        return True
-    if status == rec.RESIDENT_STATUS_DECEASED:
+    elif status == rec.RESIDENT_STATUS_DECEASED:
         result.status = lookup_pb2.VERIFY_STATUS_DECEASED
         death: _dt.date | None = row["death_date"] or row["last_changed_on"]
         death_message = rec.date_message(death)
         if death_message is not None:
             result.death_date.CopyFrom(death_message)
-        return True
-    mismatched = _mismatches(item, row)
-    if mismatched:
+    elif mismatched := _mismatches(item, row):
         result.status = lookup_pb2.VERIFY_STATUS_MISMATCH
         result.mismatched_fields.extend(mismatched)
-        return True
-    if status in (rec.RESIDENT_STATUS_MOVED_OUT, rec.RESIDENT_STATUS_DELETED) or row["last_change_kind"] in _MOVE_KINDS:
+    elif (status in (rec.RESIDENT_STATUS_MOVED_OUT, rec.RESIDENT_STATUS_DELETED)
+          or row["last_change_kind"] in _MOVE_KINDS):
         result.status = lookup_pb2.VERIFY_STATUS_MOVED
         if IdentityField.ADDRESS in fields:
             result.new_address.CopyFrom(rec.address_message(row))
-        return True
-    result.status = lookup_pb2.VERIFY_STATUS_CURRENT
-    return True
+    else:
+        result.status = lookup_pb2.VERIFY_STATUS_CURRENT
+    # Protobuf merges concatenated fields: the message's fields, then the record (field 3).
+    return head + result.SerializeToString() + record_part
+
+
+_STATUS_CURRENT = b"\x10" + encode_varint(lookup_pb2.VERIFY_STATUS_CURRENT)
+_STATUS_NOT_FOUND = b"\x10" + encode_varint(lookup_pb2.VERIFY_STATUS_NOT_FOUND)
 
 
 def _mismatches(item: lookup_pb2.VerifyItem, row: Mapping[str, Any]) -> list[rec.FieldNumber]:
