@@ -220,10 +220,10 @@ class MunicipalApp:
                     records=[convert.identity_record(e) for e in entries],
                 )
 
-        async with secure_channel(address, self.settings.tls) as channel:
+        async with self.sender.lock, secure_channel(address, self.settings.tls) as channel:
             stub = intake_pb2_grpc.IntakeServiceStub(channel)
             summary = await stub.BulkLoad(batches(), timeout=600)
-        await self.registry.acknowledge_through(through)
+            await self.registry.acknowledge_through(through)
         self.sender.wake()
         return municipal_pb2.ResyncToPrefectureResponse(
             load_id=load_id, through_sequence=through, records_sent=sent,

@@ -52,6 +52,9 @@ class OutboxSender:
         self._channel: grpc.aio.Channel | None = None
         self._synced = False
         self.connected = True
+        # Held while a batch is in flight; a resync holds it too, so the prefecture never applies the same
+        # change through both paths at once.
+        self.lock = asyncio.Lock()
 
     def start(self) -> None:
         if self._address and self._task is None:
@@ -107,6 +110,10 @@ class OutboxSender:
 
     async def send_once(self) -> int:
         """Send one batch of pending notifications; return how many were acknowledged."""
+        async with self.lock:
+            return await self._send_batch()
+
+    async def _send_batch(self) -> int:
         assert self._channel is not None
         stub = intake_pb2_grpc.IntakeServiceStub(self._channel)
         if not self._synced:
