@@ -46,6 +46,10 @@ VERIFY_MAX_AGE_SECONDS = 3600
 T = TypeVar("T")
 
 
+# Refusals of the disclosure service's own identity by a peer; never passed on as the caller's.
+_NOT_THE_CALLERS = frozenset({Reason.PEER_NOT_AUTHORISED, Reason.UNAUTHENTICATED, Reason.CERTIFICATE_REVOKED})
+
+
 def forwarded(exc: grpc.aio.AioRpcError, service: str) -> JukiError:
     """A peer's refusal passed on with its own reason; anything else is a dependency failure."""
     status = rpc_status.from_call(exc)  # type: ignore[arg-type]
@@ -58,8 +62,13 @@ def forwarded(exc: grpc.aio.AioRpcError, service: str) -> JukiError:
                 reason_name = info.reason
     if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
                       grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT) \
-            and reason_name in Reason.__members__ and Reason[reason_name].value.code == exc.code():
+            and reason_name in Reason.__members__ and Reason[reason_name] not in _NOT_THE_CALLERS \
+            and Reason[reason_name].value.code == exc.code():
         return JukiError(Reason[reason_name], f"{service}: {exc.details()}")
+    if reason_name in Reason.__members__ and Reason[reason_name] in _NOT_THE_CALLERS:
+        # The peer refused this service itself: a deployment fault, not the resident's.
+        return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"{service} refused the disclosure service: {exc.details()}",
+                         retry_after_seconds=30)
     if exc.code() == grpc.StatusCode.NOT_FOUND:
         return JukiError(Reason.RESIDENT_NOT_FOUND, f"{service}: {exc.details()}")
     return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"{service} failed: {exc.code().name}", retry_after_seconds=1)
