@@ -128,6 +128,7 @@ class WriterStats:
     records: int = 0
     last_group_size: int = 0
     largest_group: int = 0
+    rebuilds: int = 0  # groups re-chained under the lock (another writer moved the head, or a commit failed)
     durations_ms: list[float] = field(default_factory=list)
 
 
@@ -267,6 +268,7 @@ class LogWriter:
                     known[found["batch_id"]] = Ack(int(found["first_sequence"]), int(found["count"]))
             if head != (built.base_sequence, built.base_hash):
                 self._respeculate = True
+                self.stats.rebuilds += 1
             if known or head != (built.base_sequence, built.base_hash):
                 built = self._build(group, head, known)
             if built.rows:
