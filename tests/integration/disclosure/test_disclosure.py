@@ -224,7 +224,11 @@ async def test_juki_disclose_documents(mesh: Mesh, database: Any, fmt: str, tmp_
     from juki.cli.main import build_parser
 
     me = await seed_resident(database, random.Random(f"disclose-{fmt}"))
-    await mesh.log().Append(accesslog_pb2.AppendRequest(records=[provision(me, purpose="B1-PENSION-BENEFIT")]))
+    copy = provision(me, purpose="B4-WIDE-AREA-COPY")
+    copy.query_mode = common_pb2.QUERY_MODE_WIDE_AREA_COPY
+    copy.recipient, copy.recipient_name = "spiffe://juki.local/municipality/141003", "横浜市"
+    copy.provider = "spiffe://juki.local/service/card"
+    await mesh.log().Append(accesslog_pb2.AppendRequest(records=[provision(me, purpose="B1-PENSION-BENEFIT"), copy]))
     data_dir = endpoints_for(tmp_path, mesh)
     out = tmp_path / f"disclosure.{fmt}"
     args = build_parser().parse_args(["disclose", me, "--data-dir", str(data_dir), "--format", fmt,
@@ -235,12 +239,13 @@ async def test_juki_disclose_documents(mesh: Mesh, database: Any, fmt: str, tmp_
         assert content.startswith(b"%PDF") and b"HeiseiMin-W3" in content and len(content) > 2000
         return
     text = content.decode()
-    for label in ("本人確認情報", "提供年月日", "機能区分", "提供事務区分", "提供先", "日本年金機構", "山田"):
+    for label in ("本人確認情報", "提供年月日", "機能区分", "提供事務区分", "提供先", "日本年金機構", "山田",
+                  "住民票の写しの広域交付", "横浜市"):
         assert label in text, label
     assert "本人開示" in text  # the disclosure itself is listed (paged through, page size 1)
     if fmt == "json":
         document = json.loads(text)
-        assert len(document["提供状況"]) == 2 and document["完全性"]["検証結果"] == "検証済み"
+        assert len(document["提供状況"]) == 3 and document["完全性"]["検証結果"] == "検証済み"
     else:
         assert "検証済み" in text and "チェックポイント" in text
 
