@@ -98,6 +98,45 @@ async def resync(address: str, tls: TlsFiles, operator: tuple[Any, Any]) -> muni
     return response
 
 
+async def _not_at_prefecture(admin_url: str, municipalities: list[str]) -> list[str]:
+    """Municipalities of which the prefecture's store holds no resident (or cannot be read)."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        found = []
+        for code in municipalities:
+            schema = schema_name(f"intake-prefecture-{code[:2]}")
+            try:
+                held = await conn.fetchval(
+                    f'SELECT EXISTS (SELECT 1 FROM "{schema}".residents WHERE municipality_code = $1)', code)
+            except asyncpg.PostgresError:
+                held = False
+            if not held:
+                found.append(code)
+        return found
+    finally:
+        await conn.close()
+
+
+async def _resync_all(supervisor: Any, municipalities: list[str], echo: Callable[[str], None]
+                      ) -> tuple[int, int, list[str]]:
+    """ResyncToPrefecture at each CS as the demo operator; (applied, rejected, problems)."""
+    ca = supervisor.ca
+    operator = ca.paths("operator", "demo-operator")
+    tls = TlsFiles(ca=ca.ca_cert_path, cert=operator[0], key=operator[1])
+    applied = rejected = 0
+    problems: list[str] = []
+    for code in municipalities:
+        echo(f"  {code}: sending the register to the prefecture (BulkLoad) ...")
+        try:
+            result = await resync(supervisor.address(f"municipal-{code}"), tls, operator)
+        except grpc.aio.AioRpcError as error:
+            problems.append(f"{code} resync failed: {error.code().name} {error.details()}")
+            continue
+        applied += result.records_applied
+        rejected += result.records_rejected
+    return applied, rejected, problems
+
+
 async def seed_population(supervisor: Any, n: int, seed: int, echo: Callable[[str], None]) -> str:
     """Seed an empty mesh (called by ``juki up`` once every service runs); return a one-line summary."""
     municipalities = list(supervisor.layout.municipalities)
@@ -108,25 +147,20 @@ async def seed_population(supervisor: Any, n: int, seed: int, echo: Callable[[st
         await conn.close()
     if any(existing.values()):
         counts = ", ".join(f"{m} {c}" for m, c in existing.items())
-        return f"already seeded ({sum(existing.values())} residents: {counts}); reusing the data"
+        summary = f"already seeded ({sum(existing.values())} residents: {counts}); reusing the data"
+        # A register whose prefecture holds none of it (an earlier resync failed) is sent up again.
+        missing = [m for m in await _not_at_prefecture(supervisor.admin_url, municipalities) if existing[m]]
+        if missing:
+            applied, _, problems = await _resync_all(supervisor, missing, echo)
+            summary += f"; resynced {', '.join(missing)} ({applied} applied)" + "".join(f"; {p}" for p in problems)
+        return summary
     if n <= 0:
         return "no population requested"
     echo(f"generating {n} synthetic residents (seed {seed}) across {', '.join(municipalities)} ...")
     loaded = await load_registers(supervisor.admin_url, municipalities, n, seed)
-    ca = supervisor.ca
-    operator = ca.paths("operator", "demo-operator")
-    tls = TlsFiles(ca=ca.ca_cert_path, cert=operator[0], key=operator[1])
-    applied = rejected = 0
-    problems: list[str] = []
     for code in municipalities:
-        echo(f"  {code}: {loaded[code]} residents in the register; sending them to the prefecture ...")
-        try:
-            result = await resync(supervisor.address(f"municipal-{code}"), tls, operator)
-        except grpc.aio.AioRpcError as error:
-            problems.append(f"{code} resync failed: {error.code().name} {error.details()}")
-            continue
-        applied += result.records_applied
-        rejected += result.records_rejected
+        echo(f"  {code}: {loaded[code]} residents in the register")
+    applied, rejected, problems = await _resync_all(supervisor, municipalities, echo)
     parts = ", ".join(f"{m} {loaded[m]}" for m in municipalities)
     summary = f"seeded {sum(loaded.values())} residents ({parts}); prefectures applied {applied}"
     if rejected:

@@ -41,3 +41,20 @@ async def test_load_registers_puts_each_share_in_its_municipality(database: Any)
                 assert entry.household_head == f"{head_entry.name.family_name}　{head_entry.name.given_name}".strip("　")
     finally:
         await conn.close()
+
+
+async def test_a_register_the_prefecture_lacks_is_found_for_resync(database: Any) -> None:
+    import random
+
+    from juki import domain
+    from juki.cli.seed import _not_at_prefecture
+
+    code = domain.generate_resident_code(random.Random())
+    conn = await database.admin()
+    try:
+        await conn.execute(
+            "INSERT INTO intake_p13.residents (resident_code, resident_kind, municipality_code, status)"
+            " VALUES ($1, 1, '132012', 1)", code)
+    finally:
+        await conn.close()
+    assert await _not_at_prefecture(database.admin_url, ["131130", "132012"]) == ["131130"]
