@@ -132,6 +132,32 @@ class WriterStats:
     durations_ms: list[float] = field(default_factory=list)
 
 
+class _Instruments:
+    """OpenTelemetry instruments of the writer (exported with the mesh's metrics)."""
+
+    def __init__(self, writer: LogWriter) -> None:
+        from opentelemetry.metrics import CallbackOptions, Observation
+
+        from juki.mesh import metrics
+
+        meter = metrics.meter("juki.accesslog")
+        self.group_records = meter.create_histogram(
+            "juki.accesslog.group_commit.records", unit="{record}", description="records per group commit")
+        self.commit_ms = meter.create_histogram(
+            "juki.accesslog.group_commit.duration", unit="ms", description="lock, COPY and COMMIT of one group")
+
+        def backlog(options: CallbackOptions) -> list[Observation]:
+            return [Observation(sum(len(item.records) for item in writer._pending))]
+
+        def head(options: CallbackOptions) -> list[Observation]:
+            return [Observation(writer.head_sequence)]
+
+        meter.create_observable_gauge("juki.accesslog.backlog", callbacks=[backlog], unit="{record}",
+                                      description="records waiting for a group commit")
+        meter.create_observable_gauge("juki.accesslog.head_sequence", callbacks=[head],
+                                      description="sequence of the last durable record")
+
+
 class LogWriter:
     """Group-committing single writer of one access-log schema."""
 
@@ -147,6 +173,7 @@ class LogWriter:
         self.head_hash = chain.GENESIS
         self._respeculate = False
         self.stats = WriterStats()
+        self._instruments = _Instruments(self)
 
     async def start(self) -> None:
         async with self._pool.acquire() as conn:
@@ -287,7 +314,10 @@ class LogWriter:
         self.stats.records += count
         self.stats.last_group_size = count
         self.stats.largest_group = max(self.stats.largest_group, count)
-        self.stats.durations_ms.append((time.perf_counter() - started) * 1000)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self.stats.durations_ms.append(elapsed_ms)
+        self._instruments.group_records.record(count)
+        self._instruments.commit_ms.record(elapsed_ms)
         del self.stats.durations_ms[:-1000]
         for index, item in enumerate(group):
             if not item.future.done():
