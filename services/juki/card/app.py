@@ -200,6 +200,26 @@ class CardApp:
         log.warning("refused %s to %s: %s", method, peer.spiffe_id if peer else "unknown peer", error.reason.name)
 
 
+def provision(*, recipient_municipality: str, provider_municipality: str, resident_code: str, purpose: str,
+              purpose_name: str, mode: int, fields: Sequence[int], operator_id: str, reason: str,
+              refused: Reason | None = None) -> accesslog_pb2.ProvisionRecord:
+    """An access-log record of information one municipality's register gave (or refused) another."""
+    place = domain.municipality(recipient_municipality)
+    record = accesslog_pb2.ProvisionRecord(
+        recipient=f"spiffe://juki.local/municipality/{recipient_municipality}",
+        recipient_name=place.full_name if place else recipient_municipality,
+        purpose=purpose, purpose_name=purpose_name, query_mode=mode,  # type: ignore[arg-type]
+        provider_tier=common_pb2.TIER_MUNICIPALITY, provider=f"spiffe://juki.local/municipality/{provider_municipality}",
+        fields=[] if refused else fields,  # type: ignore[arg-type]
+        resident_code=resident_code, operator_id=operator_id, reason=reason,
+        outcome=accesslog_pb2.PROVISION_OUTCOME_REFUSED if refused else accesslog_pb2.PROVISION_OUTCOME_PROVIDED,
+    )
+    if refused is not None:
+        record.refusal_reason = common_pb2.ErrorReason.Value("ERROR_REASON_" + refused.name)  # type: ignore[assignment]
+    record.provided_at.GetCurrentTime()
+    return record
+
+
 def card_message(card: StoredCard, today: dt.date) -> card_pb2.Card:
     message = card_pb2.Card(
         card_number=card.card_number, resident_code=card.resident_code,
@@ -474,11 +494,23 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
                 raise invalid("subject_resident_code", "must be a valid resident code")
             try:
                 subject = await self.app.entry(home, subject_code, WIDE_AREA_COPY, request.issuing_municipality_code)
+                same = (subject.household_id == applicant.household_id
+                        and subject.status == common_pb2.RESIDENT_STATUS_CURRENT)
             except JukiError as error:
-                if error.reason is Reason.RESIDENT_NOT_FOUND:
-                    raise JukiError(Reason.NOT_SAME_HOUSEHOLD, "the subject is not in the applicant's household") from None
-                raise
-            if subject.household_id != applicant.household_id or subject.status != common_pb2.RESIDENT_STATUS_CURRENT:
+                if error.reason is not Reason.RESIDENT_NOT_FOUND:
+                    raise
+                same = False
+            if not same:
+                # The refused attempt is recorded too, so the subject's disclosure shows it.
+                try:
+                    await self.app.log_provision(provision(
+                        recipient_municipality=request.issuing_municipality_code, provider_municipality=home,
+                        resident_code=subject_code, purpose=WIDE_AREA_COPY, purpose_name=WIDE_AREA_COPY_NAME,
+                        mode=common_pb2.QUERY_MODE_WIDE_AREA_COPY, fields=[],
+                        operator_id=operator.operator_id if operator else "",
+                        reason=f"{WIDE_AREA_COPY_NAME} (同一世帯でない申請者)", refused=Reason.NOT_SAME_HOUSEHOLD))
+                except JukiError:
+                    log.warning("could not log a refused wide-area copy")
                 raise JukiError(Reason.NOT_SAME_HOUSEHOLD, "the subject is not in the applicant's household")
         certificate = card_pb2.ResidentCertificate(
             name=subject.name, birth_date=subject.birth_date, sex=subject.sex, address=subject.address,
@@ -496,18 +528,13 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
             certificate.individual_number = subject.individual_number
         now = dt.datetime.now(dt.UTC)
         document_number = f"{request.issuing_municipality_code}-{self.app.today():%Y%m%d}-{uuid.uuid4().hex[:8].upper()}"
-        place = domain.municipality(request.issuing_municipality_code)
-        record = accesslog_pb2.ProvisionRecord(
-            recipient=f"spiffe://juki.local/municipality/{request.issuing_municipality_code}",
-            recipient_name=place.full_name if place else request.issuing_municipality_code,
-            purpose=WIDE_AREA_COPY, purpose_name=WIDE_AREA_COPY_NAME,
-            query_mode=common_pb2.QUERY_MODE_WIDE_AREA_COPY, provider_tier=common_pb2.TIER_MUNICIPALITY,
-            provider=f"spiffe://juki.local/municipality/{home}", fields=fields,  # type: ignore[arg-type]
-            resident_code=subject.resident_code, outcome=accesslog_pb2.PROVISION_OUTCOME_PROVIDED,
+        record = provision(
+            recipient_municipality=request.issuing_municipality_code, provider_municipality=home,
+            resident_code=subject.resident_code, purpose=WIDE_AREA_COPY, purpose_name=WIDE_AREA_COPY_NAME,
+            mode=common_pb2.QUERY_MODE_WIDE_AREA_COPY, fields=fields,
             operator_id=operator.operator_id if operator else "",
             reason=f"{WIDE_AREA_COPY_NAME} (本人確認: {method}; 申請者 {'本人' if subject is applicant else '同一世帯員'})",
         )
-        record.provided_at.FromDatetime(now)
         await self.app.log_provision(record)
         if proof == "card_proof":
             async with self.app.db().acquire() as conn:
@@ -588,6 +615,15 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
         card = await self._require_pin(request.card_number, request.pin)
         old = await self.app.entry(move.from_municipality, move.resident_code, "SPECIAL_MOVE_IN",
                                    request.municipality_code)
+        # The old register's entry goes to the new municipality (転入通知 under the special procedure):
+        # logged before anything is recorded, or nothing happens.
+        await self.app.log_provision(provision(
+            recipient_municipality=request.municipality_code, provider_municipality=move.from_municipality,
+            resident_code=move.resident_code, purpose="SPECIAL_MOVE_IN", purpose_name="転入転出の特例（特例転入）",
+            mode=common_pb2.QUERY_MODE_CARD_USE,
+            fields=[common_pb2.FIELD_RESIDENT_CODE, common_pb2.FIELD_NAME, common_pb2.FIELD_BIRTH_DATE,
+                    common_pb2.FIELD_SEX, common_pb2.FIELD_ADDRESS],
+            operator_id=operator.operator_id, reason="特例転入（住基カードによる転入）"))
         await self._notify_move_out(card, moved_on)
         entry = municipal_pb2.ResidentEntry(
             resident_code=old.resident_code, name=old.name, birth_date=old.birth_date, sex=old.sex,

@@ -67,6 +67,17 @@ async def test_wide_area_copy_with_card_leaves_out_what_was_not_asked_for(mesh: 
     assert copies[0].recipient.endswith(f"/municipality/{YOKOHAMA}")
     assert copies[0].provider.endswith(f"/municipality/{NAKANO}")
     assert common_pb2.FIELD_RESIDENT_CODE in copies[0].fields
+    refused = [p.record for p in await provisions_of(mesh, neighbour, include_refused=True)]
+    assert [r.outcome for r in refused] == [accesslog_pb2.PROVISION_OUTCOME_REFUSED]
+    assert refused[0].refusal_reason == common_pb2.ERROR_REASON_NOT_SAME_HOUSEHOLD and not refused[0].fields
+
+
+async def provisions_of(mesh: CardMesh, resident_code: str, include_refused: bool = False
+                        ) -> list[accesslog_pb2.LoggedProvision]:
+    async with grpc.aio.secure_channel(mesh.accesslog, _disclosure_credentials(mesh)) as channel:
+        response = await accesslog_pb2_grpc.AccessLogServiceStub(channel).ListProvisions(
+            accesslog_pb2.ListProvisionsRequest(resident_code=resident_code, include_refused=include_refused))
+    return list(response.provisions)
 
 
 def _disclosure_credentials(mesh: CardMesh) -> grpc.ChannelCredentials:
@@ -133,6 +144,9 @@ async def test_special_move_in_on_the_14th_day_crosses_prefectures(mesh: CardMes
     assert outbox.pending >= 1
     copy = await mesh.cards().RequestWideAreaCopy(copy_request(card.card_number, "1234"))
     assert copy.certificate.address.municipality == "横浜市"  # the card now answers from its new home
+    uses = [p.record for p in await provisions_of(mesh, holder) if p.record.purpose == "SPECIAL_MOVE_IN"]
+    assert len(uses) == 1 and uses[0].query_mode == common_pb2.QUERY_MODE_CARD_USE
+    assert uses[0].provider.endswith(NAKANO) and uses[0].recipient.endswith(YOKOHAMA)
 
 
 async def test_special_move_in_on_the_15th_day_is_refused(mesh: CardMesh) -> None:
