@@ -31,7 +31,14 @@ log = logging.getLogger(__name__)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # Key of the advisory lock serialising writers of one log (per schema: hashtext of the lock name).
 LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('juki-accesslog-writer:' || current_schema()))"
-HEAD_SQL = "SELECT sequence, chain_hash FROM records ORDER BY sequence DESC LIMIT 1"
+# The head of the chain: the last record, or, when a retention purge removed every record, the purge
+# checkpoint that anchors the chain (sequences continue after the purged ones).
+HEAD_SQL = (
+    "SELECT sequence, chain_hash FROM ("
+    "(SELECT sequence, chain_hash FROM records ORDER BY sequence DESC LIMIT 1) UNION ALL"
+    " (SELECT sequence, chain_hash FROM checkpoints WHERE kind = 'purge' ORDER BY sequence DESC LIMIT 1)"
+    ") AS heads ORDER BY sequence DESC LIMIT 1"
+)
 RECORD_COLUMNS = ("sequence", "subject", "provided_at", "recorded_at", "outcome", "payload", "chain_hash")
 
 

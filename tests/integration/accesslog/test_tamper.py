@@ -177,3 +177,24 @@ async def test_an_ordinary_checkpoint_cannot_anchor_a_deleted_prefix(live_log: L
     await admin_execute(database, f'DELETE FROM "{live_log.schema}".records WHERE sequence <= 10')
     code, report = await audit(database, ca, live_log.schema)
     assert code == 1 and report["first_bad_sequence"] == 1, report
+
+
+async def test_juki_audit_purge_command(live_log: LiveLog, database: Any, ca: Any) -> None:
+    await filled(live_log, 10)
+    await asyncio.sleep(0.05)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "juki", "audit", "purge", "--older-than-days", "0", "--database-url", database.admin_url,
+        "--schema", live_log.schema, "--ca", str(ca.ca_cert_path),
+        "--signing-cert", str(ca.paths("signing", "accesslog")[0]),
+        "--signing-key", str(ca.paths("signing", "accesslog")[1]),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    assert json.loads(out)["purged"] == 10
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 0 and report["records_checked"] == 0, report
+    reply = await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(codes(1, seed=12)[0])]))
+    assert reply.first_sequence == 11  # sequences continue after the purged ones, chained from the anchor
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 0 and report["first_sequence"] == 11 and report["records_checked"] == 1, report
