@@ -57,6 +57,8 @@ def register_bench(bench_sub: Any) -> None:
     _common(verify)
     verify.add_argument("--codes", type=int, default=1_000_000, help="codes in the pension file (default 1,000,000)")
     verify.add_argument("--batch", type=int, default=10_000, help="items per VerifyBatch message (default 10,000)")
+    verify.add_argument("--processes", type=int, default=1,
+                        help="lookup processes (each with its own echo twin); the file is split between them")
     verify.set_defaults(func=cmd_bench_verify)
 
 
@@ -113,8 +115,9 @@ def resident_code(index: int) -> str:
 class Environment:
     """Temporary directory, CA, embedded PostgreSQL, loaded store and the three server processes."""
 
-    def __init__(self, residents: int, keep: bool = False, profile: Path | None = None) -> None:
+    def __init__(self, residents: int, keep: bool = False, profile: Path | None = None, processes: int = 1) -> None:
         self.residents = residents
+        self.lookup_processes = processes
         self.keep = keep
         self.profile = profile
         self.root = Path(tempfile.mkdtemp(prefix="juki-bench-lookup-"))
@@ -139,8 +142,11 @@ class Environment:
         await self._load()
         (self.root / "pseudonym.key").write_text(os.urandom(32).hex())
         self.addresses["accesslog"] = self._spawn("accesslog", ["serve", "accesslog"], ("service", "accesslog"))
-        self.addresses["lookup"] = self._spawn("lookup", ["serve", "lookup"], ("service", "lookup"))
-        self.addresses["echo"] = self._spawn("echo", [], ("service", "lookup"), echo=True)
+        for index in range(self.lookup_processes):
+            suffix = f"-{index}" if index else ""
+            self.addresses["lookup" + suffix] = self._spawn(
+                "lookup" + suffix, ["serve", "lookup"], ("service", "lookup"), role="juki_lookup")
+            self.addresses["echo" + suffix] = self._spawn("echo" + suffix, [], ("service", "lookup"), echo=True)
 
     async def _load(self) -> None:
         import asyncpg
@@ -161,7 +167,7 @@ class Environment:
             await conn.close()
         self.load_seconds = time.perf_counter() - started
 
-    def _env(self, name: str, identity: tuple[str, str]) -> dict[str, str]:
+    def _env(self, name: str, identity: tuple[str, str], role: str | None = None) -> dict[str, str]:
         cert, key = self.ca.paths(*identity)
         # A mesh's own settings must not leak in; lookup tuning (JUKI_LOOKUP_*) may, for experiments.
         env = {k: v for k, v in os.environ.items() if not k.startswith("JUKI_") or k.startswith("JUKI_LOOKUP_")}
@@ -172,7 +178,7 @@ class Environment:
             "JUKI_TLS_CERT_FILE": str(cert),
             "JUKI_TLS_KEY_FILE": str(key),
             "JUKI_TLS_CRL_FILE": str(self.ca.crl_path),
-            "JUKI_DATABASE_URL": self.pg.url("juki_" + name),
+            "JUKI_DATABASE_URL": self.pg.url(role or "juki_" + name),
             "JUKI_ACCESSLOG_ADDRESS": self.addresses.get("accesslog", ""),
             "JUKI_ACCESSLOG_SIGNING_KEY_FILE": str(self.ca.paths("signing", "accesslog")[1]),
             "JUKI_ACCESSLOG_SIGNING_CERT_FILE": str(self.ca.paths("signing", "accesslog")[0]),
@@ -185,8 +191,10 @@ class Environment:
         }}
         return env
 
-    def _spawn(self, name: str, args: list[str], identity: tuple[str, str], echo: bool = False) -> str:
-        env = self._env(name, identity)
+    def _spawn(
+        self, name: str, args: list[str], identity: tuple[str, str], echo: bool = False, role: str | None = None
+    ) -> str:
+        env = self._env(name, identity, role)
         command = [sys.executable, "-m", "juki.cli.bench_lookup"] if echo else [sys.executable, "-m", "juki", *args]
         if self.profile is not None:
             self.profile.mkdir(parents=True, exist_ok=True)
@@ -469,30 +477,48 @@ async def _stream(call_factory: Any, messages: list[Any]) -> tuple[float, int]:
     return results / elapsed, results
 
 
+async def _streams(call_factories: list[Any], messages: list[Any]) -> float:
+    """The pension file split into one contiguous part per server, streamed at once; records/s overall."""
+    parts = len(call_factories)
+    size = -(-len(messages) // parts)
+    chunks = [messages[i * size:(i + 1) * size] for i in range(parts)]
+    for chunk in chunks[1:]:
+        if chunk:
+            first = lookup_pb2.VerifyBatchRequest()
+            first.CopyFrom(chunk[0])
+            first.purpose = PENSION
+            chunk[0] = first
+    started = time.perf_counter()
+    counted = await asyncio.gather(*(
+        _stream(factory, chunk) for factory, chunk in zip(call_factories, chunks, strict=True) if chunk
+    ))
+    return sum(results for _, results in counted) / (time.perf_counter() - started)
+
+
 async def bench_verify(env: Environment, codes: int, batch: int, runs: int) -> dict[str, Any]:
     from juki.mesh.tls import secure_channel
 
     tls = env.tls("agency", "jps")
     messages = _verify_messages(env.residents, codes, batch)
-    lookup_channel = secure_channel(env.addresses["lookup"], tls)
-    echo_channel = secure_channel(env.addresses["echo"], tls)
-    stub = lookup_pb2_grpc.LookupServiceStub(lookup_channel)
-    echo = echo_channel.stream_stream(
+    suffixes = [f"-{index}" if index else "" for index in range(env.lookup_processes)]
+    channels = [secure_channel(env.addresses[name + suffix], tls) for suffix in suffixes for name in ("lookup", "echo")]
+    services = [lookup_pb2_grpc.LookupServiceStub(channel).VerifyBatch for channel in channels[0::2]]
+    echoes = [channel.stream_stream(
         ECHO_VERIFY, request_serializer=lookup_pb2.VerifyBatchRequest.SerializeToString,
         response_deserializer=lookup_pb2.VerifyBatchResponse.FromString,
-    )
+    ) for channel in channels[1::2]]
     try:
         warm = messages[:2]
-        await _stream(stub.VerifyBatch, warm)
-        await _stream(echo, warm)
+        for factory in [*services, *echoes]:
+            await _stream(factory, warm)
         service: list[float] = []
         ceiling: list[float] = []
         for _ in range(runs):
-            ceiling.append((await _stream(echo, messages))[0])
-            service.append((await _stream(stub.VerifyBatch, messages))[0])
+            ceiling.append(await _streams(echoes, messages))
+            service.append(await _streams(services, messages))
     finally:
-        await lookup_channel.close()
-        await echo_channel.close()
+        for channel in channels:
+            await channel.close()
     throughput = statistics.median(service)
     ceiling_rate = statistics.median(ceiling)
     return {
@@ -504,6 +530,7 @@ async def bench_verify(env: Environment, codes: int, batch: int, runs: int) -> d
         "run_ceilings": [round(r, 1) for r in ceiling],
         "codes": codes,
         "batch": batch,
+        "lookup_processes": env.lookup_processes,
     }
 
 
@@ -523,7 +550,8 @@ async def _logged(env: Environment) -> tuple[int, int]:
 
 
 async def _run(args: argparse.Namespace, kind: str) -> int:
-    env = Environment(args.residents, keep=args.keep, profile=args.profile)
+    env = Environment(args.residents, keep=args.keep, profile=args.profile,
+                      processes=getattr(args, "processes", 1))
     try:
         await env.start()
         if kind == "lookup":
