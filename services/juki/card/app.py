@@ -27,7 +27,7 @@ from juki.card import rules, store
 from juki.card.store import StoredCard
 from juki.mesh.db import create_pool
 from juki.mesh.errors import FieldViolation, JukiError, Reason, SettingsError, invalid
-from juki.mesh.operator import OperatorVerifier, VerifiedOperator
+from juki.mesh.operator import OperatorVerifier, VerifiedOperator, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import ServiceSettings
 from juki.mesh.tls import Peer, require_peer, secure_channel
@@ -165,7 +165,10 @@ class CardApp:
 
     async def start(self) -> Sequence[ServiceBinding]:
         self.pool = await create_pool(self.settings.database, self.settings.instance)
-        self._operators = OperatorVerifier(self.settings.tls, self.pool)
+        self._operators = OperatorVerifier(
+            self.settings.tls, self.pool,
+            passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
+        )
         counter = frozenset({"operator"})
         return [
             ServiceBinding(

@@ -18,12 +18,20 @@ Nonces are remembered in the verifying service's own ``operator_nonces`` table
 
 The skew is measured against the wall clock, not the business clock: the business clock may stand on
 a historical date while the signature is made now.
+
+Passwords (the PIN of the operator card): when the service is given an operator password file
+(``JUKI_OPERATOR_PASSWORDS_FILE``: JSON ``{"<operator_id>": "scrypt$<salt hex>$<hash hex>"}``, made
+with :func:`hash_operator_password`), the proof's password must match the operator's entry and an
+operator without one is refused. Without such a file no password is checked (the local demo mesh).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
+import hmac
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -37,7 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from juki._gen.juki.common.v1 import common_pb2
-from juki.mesh.errors import JukiError, Reason, invalid
+from juki.mesh.errors import JukiError, Reason, SettingsError, invalid
 from juki.mesh.pki import load_revoked_serials
 from juki.mesh.settings import SPIFFE_TRUST_DOMAIN, TlsFiles
 
@@ -131,6 +139,37 @@ class VerifiedOperator:
     serial: int
 
 
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+
+def hash_operator_password(password: str, salt: bytes | None = None) -> str:
+    """The stored form of an operator password: ``scrypt$<salt hex>$<hash hex>``."""
+    salt = salt or os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)  # type: ignore[arg-type]
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def _password_matches(password: str, stored: str) -> bool:
+    scheme, _, rest = stored.partition("$")
+    salt_hex, _, digest_hex = rest.partition("$")
+    if scheme != "scrypt" or not salt_hex or not digest_hex:
+        return False
+    return hmac.compare_digest(hash_operator_password(password, bytes.fromhex(salt_hex)), stored)
+
+
+def load_passwords(path: str | Path | None) -> dict[str, str] | None:
+    """The operator password file, or ``None`` when none is configured."""
+    if not path:
+        return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"operator password file {path}: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise SettingsError(f"{path}: expected a JSON object of operator_id -> scrypt$salt$hash")
+    return {str(k): str(v) for k, v in data.items()}
+
+
 def _refuse(description: str, field: str = PROOF_FIELD) -> JukiError:
     return invalid(field, description, Reason.OPERATOR_PROOF_INVALID)
 
@@ -138,7 +177,9 @@ def _refuse(description: str, field: str = PROOF_FIELD) -> JukiError:
 class OperatorVerifier:
     """Verifies operator proofs for one service; remembers nonces in that service's database."""
 
-    def __init__(self, tls: TlsFiles, pool: asyncpg.Pool, *, max_skew_seconds: float = MAX_SKEW_SECONDS) -> None:
+    def __init__(self, tls: TlsFiles, pool: asyncpg.Pool, *, max_skew_seconds: float = MAX_SKEW_SECONDS,
+                 passwords: dict[str, str] | None = None) -> None:
+        self._passwords = passwords
         self._ca = x509.load_pem_x509_certificate(tls.ca.read_bytes())
         self._tls = tls
         self._pool = pool
@@ -201,6 +242,10 @@ class OperatorVerifier:
                 raise InvalidSignature
         except InvalidSignature:
             raise _refuse("the signature does not verify", f"{proof_field}.signature") from None
+        if self._passwords is not None:
+            stored = self._passwords.get(proof.operator_id)
+            if stored is None or not await asyncio.to_thread(_password_matches, proof.password, stored):
+                raise _refuse("the operator password does not match", f"{proof_field}.password")
         async with self._pool.acquire() as conn:
             inserted = await conn.fetchval(
                 "INSERT INTO operator_nonces (operator_id, nonce) VALUES ($1, $2)"

@@ -21,7 +21,7 @@ from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
 from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
 from juki.mesh.db import create_pool
 from juki.mesh.errors import JukiError, Reason, SettingsError, invalid
-from juki.mesh.operator import OperatorVerifier
+from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import ServiceSettings
 from juki.mesh.tls import Peer, require_peer, secure_channel
@@ -157,7 +157,10 @@ class MunicipalApp:
     async def start(self) -> Sequence[ServiceBinding]:
         self.pool = await create_pool(self.settings.database, self.settings.instance)
         self._registry = Registry(self.pool, self.municipality_code)
-        self._operators = OperatorVerifier(self.settings.tls, self.pool)
+        self._operators = OperatorVerifier(
+            self.settings.tls, self.pool,
+            passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
+        )
         self._sender = OutboxSender(self._registry, self.settings.peers.prefecture_intake, self.settings.tls)
         self._sender.start()
         everyone_in_government = frozenset({"operator", "municipality", "prefecture", "service"})

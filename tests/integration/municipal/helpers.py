@@ -14,10 +14,11 @@ from juki.mesh.operator import sign_operator_proof
 from tests.conftest import tls_for
 
 
-def sign(ca: Any, request: Any, method: str, operator: str = "demo-operator") -> Any:
+def sign(ca: Any, request: Any, method: str, operator: str = "demo-operator", password: str = "") -> Any:
     """Put a fresh operator proof on ``request`` (full method name) and return the request."""
     tls = tls_for(ca, "operator", operator)
-    sign_operator_proof(request, method, cert_pem=tls.cert.read_bytes(), key_pem=tls.key.read_bytes())
+    sign_operator_proof(request, method, cert_pem=tls.cert.read_bytes(), key_pem=tls.key.read_bytes(),
+                        password=password)
     return request
 
 

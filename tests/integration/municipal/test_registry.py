@@ -162,3 +162,29 @@ async def test_other_peers_are_refused(ca: Any, nakano: str) -> None:
             await stub.GetResidentEntry(municipal_pb2.GetResidentEntryRequest(
                 resident_code="24727059608", requesting_municipality_code="141003"))
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_operator_passwords_are_checked_when_configured(ca: Any, settings_factory: Any, tmp_path: Any) -> None:
+    import json
+
+    from juki.mesh.operator import hash_operator_password
+
+    passwords = tmp_path / "operators.json"
+    passwords.write_text(json.dumps({"demo-operator": hash_operator_password("暗証-2002")}))
+    settings = settings_factory("municipal", f"municipal-{CODE}", ("municipality", CODE), municipality=CODE,
+                                clock="2024-04-01", extra={"operator_passwords_file": str(passwords)})
+    async with running(settings, create(settings)) as address, \
+            channel_as(ca, "operator", "demo-operator", address) as channel:
+        stub = municipal_pb2_grpc.MunicipalServiceStub(channel)
+
+        def request(password: str) -> municipal_pb2.RecordChangeRequest:
+            message = municipal_pb2.RecordChangeRequest(
+                change_kind=common_pb2.CHANGE_KIND_MOVE_IN, entry=person(given="暗証"),
+                occurred_on=date("2024-03-30"), notified_on=date("2024-04-01"))
+            return sign(ca, message, RECORD, password=password)  # type: ignore[no-any-return]
+
+        with pytest.raises(grpc.aio.AioRpcError) as wrong:
+            await stub.RecordChange(request("guess"))
+        assert reason_of(wrong.value) == "OPERATOR_PROOF_INVALID"
+        assert violations_of(wrong.value) == ["operator_proof.password"]
+        assert (await stub.RecordChange(request("暗証-2002"))).sequence > 0
