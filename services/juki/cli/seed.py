@@ -19,7 +19,7 @@ import grpc
 
 from juki import domain
 from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
-from juki.domain.population import Person, Relationship, generate
+from juki.domain.population import FOREIGN_SHARE, Person, Relationship, generate
 from juki.mesh.operator import sign_operator_proof
 from juki.mesh.settings import TlsFiles, schema_name
 from juki.mesh.tls import secure_channel
@@ -40,18 +40,32 @@ def individual_number(resident_code: str) -> str:
     return body + str(0 if remainder <= 1 else 11 - remainder)
 
 
-def _registered_on(person: Person) -> dt.date:
+def _registered_on(person: Person, today: dt.date) -> dt.date:
     start = domain.FOREIGN_RESIDENTS_REGISTERED if person.resident_kind is domain.ResidentKind.FOREIGN \
         else domain.NETWORK_START
-    return max(person.birth_date.earliest(), start)
+    return min(max(person.birth_date.earliest(), start), today)
+
+
+def business_day(supervisor: Any) -> dt.date:
+    """The mesh's business date (``juki up --clock``), so the population is as old as the mesh's today."""
+    import os
+
+    setting = supervisor.extra_env.get("JUKI_CLOCK") or os.environ.get("JUKI_CLOCK")
+    return domain.parse_clock(setting).today()
 
 
 async def _count(conn: asyncpg.Connection, schema: str) -> int:
     return int(await conn.fetchval(f'SELECT count(*) FROM "{schema}".residents'))
 
 
-async def load_registers(admin_url: str, municipalities: list[str], n: int, seed: int) -> Counter[str]:
-    """Generate ``n`` residents across ``municipalities`` and COPY them into the municipal schemas."""
+async def load_registers(admin_url: str, municipalities: list[str], n: int, seed: int,
+                         today: dt.date | None = None) -> Counter[str]:
+    """Generate ``n`` residents across ``municipalities`` and COPY them into the municipal schemas.
+
+    Ages are as of ``today`` (the business day); before 2012-07-09 there are no foreign residents' 住民票.
+    """
+    today = today or domain.SystemClock().today()
+    foreign_share = FOREIGN_SHARE if today >= domain.FOREIGN_RESIDENTS_REGISTERED else 0.0
     loaded: Counter[str] = Counter()
     conn = await asyncpg.connect(admin_url)
     try:
@@ -68,13 +82,13 @@ async def load_registers(admin_url: str, municipalities: list[str], n: int, seed
                 loaded[code] += len(rows)
                 pending[code] = []
 
-        for person in generate(n, seed, municipalities):
+        for person in generate(n, seed, municipalities, reference_date=today, foreign_share=foreign_share):
             code = person.address.municipality_code
             key = (code, person.household_id)
             full_name = convert.IDEOGRAPHIC_SPACE.join(p for p in (person.family_name, person.given_name) if p)
             if person.relationship is Relationship.HEAD or key not in heads:
                 heads[key] = full_name
-            entry = convert.entry_from_person(person, heads[key], _registered_on(person))
+            entry = convert.entry_from_person(person, heads[key], _registered_on(person, today), f"{code}-s{seed}")
             entry.individual_number = individual_number(person.resident_code)
             pending[code].append((entry.resident_code, entry.household_id, entry.relationship, entry.status,
                                   entry.SerializeToString(), entry.version))
@@ -157,7 +171,7 @@ async def seed_population(supervisor: Any, n: int, seed: int, echo: Callable[[st
     if n <= 0:
         return "no population requested"
     echo(f"generating {n} synthetic residents (seed {seed}) across {', '.join(municipalities)} ...")
-    loaded = await load_registers(supervisor.admin_url, municipalities, n, seed)
+    loaded = await load_registers(supervisor.admin_url, municipalities, n, seed, business_day(supervisor))
     for code in municipalities:
         echo(f"  {code}: {loaded[code]} residents in the register")
     applied, rejected, problems = await _resync_all(supervisor, municipalities, echo)

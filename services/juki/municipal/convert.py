@@ -205,8 +205,8 @@ def identity_record(entry: municipal_pb2.ResidentEntry) -> common_pb2.IdentityRe
     )
 
 
-def entry_from_person(person: domain.population.Person, household_head: str, registered_on: dt.date
-                      ) -> municipal_pb2.ResidentEntry:
+def entry_from_person(person: domain.population.Person, household_head: str, registered_on: dt.date,
+                      household_prefix: str = "") -> municipal_pb2.ResidentEntry:
     """A synthetic person as the 住民票 entry of their municipality (for seeding)."""
     kana_family, _, kana_given = (person.kana or "").partition(IDEOGRAPHIC_SPACE)
     return municipal_pb2.ResidentEntry(
@@ -220,7 +220,7 @@ def entry_from_person(person: domain.population.Person, household_head: str, reg
         sex=sex_to_proto(person.sex),  # type: ignore[arg-type]
         address=full_address(person.address.municipality_code, person.address.street),
         resident_kind=kind_to_proto(person.resident_kind),  # type: ignore[arg-type]
-        household_id=f"{person.address.municipality_code}-{person.household_id}",
+        household_id=f"{household_prefix or person.address.municipality_code}-{person.household_id}",
         household_head=household_head,
         relationship=person.relationship.value,
         registered_domicile=person.honseki or "",

@@ -58,3 +58,25 @@ async def test_a_register_the_prefecture_lacks_is_found_for_resync(database: Any
     finally:
         await conn.close()
     assert await _not_at_prefecture(database.admin_url, ["131130", "132012"]) == ["131130"]
+
+
+async def test_the_population_is_as_old_as_the_business_day(database: Any) -> None:
+    import datetime as dt
+
+    seed = int.from_bytes(os.urandom(4), "big")
+    loaded = await load_registers(database.admin_url, ["141003"], 300, seed, dt.date(2010, 1, 4))
+    assert loaded["141003"] == 300
+    conn = await database.admin()
+    try:
+        rows = await conn.fetch("SELECT entry FROM municipal_141003.residents WHERE household_id LIKE $1",
+                                f"141003-s{seed}-%")
+    finally:
+        await conn.close()
+    assert len(rows) == 300
+    for row in rows:
+        entry = municipal_pb2.ResidentEntry.FromString(row["entry"])
+        born = (entry.birth_date.year, entry.birth_date.month, entry.birth_date.day)
+        assert born <= (2010, 1, 4)
+        became = entry.became_resident_on
+        assert (became.year, became.month, became.day) <= (2010, 1, 4)
+        assert entry.resident_kind == 1  # no foreign residents' 住民票 before 2012-07-09
