@@ -466,6 +466,8 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
                                            "card_proof.pin", "card_proof.card_number")
             applicant_code, home = card.resident_code, card.home_municipality
             applicant = await self.app.entry(home, applicant_code, WIDE_AREA_COPY, request.issuing_municipality_code)
+            if applicant.status == common_pb2.RESIDENT_STATUS_MOVED_OUT:
+                applicant, home = await self._follow_move(card, applicant, peer)
             lapsed = _LAPSING.get(applicant.status)
             if lapsed is not None:  # the register knows of a death or code change the card missed
                 async with self.app.db().acquire() as conn, conn.transaction():
@@ -547,6 +549,29 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
             certificate=certificate, issued_by=request.issuing_municipality_code, document_number=document_number)
         response.issued_at.FromDatetime(now)
         return response
+
+    async def _follow_move(self, card: StoredCard, left: municipal_pb2.ResidentEntry, peer: Peer
+                           ) -> tuple[municipal_pb2.ResidentEntry, str]:
+        """The holder moved (an ordinary 転出/転入 at the counters): from 2012-07-09 the card follows
+        them to the new municipality; a move-in before that date made the card lapse."""
+        try:
+            arrived = await self.app.locate(left.resident_code, WIDE_AREA_COPY)
+        except JukiError:
+            return left, card.home_municipality  # moved abroad or not yet moved in: refused below
+        moved_in = _date(arrived.became_resident_on, "became_resident_on", required=False) or self.app.today()
+        new_home = arrived.address.municipality_code
+        async with self.app.db().acquire() as conn, conn.transaction():
+            if rules.continued_use_after_move(moved_in):
+                await store.update(conn, card.card_number, home_municipality=new_home)
+                await store.event(conn, card.card_number, "follows_move", f"{card.home_municipality} -> {new_home}",
+                                  peer=peer.spiffe_id)
+            else:
+                reason = "転入 (継続利用は2012-07-09から)"
+                await store.update(conn, card.card_number, state=rules.REVOKED, revoked_reason=reason)
+                await store.event(conn, card.card_number, "revoked", reason, peer=peer.spiffe_id)
+        if not rules.continued_use_after_move(moved_in):
+            raise JukiError(Reason.CARD_REVOKED, f"the card lapsed with the move-in on {moved_in}")
+        return arrived, new_home
 
     # -- 転入転出の特例 -----------------------------------------------------------------------------
 

@@ -195,3 +195,34 @@ async def test_special_move_in_needs_the_filed_destination_and_the_pin(mesh: Car
     with pytest.raises(grpc.aio.AioRpcError) as wrong_pin:
         await mesh.cards().SpecialMoveIn(move_in(mesh, card, "2024-04-01", pin="9999"))
     assert reason_of(wrong_pin.value) == "PIN_MISMATCH"
+
+
+@pytest.mark.parametrize(("moved_on", "follows"), [("2012-07-08", False), ("2012-07-09", True)])
+async def test_after_an_ordinary_move_the_card_follows_from_2012_07_09(mesh: CardMesh, moved_on: str,
+                                                                         follows: bool) -> None:
+    holder = await mesh.register(NAKANO, person(given="普通" if follows else "旧制"))
+    mesh.set_today("2010-01-04")
+    card = await issue(mesh, holder)
+    left = await mesh.entry(NAKANO, holder)
+    out = municipal_pb2.RecordChangeRequest(
+        change_kind=common_pb2.CHANGE_KIND_MOVE_OUT, entry=municipal_pb2.ResidentEntry(resident_code=holder),
+        occurred_on=date(moved_on), notified_on=date(moved_on), next_municipality_code=YOKOHAMA)
+    await mesh.cs(NAKANO).RecordChange(sign(mesh.ca, out, "/juki.municipal.v1.MunicipalService/RecordChange"))
+    arriving = municipal_pb2.ResidentEntry()
+    arriving.CopyFrom(left)
+    arriving.household_id = arriving.relationship = ""
+    arriving.address.CopyFrom(common_pb2.Address(municipality_code=YOKOHAMA, street="中区山下町1番地"))
+    into = municipal_pb2.RecordChangeRequest(
+        change_kind=common_pb2.CHANGE_KIND_MOVE_IN, entry=arriving, occurred_on=date(moved_on),
+        notified_on=date(moved_on), previous_municipality_code=NAKANO)
+    await mesh.cs(YOKOHAMA).RecordChange(sign(mesh.ca, into, "/juki.municipal.v1.MunicipalService/RecordChange"))
+    mesh.set_today("2012-08-01")
+    if follows:
+        copy = await mesh.cards().RequestWideAreaCopy(copy_request(card.card_number, "1234"))
+        assert copy.certificate.address.municipality == "横浜市"
+    else:
+        with pytest.raises(grpc.aio.AioRpcError) as lapsed:
+            await mesh.cards().RequestWideAreaCopy(copy_request(card.card_number, "1234"))
+        assert reason_of(lapsed.value) == "CARD_REVOKED"
+        status = await mesh.cards().GetCardStatus(card_pb2.GetCardStatusRequest(card_number=card.card_number))
+        assert status.card.state == card_pb2.CARD_STATE_REVOKED
