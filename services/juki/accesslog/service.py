@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import time
 from collections.abc import AsyncIterator
@@ -102,6 +103,11 @@ def checkpoint_message(cp: chain.StoredCheckpoint | None) -> accesslog_pb2.Check
     )
 
 
+def _collect(task: asyncio.Task[tuple[int, int]]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
     def __init__(
         self,
@@ -143,17 +149,19 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         request_iterator: AsyncIterator[accesslog_pb2.AppendStreamRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[accesslog_pb2.AppendStreamResponse]:
-        # Batches are read ahead of their acknowledgements so that several of them can share one
-        # commit; acknowledgements still go out in request order, each once its batch is durable.
-        acks: asyncio.Queue[tuple[str, asyncio.Task[tuple[int, int]]] | None] = asyncio.Queue(maxsize=64)
+        # Batches are read ahead of their acknowledgements (at most 64) so that several of them can
+        # share one commit; acknowledgements still go out in request order, each once its batch is durable.
+        window = asyncio.Semaphore(64)
+        acks: asyncio.Queue[tuple[str, asyncio.Task[tuple[int, int]]] | None] = asyncio.Queue()
 
         async def reader() -> None:
             try:
                 async for request in request_iterator:
+                    await window.acquire()
                     task = asyncio.create_task(self._append(request.records, request.batch_id, "records"))
-                    await acks.put((request.batch_id, task))
+                    acks.put_nowait((request.batch_id, task))
             finally:
-                await acks.put(None)
+                acks.put_nowait(None)
 
         reading = asyncio.create_task(reader())
         try:
@@ -163,11 +171,20 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
                     break
                 batch_id, task = item
                 first, count = await task
+                window.release()
                 yield accesslog_pb2.AppendStreamResponse(batch_id=batch_id, first_sequence=first, count=count)
             await reading
         finally:
             if not reading.done():
                 reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reading
+            # Batches read but not acknowledged (the stream failed or was cancelled) may still commit; a
+            # sender retries them with the same batch_id. Their outcome is collected, never left dangling.
+            while not acks.empty():
+                left = acks.get_nowait()
+                if left is not None:
+                    left[1].add_done_callback(_collect)
 
     async def ListProvisions(
         self, request: accesslog_pb2.ListProvisionsRequest, context: grpc.aio.ServicerContext[Any, Any]

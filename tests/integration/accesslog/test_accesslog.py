@@ -307,3 +307,23 @@ async def test_a_failed_commit_acknowledges_nothing_and_the_log_recovers(live_lo
     assert (reply.first_sequence, reply.count) == (4, 2)  # nothing of the failed batch was kept
     verified = await live_log.stub("operator", "demo-operator").VerifyLog(accesslog_pb2.VerifyLogRequest())
     assert verified.ok and verified.records_checked == 5
+
+
+async def test_append_stream_stops_at_a_bad_batch_and_keeps_the_good_ones(live_log: LiveLog) -> None:
+    stub = live_log.stub()
+    good = codes(1, seed=31)[0]
+    bad = good[:-1] + str((int(good[-1]) + 1) % 10)
+
+    async def requests() -> Any:
+        yield accesslog_pb2.AppendStreamRequest(batch_id="g1", records=[provision(good)] * 3)
+        yield accesslog_pb2.AppendStreamRequest(batch_id="b1", records=[provision(good), provision(bad)])
+
+    acks: list[accesslog_pb2.AppendStreamResponse] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for ack in stub.AppendStream(requests()):
+            acks.append(ack)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _bad_fields(caught.value) == ["records[1].resident_code"]
+    assert [(a.batch_id, a.first_sequence, a.count) for a in acks] == [("g1", 1, 3)]
+    reply = await stub.Append(accesslog_pb2.AppendRequest(batch_id="g2", records=[provision(good)]))
+    assert reply.first_sequence == 4
