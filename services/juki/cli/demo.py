@@ -209,7 +209,7 @@ async def _story(story: Story, supervisor: Supervisor) -> None:
     moved_on = DEMO_DAY - dt.timedelta(days=2)
     out = municipal_pb2.RecordChangeRequest(
         change_kind=common_pb2.CHANGE_KIND_MOVE_OUT, entry=mover, occurred_on=_date(moved_on),
-        notified_on=_date(moved_on - dt.timedelta(days=7)), next_municipality_code=YOKOHAMA,
+        notified_on=_date(moved_on), next_municipality_code=YOKOHAMA,
     )
     await story.record_change(NAKANO, out)
     arriving = municipal_pb2.ResidentEntry()
