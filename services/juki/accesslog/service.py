@@ -25,6 +25,7 @@ from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid
 MAX_BATCH_RECORDS = 100_000
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_OTHER_CODES = 16
 
 
 def valid_code(code: str) -> bool:
@@ -199,8 +200,18 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         end = date_bound(request.to_date, "to_date", end=True)
         if start and end and start >= end:
             raise invalid("to_date", "must not be before from_date")
-        conditions = ["subject = $1"]
-        args: list[Any] = [chain.pseudonym(self._key, code)]
+        if len(request.other_resident_codes) > MAX_OTHER_CODES:
+            raise invalid("other_resident_codes", f"at most {MAX_OTHER_CODES} earlier codes")
+        codes_by_subject = {chain.pseudonym(self._key, code): code}
+        for index, other in enumerate(request.other_resident_codes):
+            if not is_valid_resident_code(other):
+                raise invalid(f"other_resident_codes[{index}]", "not a valid 住民票コード")
+            codes_by_subject.setdefault(chain.pseudonym(self._key, other), other)
+        args: list[Any]
+        if len(codes_by_subject) == 1:
+            conditions, args = ["subject = $1"], list(codes_by_subject)
+        else:
+            conditions, args = ["subject = ANY($1::bytea[])"], [list(codes_by_subject)]
         if start is not None:
             args.append(start)
             conditions.append(f"provided_at >= ${len(args)}")
@@ -215,7 +226,8 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             conditions.append(f"(provided_at, sequence) < (${len(args) - 1}, ${len(args)})")
         args.append(size + 1)
         sql = (
-            "SELECT sequence, provided_at, recorded_at, payload FROM records WHERE " + " AND ".join(conditions)
+            "SELECT sequence, subject, provided_at, recorded_at, payload FROM records WHERE "
+            + " AND ".join(conditions)
             + f" ORDER BY provided_at DESC, sequence DESC LIMIT ${len(args)}"
         )
         async with self._pool.acquire() as conn:
@@ -223,7 +235,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         response = accesslog_pb2.ListProvisionsResponse()
         for row in rows[:size]:
             record = accesslog_pb2.ProvisionRecord.FromString(row["payload"])
-            record.resident_code = code
+            record.resident_code = codes_by_subject.get(bytes(row["subject"]), code)
             response.provisions.append(accesslog_pb2.LoggedProvision(
                 sequence=row["sequence"], record=record, recorded_at=timestamp(row["recorded_at"])
             ))

@@ -181,6 +181,13 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
             if not token:
                 break
 
+        # Provisions made under the resident's earlier codes (住民票コード変更) are theirs too; the codes
+        # come from the national store's own history of this resident, never from the request.
+        earlier = {entry.record.resident_code for entry in response.history} | set(resident.followed_codes)
+        earlier |= {resident.record.resident_code}
+        earlier.discard(request.resident_code)
+        earlier.discard("")
+        list_request.other_resident_codes.extend(sorted(earlier)[:16])
         listed = await call("access log", self._accesslog.ListProvisions(list_request, timeout=self._timeout))
         for logged in listed.provisions:
             record = logged.record
@@ -190,6 +197,7 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
                 purpose_name=self._purpose_name(record), provider=record.provider,
                 provider_tier=record.provider_tier, recipient=record.recipient,
                 recipient_name=record.recipient_name, fields=record.fields, sequence=logged.sequence,
+                resident_code=record.resident_code,
             ))
         response.next_page_token = listed.next_page_token
 

@@ -327,3 +327,21 @@ async def test_append_stream_stops_at_a_bad_batch_and_keeps_the_good_ones(live_l
     assert [(a.batch_id, a.first_sequence, a.count) for a in acks] == [("g1", 1, 3)]
     reply = await stub.Append(accesslog_pb2.AppendRequest(batch_id="g2", records=[provision(good)]))
     assert reply.first_sequence == 4
+
+
+async def test_list_provisions_across_earlier_codes(live_log: LiveLog) -> None:
+    new, old, stranger = codes(3, seed=41)
+    await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[
+        provision(old, seconds=100, purpose="A"), provision(stranger, seconds=150, purpose="X"),
+        provision(new, seconds=200, purpose="B"), provision(old, seconds=300, purpose="C"),
+    ]))
+    reader = live_log.stub("service", "disclosure")
+    first = await reader.ListProvisions(accesslog_pb2.ListProvisionsRequest(
+        resident_code=new, other_resident_codes=[old], page_size=2))
+    second = await reader.ListProvisions(accesslog_pb2.ListProvisionsRequest(
+        resident_code=new, other_resident_codes=[old], page_size=2, page_token=first.next_page_token))
+    seen = [(p.record.purpose, p.record.resident_code) for p in [*first.provisions, *second.provisions]]
+    assert seen == [("C", old), ("B", new), ("A", old)] and not second.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reader.ListProvisions(accesslog_pb2.ListProvisionsRequest(resident_code=new, other_resident_codes=["1"]))
+    assert _bad_fields(caught.value) == ["other_resident_codes[0]"]

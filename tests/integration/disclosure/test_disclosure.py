@@ -323,3 +323,35 @@ async def test_card_and_pin_disclosure(card_mesh: tuple[Mesh, str], database: An
         await stub.GetDisclosure(disclosure_pb2.GetDisclosureRequest(
             resident_code=me, card_proof=common_pb2.CardProof(card_number=my_card, pin="12a4")))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_provisions_under_an_earlier_code_are_disclosed_too(mesh: Mesh, database: Any) -> None:
+    """After a 住民票コード変更 the resident's provisions under the retired code still belong to them."""
+    rng = random.Random("code-change")
+    me = await seed_resident(database, rng)
+    old = generate_resident_code(rng)
+    stranger = await seed_resident(database, rng)
+    retired = common_pb2.IdentityRecord(resident_code=old, status=common_pb2.RESIDENT_STATUS_CODE_RETIRED,
+                                        successor_code=me, version=1)
+    conn = await database.admin()
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO intake_national.residents (resident_code, resident_kind, municipality_code, status,"
+                " successor_code, version) VALUES ($1, 1, '131148', 5, $2, 1)", old, me)
+            await conn.execute("UPDATE intake_national.residents SET predecessor_code = $1 WHERE resident_code = $2",
+                               old, me)
+            await conn.execute(
+                "INSERT INTO intake_national.resident_versions (resident_code, version, change_kind, occurred_on,"
+                " notified_on, record) VALUES ($1, 1, 11, '2015-01-05', '2015-01-05', $2)",
+                old, retired.SerializeToString())
+    finally:
+        await conn.close()
+    base = 1_704_034_800
+    await mesh.log().Append(accesslog_pb2.AppendRequest(records=[
+        provision(old, seconds=base, purpose="UNDER-OLD"), provision(me, seconds=base + 86_400, purpose="UNDER-NEW"),
+        provision(stranger, seconds=base + 2 * 86_400, purpose="STRANGER"),
+    ]))
+    reply = await mesh.stub().GetDisclosure(signed(me, mesh.ca))
+    listed = [(p.purpose, p.resident_code) for p in reply.provisions if p.purpose != "DISCLOSURE"]
+    assert listed == [("UNDER-NEW", me), ("UNDER-OLD", old)]

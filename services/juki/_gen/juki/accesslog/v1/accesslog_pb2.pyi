@@ -289,6 +289,7 @@ class ListProvisionsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     INCLUDE_REFUSED_FIELD_NUMBER: _builtins.int
+    OTHER_RESIDENT_CODES_FIELD_NUMBER: _builtins.int
     resident_code: _builtins.str
     """Resident code (住民票コード) whose records are listed."""
     page_size: _builtins.int
@@ -305,6 +306,12 @@ class ListProvisionsRequest(_message.Message):
     def to_date(self) -> _common_pb2.Date:
         """Last day (Japan time) to include; unset for no upper bound."""
 
+    @_builtins.property
+    def other_resident_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Earlier codes of the same resident (retired by a 住民票コード変更), listed together with
+        resident_code, newest first across all of them; at most 16.
+        """
+
     def __init__(
         self,
         *,
@@ -314,10 +321,11 @@ class ListProvisionsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         include_refused: _builtins.bool = ...,
+        other_resident_codes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["from_date", b"from_date", "to_date", b"to_date"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_date", b"from_date", "include_refused", b"include_refused", "page_size", b"page_size", "page_token", b"page_token", "resident_code", b"resident_code", "to_date", b"to_date"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_date", b"from_date", "include_refused", b"include_refused", "other_resident_codes", b"other_resident_codes", "page_size", b"page_size", "page_token", b"page_token", "resident_code", b"resident_code", "to_date", b"to_date"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -95,6 +95,7 @@ class Provision(_message.Message):
     RECIPIENT_NAME_FIELD_NUMBER: _builtins.int
     FIELDS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    RESIDENT_CODE_FIELD_NUMBER: _builtins.int
     query_mode: _common_pb2.QueryMode.ValueType
     """Function (機能区分)."""
     reason: _builtins.str
@@ -113,6 +114,10 @@ class Provision(_message.Message):
     """Name of the receiving body, e.g. 日本年金機構."""
     sequence: _builtins.int
     """Sequence of the record in the access log."""
+    resident_code: _builtins.str
+    """Resident code the provision was made under: the requested one, or an earlier (retired) code of
+    the same resident.
+    """
     @_builtins.property
     def provided_at(self) -> _timestamp_pb2.Timestamp:
         """Date and time of provision (提供年月日)."""
@@ -135,10 +140,11 @@ class Provision(_message.Message):
         recipient_name: _builtins.str = ...,
         fields: _abc.Iterable[_common_pb2.Field.ValueType] | None = ...,
         sequence: _builtins.int = ...,
+        resident_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provided_at", b"provided_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "provided_at", b"provided_at", "provider", b"provider", "provider_tier", b"provider_tier", "purpose", b"purpose", "purpose_name", b"purpose_name", "query_mode", b"query_mode", "reason", b"reason", "recipient", b"recipient", "recipient_name", b"recipient_name", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "provided_at", b"provided_at", "provider", b"provider", "provider_tier", b"provider_tier", "purpose", b"purpose", "purpose_name", b"purpose_name", "query_mode", b"query_mode", "reason", b"reason", "recipient", b"recipient", "recipient_name", b"recipient_name", "resident_code", b"resident_code", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
