@@ -2,7 +2,8 @@
 
 Peers: the national intake (record and history), the access log (provisions, integrity, and the
 record of each disclosure) and the card service (card and PIN). Settings: JUKI_NATIONAL_INTAKE_ADDRESS,
-JUKI_ACCESSLOG_ADDRESS, JUKI_CARD_ADDRESS (optional: without it only counter disclosures work).
+JUKI_ACCESSLOG_ADDRESS, JUKI_CARD_ADDRESS (optional: without it only counter disclosures work),
+JUKI_OPERATOR_PASSWORDS_FILE (counter operators' password hashes; without it no password is checked).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from juki._gen.juki.intake.v1 import intake_pb2_grpc
 from juki.disclosure.service import DisclosureServicer
 from juki.domain.policy import Policy
 from juki.mesh import db
-from juki.mesh.operator import OperatorVerifier
+from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import ServiceSettings
 from juki.mesh.tls import secure_channel
@@ -50,7 +51,10 @@ class DisclosureApp:
             intake=intake_pb2_grpc.IntakeServiceStub(self._channel(self.national)),
             accesslog=accesslog_pb2_grpc.AccessLogServiceStub(self._channel(self.accesslog)),
             card=card_pb2_grpc.CardServiceStub(self._channel(self.card)) if self.card else None,
-            operators=OperatorVerifier(self.settings.tls, self.pool),
+            operators=OperatorVerifier(
+                self.settings.tls, self.pool,
+                passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
+            ),
             policy=Policy.load(),
         )
         return [ServiceBinding(SERVICE_NAME, disclosure_pb2_grpc.add_DisclosureServiceServicer_to_server,

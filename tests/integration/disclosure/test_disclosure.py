@@ -34,6 +34,7 @@ class Mesh:
     accesslog: str
     ca: Any
     channels: list[grpc.aio.Channel]
+    intake: str = ""
 
     def stub(self, kind: str = "operator", name: str = "demo-operator") -> disclosure_pb2_grpc.DisclosureServiceStub:
         channel = channel_as(self.ca, kind, name, self.disclosure)
@@ -79,7 +80,7 @@ async def mesh(settings_factory: Any, database: Any, ca: Any) -> AsyncIterator[M
         settings = settings_factory("disclosure", "disclosure", ("service", "disclosure"),
                                     peers=Peers(accesslog=log_address, national_intake=intake_address))
         address = await stack.enter_async_context(running(settings, create_disclosure(settings)))
-        found = Mesh(address, log_address, ca, [])
+        found = Mesh(address, log_address, ca, [], intake_address)
         yield found
         for channel in found.channels:
             await channel.close()
@@ -355,3 +356,34 @@ async def test_provisions_under_an_earlier_code_are_disclosed_too(mesh: Mesh, da
     reply = await mesh.stub().GetDisclosure(signed(me, mesh.ca))
     listed = [(p.purpose, p.resident_code) for p in reply.provisions if p.purpose != "DISCLOSURE"]
     assert listed == [("UNDER-NEW", me), ("UNDER-OLD", old)]
+
+
+async def test_counter_operator_password_is_checked_when_configured(
+    mesh: Mesh, database: Any, settings_factory: Any, tmp_path: Path
+) -> None:
+    from juki.mesh.operator import hash_operator_password, sign_operator_proof
+
+    passwords = tmp_path / "operators.json"
+    passwords.write_text(json.dumps({"demo-operator": hash_operator_password("窓口-secret")}))
+    base = settings_factory("disclosure", "disclosure", ("service", "disclosure"))
+    settings = settings_factory("disclosure", "disclosure", ("service", "disclosure"),
+                                peers=Peers(accesslog=mesh.accesslog, national_intake=mesh.intake),
+                                extra={**base.extra, "operator_passwords_file": str(passwords)})
+    me = await seed_resident(database, random.Random("password"))
+    cert, key = mesh.ca.paths("operator", "demo-operator")
+    async with running(settings, create_disclosure(settings)) as address:
+        channel = channel_as(mesh.ca, "operator", "demo-operator", address)
+        stub = disclosure_pb2_grpc.DisclosureServiceStub(channel)
+        try:
+            for password, expected in (("wrong", grpc.StatusCode.UNAUTHENTICATED), ("窓口-secret", None)):
+                request = disclosure_pb2.GetDisclosureRequest(resident_code=me)
+                sign_operator_proof(request, METHOD, cert_pem=cert.read_bytes(), key_pem=key.read_bytes(),
+                                    password=password, proof_field="counter_operator")
+                if expected is None:
+                    assert (await stub.GetDisclosure(request)).identity.resident_code == me
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await stub.GetDisclosure(request)
+                    assert caught.value.code() == expected
+        finally:
+            await channel.close()
