@@ -13,6 +13,7 @@ Flow of GetDisclosure:
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -31,6 +32,8 @@ from juki.domain.policy import Policy
 from juki.mesh.errors import JukiError, Reason, invalid
 from juki.mesh.operator import OperatorVerifier
 from juki.mesh.tls import require_peer
+
+log = logging.getLogger(__name__)
 
 METHOD = "/juki.disclosure.v1.DisclosureService/GetDisclosure"
 SELF = "spiffe://juki.local/service/disclosure"
@@ -141,6 +144,28 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
         except grpc.aio.AioRpcError as exc:
             raise JukiError(Reason.ACCESS_LOG_UNAVAILABLE, retry_after_seconds=1) from exc
 
+    async def _log_refusal(
+        self, request: disclosure_pb2.GetDisclosureRequest, recipient: str, error: JukiError
+    ) -> None:
+        """A failed proof is a security event of that resident's record: logged, shown on request."""
+        reason_name = f"ERROR_REASON_{error.reason.name}"
+        record = accesslog_pb2.ProvisionRecord(
+            recipient=recipient, recipient_name="本人（開示請求）", purpose=DISCLOSURE_PURPOSE,
+            purpose_name=DISCLOSURE_PURPOSE_NAME, query_mode=common_pb2.QUERY_MODE_DISCLOSURE,
+            provider_tier=common_pb2.TIER_NATIONAL, provider=SELF, resident_code=request.resident_code,
+            outcome=accesslog_pb2.PROVISION_OUTCOME_REFUSED,
+            refusal_reason=common_pb2.ErrorReason.Value(reason_name)
+            if reason_name in common_pb2.ErrorReason.keys() else common_pb2.ERROR_REASON_UNSPECIFIED,
+            operator_id=request.counter_operator.operator_id if request.HasField("counter_operator") else "",
+            reason="本人確認に失敗した開示請求",
+        )
+        record.provided_at.GetCurrentTime()
+        try:
+            await self._accesslog.Append(accesslog_pb2.AppendRequest(batch_id=str(uuid.uuid4()), records=[record]),
+                                         timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:  # the refusal stands whether or not it could be logged
+            log.warning("could not log a refused disclosure: %s", exc.code().name)
+
     def _purpose_name(self, provision: accesslog_pb2.ProvisionRecord) -> str:
         if provision.purpose_name:
             return provision.purpose_name
@@ -156,7 +181,13 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
         if request.page_size < 0:
             raise invalid("page_size", "must not be negative")
         peer = require_peer()
-        operator_id = await self._prove(request)
+        try:
+            operator_id = await self._prove(request)
+        except JukiError as error:
+            if error.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                              grpc.StatusCode.FAILED_PRECONDITION):
+                await self._log_refusal(request, peer.spiffe_id, error)
+            raise
         # Validate the filters before anything is provided (the access log would refuse them later).
         list_request = accesslog_pb2.ListProvisionsRequest(
             resident_code=request.resident_code, from_date=request.from_date, to_date=request.to_date,

@@ -324,6 +324,13 @@ async def test_card_and_pin_disclosure(card_mesh: tuple[Mesh, str], database: An
         await stub.GetDisclosure(disclosure_pb2.GetDisclosureRequest(
             resident_code=me, card_proof=common_pb2.CardProof(card_number=my_card, pin="12a4")))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The two failed proofs are security events on my record, visible with the refused attempts.
+    listed = await mesh.log("service", "disclosure").ListProvisions(accesslog_pb2.ListProvisionsRequest(
+        resident_code=me, include_refused=True))
+    refused = [p.record for p in listed.provisions if p.record.outcome == accesslog_pb2.PROVISION_OUTCOME_REFUSED]
+    assert [r.refusal_reason for r in refused] == [common_pb2.ERROR_REASON_PEER_NOT_AUTHORISED,
+                                                   common_pb2.ERROR_REASON_PIN_MISMATCH]
+    assert all(r.query_mode == common_pb2.QUERY_MODE_DISCLOSURE and not r.fields for r in refused)
 
 
 async def test_provisions_under_an_earlier_code_are_disclosed_too(mesh: Mesh, database: Any) -> None:
