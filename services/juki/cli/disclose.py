@@ -192,7 +192,9 @@ def as_dict(doc: Document) -> dict[str, Any]:
                 "提供事務区分": f"{p.purpose_name}（{p.purpose}）",
                 "提供元": PROVIDER_NAMES.get(p.provider, p.provider) + f"［{TIER_LABELS.get(p.provider_tier, '—')}］",
                 "提供先": p.recipient_name or p.recipient,
-                "提供した情報": "・".join(FIELD_LABELS.get(f, "?") for f in p.fields),
+                "提供した情報": "・".join(FIELD_LABELS.get(f, "?") for f in p.fields)
+                + (f"（旧住民票コード {p.resident_code} による提供）"
+                   if p.resident_code and p.resident_code != doc.resident_code else ""),
             }
             for p in doc.provisions
         ],
