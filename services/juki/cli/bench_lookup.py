@@ -82,17 +82,22 @@ _FAMILY = ("山田", "佐藤", "鈴木", "高橋", "田中", "伊藤", "渡辺",
 _GIVEN = ("太郎", "花子", "一郎", "陽子", "健", "美咲", "翔", "由美", "大輔", "恵")
 
 
+def code_sql(index: str) -> str:
+    """SQL computing :func:`resident_code` of the integer expression ``index`` (check digit included)."""
+    body = f"({BODY_BASE}::bigint + ({index})::bigint * {BODY_STEP})"
+    return f"{body}::text || {_check_digit_sql(body)}::text"
+
+
 def load_sql(first: int, last: int) -> str:
     """One INSERT ... SELECT generating residents ``first``..``last`` (folded) inside PostgreSQL."""
     families = "(ARRAY[" + ",".join(f"'{n}'" for n in _FAMILY) + "])"
     givens = "(ARRAY[" + ",".join(f"'{n}'" for n in _GIVEN) + "])"
-    body = f"({BODY_BASE}::bigint + i::bigint * {BODY_STEP})"
     return f"""
     INSERT INTO intake_national.residents (resident_code, resident_kind, family_name, given_name,
         family_name_kana, given_name_kana, birth_year, birth_month, birth_day, sex, municipality_code,
         prefecture, municipality, street, status, last_change_kind, last_changed_on, last_notified_on,
         death_date, version, name_key, address_key)
-    SELECT {body}::text || {_check_digit_sql(body)}::text, 1,
+    SELECT {code_sql("i")}, 1,
         {families}[1 + i % 10], {givens}[1 + (i / 10) % 10], 'ヤマダ', 'タロウ',
         1930 + i % 70, 1 + i % 12, 1 + i % 28, 1 + i % 2,
         CASE WHEN i % 2 = 0 THEN '131148' ELSE '141003' END,

@@ -172,3 +172,29 @@ async def test_an_operator_must_sign_each_request_and_a_replay_is_refused(mesh: 
     (entry,) = await mesh.provisions(code)
     assert entry.record.operator_id == "demo-operator"
 
+
+
+async def test_a_purpose_without_the_change_feed_cannot_watch(mesh: Mesh) -> None:
+    code = await add_resident(mesh.database)
+    stub = mesh.lookup_as("agency", "mofa")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.RegisterWatch(lookup_pb2.RegisterWatchRequest(
+            purpose="B1-PASSPORT-ISSUANCE", resident_codes=[code]))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert details(refused.value)[0] == "MODE_NOT_GRANTED"
+
+
+async def test_verify_results_carry_only_the_granted_fields(mesh: Mesh) -> None:
+    code = await add_resident(mesh.database, status=5, last_change_kind=11, successor_code=fresh_code())
+    stub = mesh.lookup_as("agency", "jps")
+    call = stub.VerifyBatch(iter([lookup_pb2.VerifyBatchRequest(
+        purpose=PENSION, items=[lookup_pb2.VerifyItem(item_id=1, resident_code=code)],
+        requested_fields=[common_pb2.FIELD_NAME],
+    )]))
+    (result,) = (await call.read()).results
+    assert result.status == lookup_pb2.VERIFY_STATUS_CODE_CHANGED
+    assert result.new_resident_code == ""  # the resident code was not asked for, so not provided
+    assert result.record.name.family_name == "山田"
+    assert not result.record.resident_code and not result.record.HasField("address")
+    (entry,) = await mesh.provisions(code)
+    assert list(entry.record.fields) == [common_pb2.FIELD_NAME]
