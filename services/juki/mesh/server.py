@@ -274,7 +274,9 @@ def _full_access(bindings: Sequence[ServiceBinding]) -> dict[str, frozenset[str]
     table: dict[str, frozenset[str]] = {}
     for binding in bindings:
         for method, kinds in binding.access.items():
-            table[f"/{binding.name}/{method}"] = kinds
+            # Accept bare method names ("LookupByCode") and full paths ("/pkg.Service/LookupByCode").
+            path = method if method.startswith(f"/{binding.name}/") else f"/{binding.name}/{method}"
+            table[path] = kinds
     for open_method in (
         f"/{health.SERVICE_NAME}/Check",
         f"/{health.SERVICE_NAME}/Watch",
