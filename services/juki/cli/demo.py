@@ -174,7 +174,16 @@ async def _story(story: Story, supervisor: Supervisor) -> None:
         raise DemoFailure("the seeded registry of 中野区 has too few adults")
     parent_code, household = adults[0]
     mover_code, _ = adults[1]
-    holder_code, _ = adults[2]
+    holder_code = ""
+    for code, _ in adults[2:]:
+        entry = (await story.municipal(NAKANO).GetResidentEntry(
+            municipal_pb2.GetResidentEntryRequest(resident_code=code, requesting_municipality_code=NAKANO)
+        )).entry
+        if entry.resident_kind == common_pb2.RESIDENT_KIND_JAPANESE:
+            holder_code = code
+            break
+    if not holder_code:
+        raise DemoFailure("no Japanese adult in the seeded registry of 中野区 to hold a card")
 
     # 1. birth ------------------------------------------------------------------------------------
     story.say("a birth is notified at 中野区 (市町村CS) and reaches the national centre through 東京都")
