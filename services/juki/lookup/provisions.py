@@ -42,8 +42,13 @@ IDLE_SECONDS = 30.0
 APPEND_STREAM = "/juki.accesslog.v1.AccessLogService/AppendStream"
 
 
+_ONE_BYTE = tuple(bytes((value,)) for value in range(128))
+
+
 def encode_varint(value: int) -> bytes:
     """Protobuf base-128 varint."""
+    if value < 128:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)

@@ -131,7 +131,12 @@ def identity_record(row: Mapping[str, Any], fields: frozenset[IdentityField]) ->
 
 # -- the batch fast path: records written as protobuf bytes directly ------------------------------------
 
+_ONE_BYTE = tuple(bytes((value,)) for value in range(128))
+
+
 def _varint(value: int) -> bytes:
+    if value < 128:
+        return _ONE_BYTE[value]  # lengths, enums and small numbers: most varints written here
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -144,7 +149,8 @@ def _text(tag: bytes, value: str | None) -> bytes:
     if not value:
         return b""
     encoded = value.encode()
-    return tag + _varint(len(encoded)) + encoded
+    length = len(encoded)
+    return tag + (_ONE_BYTE[length] if length < 128 else _varint(length)) + encoded
 
 
 def _message(tag: bytes, body: bytes) -> bytes:
