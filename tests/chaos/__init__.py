@@ -1,0 +1,1 @@
+"""Chaos suite (see tests/faults.py)."""

@@ -1,0 +1,285 @@
+"""Shared helpers of the chaos, fuzz and security suites: a whole local mesh, typed stubs as any identity,
+raw calls with hand-made bytes, and the error details (google.rpc ErrorInfo / BadRequest) of a refusal.
+
+The mesh is the one ``juki up`` runs (one process per service, the embedded PostgreSQL, the mesh's own CA),
+seeded with a small synthetic population.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from juki import domain
+from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
+from juki._gen.juki.common.v1 import common_pb2
+from juki._gen.juki.municipal.v1 import municipal_pb2
+from juki.mesh.operator import sign_operator_proof
+from juki.mesh.settings import TlsFiles, schema_name
+from juki.mesh.supervisor import MeshLayout, Supervisor
+from juki.mesh.tls import secure_channel
+
+PENSION = "B1-PENSION-BENEFIT"
+NAKANO = "131148"
+YOKOHAMA = "141003"
+RECORD_CHANGE = "/juki.municipal.v1.MunicipalService/RecordChange"
+
+
+@dataclass
+class Mesh:
+    """A running local mesh and the clients a test needs."""
+
+    supervisor: Supervisor
+    channels: dict[tuple[str, str, str], grpc.aio.Channel] = field(default_factory=dict)
+
+    @property
+    def ca(self) -> Any:
+        assert self.supervisor.ca is not None
+        return self.supervisor.ca
+
+    @property
+    def admin_url(self) -> str:
+        return self.supervisor.admin_url
+
+    def tls(self, kind: str, name: str) -> TlsFiles:
+        cert, key = self.ca.paths(kind, name)
+        if not cert.is_file():
+            self.ca.issue(kind, name)
+        return TlsFiles(ca=self.ca.ca_cert_path, cert=cert, key=key, crl=self.ca.crl_path)
+
+    def address(self, instance: str) -> str:
+        return self.supervisor.address(instance)
+
+    def channel(self, instance: str, kind: str, name: str) -> grpc.aio.Channel:
+        """A cached mTLS channel to ``instance`` as ``kind/name``."""
+        key = (instance, kind, name)
+        if key not in self.channels:
+            self.channels[key] = secure_channel(self.address(instance), self.tls(kind, name))
+        return self.channels[key]
+
+    def fresh_channel(self, instance: str, kind: str, name: str) -> grpc.aio.Channel:
+        return secure_channel(self.address(instance), self.tls(kind, name))
+
+    def sign(self, request: Any, method: str, field_name: str = "operator_proof",
+             operator: str = "demo-operator") -> common_pb2.OperatorProof:
+        cert, key = self.tls("operator", operator).cert, self.tls("operator", operator).key
+        return sign_operator_proof(request, method, cert_pem=cert.read_bytes(), key_pem=key.read_bytes(),
+                                   password="demo-password", proof_field=field_name)
+
+    async def admin(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.admin_url)
+
+    async def close_channels(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+        self.channels.clear()
+
+
+@contextlib.asynccontextmanager
+async def local_mesh(population: int = 80, *, prefix: str = "juki-faults-", seed: int = 8,
+                     extra_env: dict[str, str] | None = None) -> AsyncIterator[Mesh]:
+    """Start a seeded local mesh (two prefectures, 中野区 and 横浜市) in a temporary data directory."""
+    from juki.cli.seed import seed_population
+
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    supervisor = Supervisor(data_dir, MeshLayout(), extra_env=extra_env or {})
+    mesh = Mesh(supervisor)
+    try:
+        await supervisor.prepare()
+        await supervisor.start()
+        await seed_population(supervisor, population, seed, echo=lambda line: None)
+        await _until_national(mesh, population)
+        yield mesh
+    finally:
+        await mesh.close_channels()
+        await supervisor.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def _until_national(mesh: Mesh, population: int, timeout: float = 120) -> None:
+    """Wait until the prefectures have relayed the seeded registers to the national store."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = await mesh.admin()
+        try:
+            held = int(await conn.fetchval("SELECT count(*) FROM intake_national.residents"))
+            registered = 0
+            for m in mesh.supervisor.layout.municipalities:
+                registered += int(await conn.fetchval(
+                    f'SELECT count(*) FROM "{schema_name("municipal-" + m)}".residents'))
+        finally:
+            await conn.close()
+        if held >= registered > 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the national store holds {held} of {registered} seeded residents")
+        await asyncio.sleep(0.25)
+
+
+# -- error details ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Refusal:
+    code: grpc.StatusCode
+    reason: str  # ErrorInfo.reason ("" when the status carries none)
+    fields: tuple[str, ...]  # BadRequest field violations
+    message: str
+
+
+def refusal(error: grpc.aio.AioRpcError) -> Refusal:
+    reason = ""
+    fields: list[str] = []
+    for key, value in error.trailing_metadata() or ():
+        if key != "grpc-status-details-bin":
+            continue
+        status = status_pb2.Status.FromString(value if isinstance(value, bytes) else value.encode())
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                fields += [v.field for v in bad.field_violations]
+    return Refusal(error.code(), reason, tuple(fields), error.details() or "")
+
+
+async def call_raw(channel: grpc.aio.Channel, method: str, payload: bytes, *, client_stream: bool = False,
+                   server_stream: bool = False, timeout: float = 30) -> tuple[grpc.StatusCode, Refusal | None]:
+    """Send ``payload`` (raw bytes, whatever they are) to ``method``; the final status and its details."""
+    try:
+        if client_stream:
+            async def one() -> AsyncIterator[bytes]:
+                yield payload
+
+            if server_stream:
+                call = channel.stream_stream(method)(one(), timeout=timeout)
+                async for _ in call:
+                    pass
+            else:
+                await channel.stream_unary(method)(one(), timeout=timeout)
+        elif server_stream:
+            async for _ in channel.unary_stream(method)(payload, timeout=timeout):
+                break
+        else:
+            await channel.unary_unary(method)(payload, timeout=timeout)
+    except grpc.aio.AioRpcError as error:
+        return error.code(), refusal(error)
+    return grpc.StatusCode.OK, None
+
+
+async def serving(channel: grpc.aio.Channel, timeout: float = 20) -> bool:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+# -- data ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resident:
+    code: str
+    family_name: str
+    given_name: str
+    municipality_code: str
+
+
+async def national_residents(mesh: Mesh, limit: int, municipality: str | None = None) -> list[Resident]:
+    """Current residents of the national store (seeded ones), ordered by code."""
+    conn = await mesh.admin()
+    try:
+        rows = await conn.fetch(
+            "SELECT resident_code, family_name, given_name, municipality_code FROM intake_national.residents "
+            "WHERE status = 1 AND ($2::text IS NULL OR municipality_code = $2) ORDER BY resident_code LIMIT $1",
+            limit, municipality,
+        )
+    finally:
+        await conn.close()
+    return [Resident(r["resident_code"], r["family_name"], r["given_name"], r["municipality_code"]) for r in rows]
+
+
+async def register_entries(mesh: Mesh, municipality: str, limit: int) -> list[municipal_pb2.ResidentEntry]:
+    """Adults' 住民票 of a municipality's register, as its CS keeps them."""
+    conn = await mesh.admin()
+    try:
+        rows = await conn.fetch(
+            f'SELECT entry FROM "{schema_name("municipal-" + municipality)}".residents '
+            "WHERE relationship IN ('世帯主', '妻', '夫') AND status = 1 ORDER BY resident_code LIMIT $1", limit,
+        )
+    finally:
+        await conn.close()
+    return [municipal_pb2.ResidentEntry.FromString(bytes(r["entry"])) for r in rows]
+
+
+def pdate(day: dt.date) -> common_pb2.Date:
+    return common_pb2.Date(year=day.year, month=day.month, day=day.day)
+
+
+def birth(parent: municipal_pb2.ResidentEntry, rng: random.Random, today: dt.date,
+          given_name: str = "未来") -> municipal_pb2.RecordChangeRequest:
+    """A 出生 at the parent's address, in the parent's household (unsigned)."""
+    born = today - dt.timedelta(days=rng.randint(1, 10))
+    entry = municipal_pb2.ResidentEntry(
+        resident_code=domain.generate_resident_code(rng),
+        name=common_pb2.PersonName(family_name=parent.name.family_name, given_name=given_name,
+                                   family_name_kana=parent.name.family_name_kana, given_name_kana="ミライ"),
+        birth_date=pdate(born), sex=common_pb2.SEX_FEMALE, address=parent.address,
+        resident_kind=common_pb2.RESIDENT_KIND_JAPANESE, household_id=parent.household_id,
+        household_head=parent.household_head, relationship="子", registered_domicile=parent.registered_domicile,
+        head_of_family_register=parent.head_of_family_register,
+    )
+    return municipal_pb2.RecordChangeRequest(
+        change_kind=common_pb2.CHANGE_KIND_BIRTH, entry=entry, occurred_on=pdate(born), notified_on=pdate(today),
+    )
+
+
+# -- the access log ------------------------------------------------------------------------------------
+
+async def provisions(mesh: Mesh, resident_code: str, *, include_refused: bool = False,
+                     ) -> list[accesslog_pb2.LoggedProvision]:
+    """Every access-log record of ``resident_code`` (read as the disclosure service may)."""
+    stub = accesslog_pb2_grpc.AccessLogServiceStub(mesh.channel("accesslog", "service", "disclosure"))
+    found: list[accesslog_pb2.LoggedProvision] = []
+    token = ""
+    while True:
+        reply = await stub.ListProvisions(accesslog_pb2.ListProvisionsRequest(
+            resident_code=resident_code, page_size=500, page_token=token, include_refused=include_refused,
+        ), timeout=60)
+        found += reply.provisions
+        token = reply.next_page_token
+        if not token:
+            return found
+
+
+async def verify_log(mesh: Mesh) -> accesslog_pb2.VerifyLogResponse:
+    stub = accesslog_pb2_grpc.AccessLogServiceStub(mesh.channel("accesslog", "operator", "demo-operator"))
+    reply: accesslog_pb2.VerifyLogResponse = await stub.VerifyLog(accesslog_pb2.VerifyLogRequest(), timeout=120)
+    return reply
+
+
+async def refused_records(mesh: Mesh) -> list[accesslog_pb2.ProvisionRecord]:
+    """Every REFUSED record of the access log (read as the administrator: the payload is the record)."""
+    conn = await mesh.admin()
+    try:
+        rows = await conn.fetch("SELECT payload FROM accesslog.records WHERE outcome = $1 ORDER BY sequence",
+                                accesslog_pb2.PROVISION_OUTCOME_REFUSED)
+    finally:
+        await conn.close()
+    out = []
+    for row in rows:
+        with contextlib.suppress(Exception):
+            out.append(accesslog_pb2.ProvisionRecord.FromString(bytes(row["payload"])))
+    return out
