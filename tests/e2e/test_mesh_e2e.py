@@ -21,7 +21,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 pytestmark = pytest.mark.e2e
 
@@ -79,7 +79,8 @@ async def test_one_trace_spans_agency_client_lookup_and_access_log(mesh: Supervi
     endpoints = read_endpoints(mesh.data_dir)
     agency = endpoints["clients"]["agency"]
     provider = TracerProvider(resource=Resource.create({"service.name": "juki-test-agency"}))
-    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=trace_sink.endpoint, insecure=True)))
+    # A batch processor exports from its own thread: the collector answers on this test's event loop.
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=trace_sink.endpoint, insecure=True)))
     tls = TlsFiles(ca=Path(endpoints["ca"]), cert=Path(agency["cert"]), key=Path(agency["key"]))
     code = await _some_resident(mesh)
     async with secure_channel(
@@ -88,7 +89,12 @@ async def test_one_trace_spans_agency_client_lookup_and_access_log(mesh: Supervi
         stub = lookup_pb2_grpc.LookupServiceStub(channel)
         reply = await stub.LookupByCode(lookup_pb2.LookupByCodeRequest(purpose="B1-PENSION-BENEFIT", resident_code=code))
     assert reply.record.resident_code == code
-    provider.shutdown()
+    await asyncio.to_thread(provider.shutdown)
+
+    def client_span(spans: list[Any]) -> bool:
+        return any(s.service == "juki-test-agency" and s.name.endswith("/LookupByCode") for s in spans)
+
+    await trace_sink.wait_for(client_span, timeout=20)
     client_trace = next(
         s.trace_id for s in trace_sink.spans if s.service == "juki-test-agency" and s.name.endswith("/LookupByCode")
     )

@@ -13,6 +13,8 @@ from typing import Any
 import asyncpg
 import grpc
 from google.protobuf import timestamp_pb2
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
 from juki._gen.juki.common.v1 import common_pb2
@@ -104,6 +106,10 @@ def checkpoint_message(cp: chain.StoredCheckpoint | None) -> accesslog_pb2.Check
     )
 
 
+_TRACER = trace.get_tracer("juki.accesslog")
+_TRACE_FORMAT = TraceContextTextMapPropagator()
+
+
 def _collect(task: asyncio.Task[tuple[int, int]]) -> None:
     if not task.cancelled():
         task.exception()
@@ -139,10 +145,21 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         ack = await self._writer.append(prepared, batch_id)
         return ack.first_sequence, ack.count
 
+    async def _append_traced(self, records: Any, batch_id: str, traceparent: str) -> tuple[int, int]:
+        """:meth:`_append` inside a span that continues the trace of the request that opened the batch."""
+        parent = _TRACE_FORMAT.extract({"traceparent": traceparent}) if traceparent else None
+        with _TRACER.start_as_current_span(
+            "accesslog.append_batch", context=parent, attributes={"juki.batch.records": len(records)}
+        ):
+            return await self._append(records, batch_id, "records")
+
     async def Append(
         self, request: accesslog_pb2.AppendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> accesslog_pb2.AppendResponse:
-        first, count = await self._append(request.records, request.batch_id, "records")
+        if request.traceparent:
+            first, count = await self._append_traced(request.records, request.batch_id, request.traceparent)
+        else:
+            first, count = await self._append(request.records, request.batch_id, "records")
         return accesslog_pb2.AppendResponse(first_sequence=first, count=count)
 
     async def AppendStream(
@@ -159,7 +176,9 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             try:
                 async for request in request_iterator:
                     await window.acquire()
-                    task = asyncio.create_task(self._append(request.records, request.batch_id, "records"))
+                    task = asyncio.create_task(
+                        self._append_traced(request.records, request.batch_id, request.traceparent)
+                    )
                     acks.put_nowait((request.batch_id, task))
             finally:
                 acks.put_nowait(None)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import trace
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki.mesh.errors import JukiError, Reason
@@ -62,7 +63,7 @@ def encode_records(records: Sequence[accesslog_pb2.ProvisionRecord]) -> list[byt
     return [record.SerializeToString() for record in records]
 
 
-def _append_stream_request(batch_id: str, records: Sequence[bytes]) -> bytes:
+def _append_stream_request(batch_id: str, records: Sequence[bytes], traceparent: str = "") -> bytes:
     """An ``AppendStreamRequest`` (batch_id = 1, records = 2) written directly from serialised records.
 
     Records are built from per-call templates as bytes (see ``service.Authorised``), so a batch of
@@ -74,6 +75,9 @@ def _append_stream_request(batch_id: str, records: Sequence[bytes]) -> bytes:
         parts.append(b"\x12")
         parts.append(encode_varint(len(record)))
         parts.append(record)
+    if traceparent:  # field 3: the trace the log's work on this batch continues
+        context = traceparent.encode()
+        parts += [b"\x1a", encode_varint(len(context)), context]
     return b"".join(parts)
 
 
@@ -85,6 +89,15 @@ def _passthrough(request: bytes) -> bytes:
 class _Pending:
     records: Sequence[bytes]
     future: asyncio.Future[None]
+    traceparent: str = ""
+
+
+def _current_traceparent() -> str:
+    """The W3C traceparent of the caller's span, carried to the access log with the batch."""
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return ""
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
 
 @dataclass
@@ -143,7 +156,7 @@ class ProvisionLog:
             raise JukiError(Reason.ACCESS_LOG_UNAVAILABLE, "the lookup service is stopping")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._queue.append(_Pending(records, future))
+        self._queue.append(_Pending(records, future, _current_traceparent()))
         self._queued_records += len(records)
         self._wakeup.set()
         if self._task is None or self._task.done():
@@ -203,11 +216,13 @@ class ProvisionLog:
                 batch = self._take_batch()
                 if not batch.waiters:
                     continue
+                traceparent = batch.waiters[0].traceparent
                 if len(batch.waiters) == 1:
-                    request = _append_stream_request(batch.batch_id, batch.waiters[0].records)
+                    request = _append_stream_request(batch.batch_id, batch.waiters[0].records, traceparent)
                 else:
                     request = _append_stream_request(
-                        batch.batch_id, [record for pending in batch.waiters for record in pending.records]
+                        batch.batch_id, [record for pending in batch.waiters for record in pending.records],
+                        traceparent,
                     )
                 batch.sent_at = loop.time()
                 in_flight.append(batch)

@@ -173,8 +173,13 @@ class AppendRequest(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """Sender-chosen idempotency key of the batch (e.g. a UUID); empty to skip deduplication."""
+    traceparent: _builtins.str
+    """W3C traceparent of the request whose records opened this batch: the log's work on a group-committed
+    batch continues that request's trace (the other requests' trace ids are in their records).
+    """
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProvisionRecord]:
         """Records, in order."""
@@ -184,10 +189,11 @@ class AppendRequest(_message.Message):
         *,
         batch_id: _builtins.str = ...,
         records: _abc.Iterable[Global___ProvisionRecord] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "records", b"records", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -227,8 +233,13 @@ class AppendStreamRequest(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """Sender-chosen id of the batch, echoed in its acknowledgement; also the idempotency key."""
+    traceparent: _builtins.str
+    """W3C traceparent of the request whose records opened this batch (a long-lived stream carries no
+    per-message metadata, so the trace context travels here).
+    """
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProvisionRecord]:
         """Records, in order."""
@@ -238,10 +249,11 @@ class AppendStreamRequest(_message.Message):
         *,
         batch_id: _builtins.str = ...,
         records: _abc.Iterable[Global___ProvisionRecord] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "records", b"records", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
