@@ -1,0 +1,87 @@
+"""Entry point of the notification intake (``juki serve intake --tier prefecture|national``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+
+from juki._gen.juki.intake.v1 import intake_pb2_grpc
+from juki.intake.relay import Relay
+from juki.intake.service import IntakeServicer
+from juki.intake.store import Store
+from juki.mesh import db
+from juki.mesh.errors import SettingsError
+from juki.mesh.operator import OperatorVerifier
+from juki.mesh.server import ServiceBinding
+from juki.mesh.settings import ServiceSettings
+
+SERVICE_NAME = "juki.intake.v1.IntakeService"
+_PREFIX = f"/{SERVICE_NAME}/"
+_READERS = frozenset({"service", "operator"})
+
+
+def access(tier: str) -> dict[str, frozenset[str]]:
+    """Who may call what: deny by default, every method listed.
+
+    Finer checks (a municipality only for itself, a prefecture only for its municipalities) are made
+    in the servicer, where the request is known.
+    """
+    senders = frozenset({"municipality", "operator"}) if tier == "prefecture" else frozenset({"prefecture", "operator"})
+    methods = {
+        "SubmitNotifications": senders,
+        "StreamNotifications": senders,
+        "BulkLoad": senders,
+        "GetSequenceState": frozenset({"municipality", "prefecture", "operator"}),
+        "SetConnectionState": frozenset({"operator"}) if tier == "prefecture" else frozenset({"operator", "prefecture"}),
+        "GetIntakeStatus": frozenset({"operator", "prefecture", "municipality"}),
+        "GetResident": _READERS,
+        "ListResidentHistory": _READERS,
+    }
+    return {_PREFIX + name: allowed for name, allowed in methods.items()}
+
+
+class IntakeApp:
+    """One intake node; at the prefecture tier it also runs the relay to the national intake."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        if settings.tier not in ("prefecture", "national"):
+            raise SettingsError("intake needs tier prefecture or national")
+        if settings.tier == "prefecture" and not settings.prefecture:
+            raise SettingsError("a prefecture intake needs its prefecture code")
+        self.settings = settings
+        self.pool: asyncpg.Pool | None = None
+        self.relay: Relay | None = None
+        self.servicer: IntakeServicer | None = None
+
+    async def start(self) -> Sequence[ServiceBinding]:
+        settings = self.settings
+        self.pool = await db.create_pool(settings.database, settings.instance)
+        prefecture = settings.tier == "prefecture"
+        store = Store(self.pool, relay=prefecture)
+        if prefecture:
+            target = settings.peers.require("national_intake")
+            self.relay = Relay(store, target, settings.tls)
+            self.relay.start()
+        self.servicer = IntakeServicer(
+            settings, store, OperatorVerifier(settings.tls, self.pool),
+            on_accepted=self.relay.wake if self.relay else None,
+        )
+        return [
+            ServiceBinding(
+                name=SERVICE_NAME,
+                add_to_server=intake_pb2_grpc.add_IntakeServiceServicer_to_server,
+                servicer=self.servicer,
+                access=access(settings.tier or "national"),
+            )
+        ]
+
+    async def stop(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+def create(settings: ServiceSettings) -> IntakeApp:
+    return IntakeApp(settings)

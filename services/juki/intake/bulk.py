@@ -1,0 +1,211 @@
+"""BulkLoad: a municipality's whole register as identity records (initial load or re-sync).
+
+Each batch is one transaction: records equal to the stored row are counted unchanged, others are
+upserted with a new version, a history row and a change-feed row. A prefecture applies the load to its
+own copy and then passes the same batches on to the national intake before answering, so an answered
+load is durable at both tiers; a repeated load id is answered from the first load's summary.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from juki import domain
+from juki._gen.juki.common.v1 import common_pb2
+from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
+from juki.intake import convert
+from juki.mesh.errors import JukiError, Reason, invalid
+from juki.mesh.tls import require_peer, secure_channel
+
+if TYPE_CHECKING:
+    from juki.intake.service import IntakeServicer
+
+MAX_REJECTIONS = 100
+_COMPARED = ("resident_kind", "family_name", "given_name", "family_name_kana", "given_name_kana", "alphabetic_name",
+             "common_name", "former_family_name", "birth_year", "birth_month", "birth_day", "sex",
+             "municipality_code", "street", "status")
+
+
+def _violations(record: common_pb2.IdentityRecord, municipality_code: str) -> list[common_pb2.FieldViolation]:
+    found: list[common_pb2.FieldViolation] = []
+
+    def add(field: str, description: str, reason: int = common_pb2.ERROR_REASON_INVALID_FIELD) -> None:
+        found.append(common_pb2.FieldViolation(field=field, description=description, reason=reason))  # type: ignore[arg-type]
+
+    code = record.resident_code
+    if not (len(code) == 11 and code.isdigit()):
+        add("resident_code", "must be 11 digits")
+    elif not domain.is_valid_resident_code(code):
+        add("resident_code", "fails the check digit", common_pb2.ERROR_REASON_CHECK_DIGIT_MISMATCH)
+    if record.address.municipality_code != municipality_code:
+        add("address.municipality_code", f"must be the loaded municipality {municipality_code}")
+    if record.resident_kind not in (common_pb2.RESIDENT_KIND_JAPANESE, common_pb2.RESIDENT_KIND_FOREIGN):
+        add("resident_kind", "must be JAPANESE or FOREIGN")
+    if record.sex not in (common_pb2.SEX_MALE, common_pb2.SEX_FEMALE):
+        add("sex", "must be SEX_MALE or SEX_FEMALE")
+    if not record.name.family_name:
+        add("name.family_name", "must not be empty")
+    if not 1800 <= record.birth_date.year <= 9999:
+        add("birth_date.year", "must be a known year")
+    if record.status == common_pb2.RESIDENT_STATUS_UNSPECIFIED or record.status not in common_pb2.ResidentStatus.values():
+        add("status", "must be a known ResidentStatus")
+    try:
+        domain.normalise_name(record.name.family_name)
+        domain.normalise_street(record.address.street)
+    except domain.InvalidText as exc:
+        add("name", f"not storable text: {exc}")
+    return found
+
+
+def _date(value: common_pb2.Date) -> dt.date | None:
+    try:
+        return dt.date(value.year, value.month, value.day) if value.year and value.month and value.day else None
+    except ValueError:
+        return None
+
+
+def _row(record: common_pb2.IdentityRecord, version: int) -> tuple[Any, ...]:
+    name = record.name
+    place = domain.municipality(record.address.municipality_code)
+    return (
+        record.resident_code, record.resident_kind, name.family_name, name.given_name, name.family_name_kana,
+        name.given_name_kana, name.alphabetic_name, name.common_name, name.former_family_name,
+        record.birth_date.year, record.birth_date.month, record.birth_date.day, record.sex,
+        record.address.municipality_code, place.prefecture_name if place else record.address.prefecture,
+        place.city_name if place else record.address.municipality, record.address.street, record.status,
+        record.last_change_kind or common_pb2.CHANGE_KIND_EX_OFFICIO_ENTRY, _date(record.last_changed_on),
+        _date(record.last_notified_on), None, record.successor_code or None, None, version,
+        domain.match_key(name.family_name + name.given_name), domain.address_key(record.address.street),
+    )
+
+
+async def bulk_load(
+    servicer: IntakeServicer, requests: AsyncIterator[intake_pb2.BulkLoadRequest]
+) -> intake_pb2.BulkLoadResponse:
+    peer = require_peer()
+    store = servicer.store
+    summary = intake_pb2.BulkLoadResponse()
+    forwarded: list[intake_pb2.BulkLoadRequest] = []
+    through = 0
+    replay = False
+    async for request in requests:
+        if not summary.load_id:
+            if not request.load_id or len(request.load_id) > 128:
+                raise invalid("load_id", "1..128 characters, the same on every batch")
+            if not domain.is_municipality(request.municipality_code):
+                raise invalid("municipality_code", "must be a listed municipality", Reason.UNKNOWN_MUNICIPALITY)
+            servicer._check_sender(peer, {request.municipality_code})
+            if not servicer.national and request.municipality_code[:2] != servicer.settings.prefecture:
+                raise invalid("municipality_code", "not a municipality of this prefecture")
+            summary.load_id, summary.municipality_code = request.load_id, request.municipality_code
+            done = await store.pool.fetchrow("SELECT * FROM bulk_loads WHERE load_id = $1", request.load_id)
+            replay = done is not None
+        elif request.load_id != summary.load_id or request.municipality_code != summary.municipality_code:
+            raise invalid("load_id", "every batch of a load carries the same load_id and municipality_code")
+        through = max(through, request.through_sequence)
+        summary.records_received += len(request.records)
+        if replay:
+            summary.records_unchanged += len(request.records)
+            continue
+        if not servicer.national:
+            forwarded.append(request)
+        await _apply_batch(servicer, request, summary)
+    if not summary.load_id:
+        raise invalid("load_id", "a load needs at least one batch")
+    if replay:
+        return summary
+    if forwarded and servicer.settings.peers.national_intake:
+        await _forward(servicer, forwarded)
+    async with store.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO municipalities AS m (municipality_code, loaded_through) VALUES ($1, $2)"
+            " ON CONFLICT (municipality_code) DO UPDATE SET loaded_through = GREATEST(m.loaded_through, $2),"
+            " as_of = CASE WHEN m.connected THEN now() ELSE m.as_of END",
+            summary.municipality_code, through,
+        )
+        await conn.execute(
+            "INSERT INTO bulk_loads (load_id, municipality_code, through_sequence, records_applied)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT (load_id) DO NOTHING",
+            summary.load_id, summary.municipality_code, through, summary.records_applied,
+        )
+    return summary
+
+
+async def _apply_batch(
+    servicer: IntakeServicer, request: intake_pb2.BulkLoadRequest, summary: intake_pb2.BulkLoadResponse
+) -> None:
+    valid: dict[str, common_pb2.IdentityRecord] = {}
+    for record in request.records:
+        found = _violations(record, request.municipality_code)
+        if found:
+            summary.records_rejected += 1
+            if len(summary.rejections) < MAX_REJECTIONS:
+                summary.rejections.append(intake_pb2.BulkLoadRejection(resident_code=record.resident_code,
+                                                                       violations=found))
+            continue
+        valid[record.resident_code] = record
+    if not valid:
+        return
+    async with servicer.store.pool.acquire() as conn, conn.transaction():
+        now: dt.datetime = await conn.fetchval("SELECT now()")
+        existing = {
+            r["resident_code"]: r
+            for r in await conn.fetch(
+                f"SELECT resident_code, version, {', '.join(_COMPARED)} FROM residents"
+                " WHERE resident_code = ANY($1::text[]) FOR UPDATE",
+                list(valid),
+            )
+        }
+        upserts: list[tuple[Any, ...]] = []
+        versions: list[tuple[Any, ...]] = []
+        changes: list[tuple[Any, ...]] = []
+        for code, record in valid.items():
+            old = existing.get(code)
+            row = _row(record, (old["version"] + 1) if old else 1)
+            if old is not None:
+                fresh = dict(zip(convert.RESIDENT_COLUMNS, row, strict=True))
+                if all(fresh[c] == old[c] for c in _COMPARED):
+                    summary.records_unchanged += 1
+                    continue
+            summary.records_applied += 1
+            upserts.append((*row, now))
+            stored = convert.record_from_row(dict(zip(convert.RESIDENT_COLUMNS, row, strict=True)))
+            versions.append((code, row[24], None, row[18], row[19], row[20],
+                             stored.SerializeToString(deterministic=True), now))
+            changes.append((code, row[18], row[19], now))
+        if upserts:
+            from juki.intake.store import _UPSERT_RESIDENT
+
+            await conn.executemany(_UPSERT_RESIDENT, upserts)
+            await conn.copy_records_to_table(
+                "resident_versions",
+                columns=("resident_code", "version", "notification_id", "change_kind", "occurred_on",
+                         "notified_on", "record", "recorded_at"),
+                records=versions,
+            )
+            await conn.copy_records_to_table(
+                "resident_changes", columns=("resident_code", "change_kind", "occurred_on", "recorded_at"),
+                records=changes,
+            )
+
+
+async def _forward(servicer: IntakeServicer, requests: list[intake_pb2.BulkLoadRequest]) -> None:
+    target = servicer.settings.peers.national_intake
+    assert target is not None
+
+    async def batches() -> AsyncIterator[intake_pb2.BulkLoadRequest]:
+        for request in requests:
+            yield request
+
+    try:
+        async with secure_channel(target, servicer.settings.tls) as channel:
+            await intake_pb2_grpc.IntakeServiceStub(channel).BulkLoad(batches(), timeout=600)
+    except grpc.aio.AioRpcError as exc:
+        raise JukiError(Reason.DEPENDENCY_UNAVAILABLE,
+                        f"loaded here, but the national intake did not take the load: {exc.details()}; "
+                        "send it again (a repeated load changes nothing here)",
+                        retry_after_seconds=5) from exc

@@ -1,0 +1,104 @@
+"""Prefecture -> national relay: streams the outbox upward and deletes rows once acknowledged.
+
+At-least-once: a row leaves the outbox only after the national intake acknowledged it (accepted,
+duplicate, or — logged — rejected); the national apply is idempotent by notification id, so a row
+sent twice after a crash is applied once. Several batches are in flight on one stream (pipelining);
+the national tier answers them in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+
+import asyncpg
+import grpc
+
+from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
+from juki.intake.store import Store
+from juki.mesh.settings import TlsFiles
+from juki.mesh.tls import secure_channel
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 2000
+IN_FLIGHT = 4
+
+
+class Relay:
+    """Background task of a prefecture intake."""
+
+    def __init__(self, store: Store, target: str, tls: TlsFiles) -> None:
+        self._store = store
+        self._target = target
+        self._tls = tls
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="intake-relay")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._task, timeout=5)
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while not self._stopping:
+            try:
+                async with secure_channel(self._target, self._tls) as channel:
+                    await self._pump(intake_pb2_grpc.IntakeServiceStub(channel))
+                delay = 0.2
+            except (grpc.aio.AioRpcError, asyncpg.PostgresError, OSError, ConnectionError) as exc:
+                log.warning("relay to %s interrupted: %s; retrying in %.1f s", self._target,
+                            exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _pump(self, stub: intake_pb2_grpc.IntakeServiceStub) -> None:
+        """Stream outbox batches, up to IN_FLIGHT unanswered; unanswered ones are resent on reconnect."""
+        call = stub.StreamNotifications()
+        pending: dict[int, list[tuple[int, dt.datetime]]] = {}
+        after = 0
+        batch_id = 0
+        try:
+            while not self._stopping:
+                while len(pending) < IN_FLIGHT:
+                    self._wake.clear()
+                    rows = await self._store.outbox_batch(BATCH_SIZE, after)
+                    if not rows:
+                        break
+                    after = rows[-1]["outbox_id"]
+                    batch_id += 1
+                    pending[batch_id] = [(r["outbox_id"], r["enqueued_at"]) for r in rows]
+                    await call.write(intake_pb2.StreamNotificationsRequest(
+                        batch_id=batch_id,
+                        notifications=[intake_pb2.Notification.FromString(bytes(r["payload"])) for r in rows],
+                    ))
+                if not pending:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                    continue
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise ConnectionError("the national intake closed the relay stream")
+                sent = pending.pop(response.batch_id, [])
+                now = dt.datetime.now(dt.UTC)
+                for result in response.results:
+                    if result.outcome == intake_pb2.NOTIFICATION_OUTCOME_REJECTED:
+                        log.error("national intake rejected relayed notification %s: %s", result.notification_id,
+                                  "; ".join(f"{v.field}: {v.description}" for v in result.violations))
+                lags = [(now - enqueued).total_seconds() * 1000 for _, enqueued in sent]
+                await self._store.outbox_acknowledged([outbox_id for outbox_id, _ in sent], lags)
+        finally:
+            call.cancel()

@@ -1,0 +1,324 @@
+"""The IntakeService servicer: proto <-> domain, authorisation by tier, and hand-off to the store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import asyncpg
+import grpc
+
+from juki import domain
+from juki._gen.juki.common.v1 import common_pb2
+from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
+from juki.intake import convert
+from juki.intake.store import Item, Outcome, Store
+from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid
+from juki.mesh.operator import OperatorVerifier
+from juki.mesh.settings import ServiceSettings, TlsFiles
+from juki.mesh.tls import Peer, require_peer, secure_channel
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 10_000
+HISTORY_PAGE = 100
+MAX_HISTORY_PAGE = 1000
+SET_CONNECTION_METHOD = "/juki.intake.v1.IntakeService/SetConnectionState"
+_FIELD_REASONS = {"INVALID_FIELD", "CHECK_DIGIT_MISMATCH", "UNKNOWN_MUNICIPALITY", "DUPLICATE_NOTIFICATION_CONFLICT"}
+
+
+def _proto_violation(violation: FieldViolation) -> common_pb2.FieldViolation:
+    reason = violation.reason if violation.reason in common_pb2.ErrorReason.keys() else (
+        "ERROR_REASON_" + violation.reason
+    )
+    if reason not in common_pb2.ErrorReason.keys():
+        reason = "ERROR_REASON_INVALID_FIELD"
+    return common_pb2.FieldViolation(
+        field=violation.field, description=violation.description, reason=common_pb2.ErrorReason.Value(reason)
+    )
+
+
+class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
+    """One intake node: ``tier`` is "prefecture" (with ``prefecture``) or "national"."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        store: Store,
+        verifier: OperatorVerifier,
+        *,
+        on_accepted: Any = None,
+    ) -> None:
+        self._settings = settings
+        self._tier = settings.tier or "national"
+        self._prefecture = settings.prefecture or ""
+        self._store = store
+        self._verifier = verifier
+        self._clock = domain.parse_clock(settings.clock)
+        self._on_accepted = on_accepted
+
+    @property
+    def national(self) -> bool:
+        return self._tier == "national"
+
+    # -- authorisation helpers ----------------------------------------------------------------------
+
+    def _check_sender(self, peer: Peer, codes: set[str]) -> None:
+        """A municipality sends only its own notifications; a prefecture only its municipalities'."""
+        if peer.kind == "municipality":
+            if not self.national and peer.name[:2] != self._prefecture:
+                raise JukiError(Reason.PEER_NOT_AUTHORISED,
+                                f"{peer.spiffe_id} is not a municipality of prefecture {self._prefecture}")
+            foreign = sorted(c for c in codes if c != peer.name)
+            if foreign:
+                raise JukiError(Reason.PEER_NOT_AUTHORISED,
+                                f"{peer.spiffe_id} may only notify for itself, not for {', '.join(foreign[:3])}")
+        elif peer.kind == "prefecture":
+            foreign = sorted(c for c in codes if c[:2] != peer.name)
+            if foreign:
+                raise JukiError(Reason.PEER_NOT_AUTHORISED,
+                                f"{peer.spiffe_id} may only relay its own municipalities, not {', '.join(foreign[:3])}")
+
+    def _check_scope(self, peer: Peer, municipality_code: str) -> None:
+        if peer.kind == "municipality" and peer.name != municipality_code:
+            raise JukiError(Reason.PEER_NOT_AUTHORISED, f"{peer.spiffe_id} may only ask about itself")
+        if peer.kind == "prefecture" and municipality_code[:2] != peer.name:
+            raise JukiError(Reason.PEER_NOT_AUTHORISED, f"{peer.spiffe_id} may only ask about its municipalities")
+
+    # -- notifications ----------------------------------------------------------------------------
+
+    def _prepare(self, index: int, message: intake_pb2.Notification) -> Item:
+        payload = message.SerializeToString(deterministic=True)
+        item = Item(message=message, payload=payload, digest=convert.content_digest(message), notification=None)
+        try:
+            parsed = convert.to_domain(message)
+        except convert.MalformedNotification as exc:
+            item.reject(*exc.violations)
+            return item
+        normal, found = domain.check_notification(parsed, self._clock.today())
+        if found:
+            item.reject(*(FieldViolation(convert.proto_field(v.field), v.description, str(v.reason)) for v in found))
+            return item
+        if not self.national and message.municipality_code[:2] != self._prefecture:
+            item.reject(FieldViolation("municipality_code",
+                                       f"{message.municipality_code} is not in prefecture {self._prefecture}"))
+            return item
+        item.notification = normal
+        return item
+
+    async def _process(self, messages: Sequence[intake_pb2.Notification]) -> list[intake_pb2.NotificationResult]:
+        if len(messages) > MAX_BATCH:
+            raise invalid("notifications", f"at most {MAX_BATCH} notifications per batch")
+        peer = require_peer()
+        self._check_sender(peer, {m.municipality_code for m in messages})
+        items = [self._prepare(index, message) for index, message in enumerate(messages)]
+        if not self.national and peer.kind == "municipality":
+            states = await self._store.is_connected({m.municipality_code for m in messages})
+            cut = sorted(code for code, connected in states.items() if not connected)
+            if cut:
+                raise JukiError(Reason.MUNICIPALITY_DISCONNECTED,
+                                f"municipality {', '.join(cut)} is disconnected; keep notifications queued",
+                                retry_after_seconds=30)
+        try:
+            await self._store.apply(items)
+        except asyncpg.UniqueViolationError as exc:
+            raise JukiError(Reason.DEPENDENCY_UNAVAILABLE, "a concurrent batch carried the same notification; retry",
+                            retry_after_seconds=0.1) from exc
+        if self._on_accepted is not None and any(i.outcome is Outcome.ACCEPTED for i in items):
+            self._on_accepted()
+        return [self._result(item) for item in items]
+
+    @staticmethod
+    def _result(item: Item) -> intake_pb2.NotificationResult:
+        assert item.outcome is not None
+        result = intake_pb2.NotificationResult(
+            notification_id=item.notification_id, sequence=item.message.sequence, outcome=item.outcome.value,
+            violations=[_proto_violation(v) for v in item.violations],
+        )
+        if item.acknowledged_at is not None and item.outcome is not Outcome.REJECTED:
+            result.acknowledged_at.CopyFrom(convert.timestamp(item.acknowledged_at))
+        return result
+
+    async def SubmitNotifications(
+        self, request: intake_pb2.SubmitNotificationsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> intake_pb2.SubmitNotificationsResponse:
+        return intake_pb2.SubmitNotificationsResponse(results=await self._process(request.notifications))
+
+    async def StreamNotifications(
+        self,
+        request_iterator: AsyncIterator[intake_pb2.StreamNotificationsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[intake_pb2.StreamNotificationsResponse]:
+        # Batches are applied one after another so that the answers come back in order; the next
+        # batch is read from the wire while this one is committing.
+        async for request in request_iterator:
+            results = await self._process(request.notifications)
+            yield intake_pb2.StreamNotificationsResponse(batch_id=request.batch_id, results=results)
+
+    async def GetSequenceState(
+        self, request: intake_pb2.GetSequenceStateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> intake_pb2.GetSequenceStateResponse:
+        code = request.municipality_code
+        if not domain.is_valid_local_government_code(code):
+            raise invalid("municipality_code", "must be a 6-digit local-government code with its check digit",
+                          Reason.CHECK_DIGIT_MISMATCH if len(code) == 6 and code.isdigit() else Reason.INVALID_FIELD)
+        self._check_scope(require_peer(), code)
+        state = await self._store.sequence_state(code)
+        return intake_pb2.GetSequenceStateResponse(
+            municipality_code=code,
+            last_acknowledged_sequence=state.last_acknowledged,
+            highest_received_sequence=state.highest_received,
+            missing_ranges=[intake_pb2.SequenceRange(first=a, last=b) for a, b in state.missing],
+        )
+
+    # -- connection state and status ---------------------------------------------------------------
+
+    def _status(self, row: Any) -> intake_pb2.MunicipalityIntakeStatus:
+        status = intake_pb2.MunicipalityIntakeStatus(
+            municipality_code=row["municipality_code"],
+            last_sequence=row["contiguous"],
+            connected=row["connected"],
+            connection_reason=row["connection_reason"],
+            outbox_backlog=row["backlog"],
+            relay_lag_ms=row["lag_ms"] if not self.national else 0,
+        )
+        status.connection_since.CopyFrom(convert.timestamp(row["connection_changed"]))
+        if row["last_accepted_at"] is not None:
+            status.last_accepted_at.CopyFrom(convert.timestamp(row["last_accepted_at"]))
+        return status
+
+    async def SetConnectionState(
+        self, request: intake_pb2.SetConnectionStateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> intake_pb2.SetConnectionStateResponse:
+        peer = require_peer()
+        code = request.municipality_code
+        if not domain.is_municipality(code):
+            raise invalid("municipality_code", "must be a listed municipality (JIS X 0402 code)",
+                          Reason.UNKNOWN_MUNICIPALITY)
+        if len(request.reason) > 500:
+            raise invalid("reason", "at most 500 characters")
+        if peer.kind == "operator":
+            operator = await self._verifier.verify(SET_CONNECTION_METHOD, request)
+            log.info("operator %s sets %s connected=%s (%s)", operator.operator_id, code, request.connected,
+                     request.reason)
+        else:
+            # A prefecture passes on the change its own operator made (proof verified there).
+            self._check_scope(peer, code)
+        if not self.national and code[:2] != self._prefecture:
+            raise invalid("municipality_code", f"not a municipality of prefecture {self._prefecture}")
+        row = await self._store.set_connection(code, request.connected, request.reason)
+        if not self.national and self._settings.peers.national_intake:
+            await self._forward_connection(code, request.connected, request.reason)
+        return intake_pb2.SetConnectionStateResponse(status=self._status(row))
+
+    async def _forward_connection(self, code: str, connected: bool, reason: str) -> None:
+        target = self._settings.peers.national_intake
+        assert target is not None
+        try:
+            async with secure_channel(target, self._settings.tls) as channel:
+                await intake_pb2_grpc.IntakeServiceStub(channel).SetConnectionState(
+                    intake_pb2.SetConnectionStateRequest(municipality_code=code, connected=connected, reason=reason),
+                    timeout=10,
+                )
+        except grpc.aio.AioRpcError as exc:
+            raise JukiError(Reason.DEPENDENCY_UNAVAILABLE,
+                            f"recorded here, but the national intake did not take the change: {exc.details()}",
+                            retry_after_seconds=5) from exc
+
+    async def GetIntakeStatus(
+        self, request: intake_pb2.GetIntakeStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> intake_pb2.GetIntakeStatusResponse:
+        peer = require_peer()
+        codes = list(request.municipality_codes)
+        if peer.kind == "municipality":
+            codes = [peer.name]
+        elif peer.kind == "prefecture":
+            for code in codes:
+                self._check_scope(peer, code)
+        rows = await self._store.statuses(codes)
+        if peer.kind == "prefecture" and not codes:
+            rows = [r for r in rows if r["municipality_code"][:2] == peer.name]
+        backlog, lag = await self._store.outbox_totals()
+        return intake_pb2.GetIntakeStatusResponse(
+            tier=common_pb2.TIER_NATIONAL if self.national else common_pb2.TIER_PREFECTURE,
+            prefecture_code="" if self.national else self._prefecture,
+            municipalities=[self._status(r) for r in rows],
+            outbox_backlog=backlog,
+            relay_lag_ms=lag,
+        )
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resident_code(code: str, field: str = "resident_code") -> str:
+        if not (len(code) == 11 and code.isascii() and code.isdigit()):
+            raise invalid(field, "must be 11 digits")
+        if not domain.is_valid_resident_code(code):
+            raise invalid(field, "fails the check digit", Reason.CHECK_DIGIT_MISMATCH)
+        return code
+
+    async def GetResident(
+        self, request: intake_pb2.GetResidentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> intake_pb2.GetResidentResponse:
+        code = self._resident_code(request.resident_code)
+        row, followed = await self._store.resident(code)
+        if row is None:
+            raise JukiError(Reason.RESIDENT_NOT_FOUND, f"no resident has code {code}")
+        return intake_pb2.GetResidentResponse(record=convert.record_from_row(row), followed_codes=followed)
+
+    async def ListResidentHistory(
+        self, request: intake_pb2.ListResidentHistoryRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> intake_pb2.ListResidentHistoryResponse:
+        code = self._resident_code(request.resident_code)
+        if request.page_size < 0:
+            raise invalid("page_size", "must not be negative")
+        size = min(request.page_size or HISTORY_PAGE, MAX_HISTORY_PAGE)
+        start = 0
+        if request.page_token:
+            if not (request.page_token.isascii() and request.page_token.isdigit() and len(request.page_token) < 10):
+                raise invalid("page_token", "not a token returned by this service")
+            start = int(request.page_token)
+        rows = await self._store.history(code)
+        if not rows:
+            raise JukiError(Reason.RESIDENT_NOT_FOUND, f"no resident has code {code}")
+        page = rows[start : start + size]
+        versions = []
+        for row in page:
+            version = intake_pb2.ResidentVersion(
+                version=row["version"], change_kind=row["change_kind"],
+                occurred_on=convert.date_to_proto(row["occurred_on"]),
+                notified_on=convert.date_to_proto(row["notified_on"]),
+                notification_id=row["notification_id"] or "", municipality_code=row["municipality_code"] or "",
+                record=common_pb2.IdentityRecord.FromString(bytes(row["record"])),
+            )
+            version.recorded_at.CopyFrom(convert.timestamp(row["recorded_at"]))
+            versions.append(version)
+        following = start + size
+        return intake_pb2.ListResidentHistoryResponse(
+            versions=versions, next_page_token=str(following) if following < len(rows) else ""
+        )
+
+    async def BulkLoad(
+        self, request_iterator: AsyncIterator[intake_pb2.BulkLoadRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> intake_pb2.BulkLoadResponse:
+        from juki.intake.bulk import bulk_load
+
+        return await bulk_load(self, request_iterator)
+
+    # for the bulk module
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def settings(self) -> ServiceSettings:
+        return self._settings
+
+    @property
+    def tls(self) -> TlsFiles:
+        return self._settings.tls
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)

@@ -1,0 +1,466 @@
+"""The intake repository: every write to the identity store of one tier goes through :class:`Store`.
+
+One batch is one transaction: notifications are inserted, the residents they concern re-folded
+(:func:`juki.domain.fold` over every stored notification of the code), versions and the change feed
+appended, sequences advanced and — at the prefecture tier — outbox rows added. Nothing is acknowledged
+before COMMIT. Concurrent batches touching one municipality or one resident serialise on advisory
+locks (taken in sorted order, so they cannot deadlock); other batches run in parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import struct
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from juki import domain
+from juki._gen.juki.intake.v1 import intake_pb2
+from juki.intake import convert
+from juki.mesh.errors import FieldViolation
+
+_UPSERT_RESIDENT = (
+    f"INSERT INTO residents ({', '.join(convert.RESIDENT_COLUMNS)}, updated_at) VALUES ("
+    + ", ".join(f"${i + 1}" for i in range(len(convert.RESIDENT_COLUMNS)))
+    + f", ${len(convert.RESIDENT_COLUMNS) + 1}) ON CONFLICT (resident_code) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*convert.RESIDENT_COLUMNS[1:], "updated_at"))
+)
+
+
+class Outcome(enum.Enum):
+    ACCEPTED = intake_pb2.NOTIFICATION_OUTCOME_ACCEPTED
+    DUPLICATE = intake_pb2.NOTIFICATION_OUTCOME_DUPLICATE
+    REJECTED = intake_pb2.NOTIFICATION_OUTCOME_REJECTED
+
+
+@dataclass
+class Item:
+    """One notification of a batch on its way through the store."""
+
+    message: intake_pb2.Notification
+    payload: bytes
+    digest: bytes
+    notification: domain.Notification | None  # normalised; None when rejected before the store
+    violations: list[FieldViolation] = field(default_factory=list)
+    outcome: Outcome | None = None
+    acknowledged_at: dt.datetime | None = None
+
+    @property
+    def notification_id(self) -> str:
+        return self.message.notification_id
+
+    def reject(self, *violations: FieldViolation) -> None:
+        self.violations.extend(violations)
+        self.outcome = Outcome.REJECTED
+
+
+def _lock_key(text: str) -> int:
+    return int(struct.unpack(">q", hashlib.blake2b(text.encode(), digest_size=8).digest())[0])
+
+
+def _affected_codes(notification: domain.Notification) -> list[str]:
+    codes = [notification.resident_code]
+    if notification.new_resident_code:
+        codes.append(notification.new_resident_code)
+    return codes
+
+
+def decode_event(payload: bytes) -> domain.Notification:
+    """A stored payload as the normalised domain notification the fold consumes."""
+    message = intake_pb2.Notification.FromString(payload)
+    return domain.normalise_notification(convert.to_domain(message))
+
+
+@dataclass(frozen=True)
+class SequenceState:
+    municipality_code: str
+    last_acknowledged: int
+    highest_received: int
+    missing: list[tuple[int, int]]
+
+
+class Store:
+    """SQL of one intake tier. ``relay`` adds outbox rows (prefecture tier)."""
+
+    def __init__(self, pool: asyncpg.Pool, *, relay: bool) -> None:
+        self.pool = pool
+        self.relay = relay
+
+    # -- notifications ----------------------------------------------------------------------------
+
+    async def apply(self, items: Sequence[Item]) -> None:
+        """Store and apply the not-yet-rejected ``items`` in one transaction; set each outcome."""
+        candidates = [item for item in items if item.outcome is None]
+        if not candidates:
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            now: dt.datetime = await conn.fetchval("SELECT now()")
+            keys = sorted(
+                {_lock_key("m:" + i.message.municipality_code) for i in candidates}
+                | {_lock_key("r:" + code) for i in candidates if i.notification for code in _affected_codes(i.notification)}
+            )
+            await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k ORDER BY k", keys)
+            await self._classify(conn, candidates)
+            fresh = [item for item in candidates if item.outcome is None]
+            if fresh:
+                await self._insert(conn, fresh, now)
+                await self._fold(conn, fresh, now)
+                await self._advance_sequences(conn, {i.message.municipality_code for i in fresh}, now)
+            for item in fresh:
+                item.outcome = Outcome.ACCEPTED
+                item.acknowledged_at = now
+            for item in candidates:
+                if item.outcome is Outcome.DUPLICATE and item.acknowledged_at is None:
+                    item.acknowledged_at = now
+
+    async def _classify(self, conn: asyncpg.Connection, items: list[Item]) -> None:
+        """Mark duplicates, id conflicts, reused sequences and retired codes."""
+        rows = await conn.fetch(
+            "SELECT notification_id, content_digest, acknowledged_at FROM notifications"
+            " WHERE notification_id = ANY($1::text[])",
+            [i.notification_id for i in items],
+        )
+        known = {r["notification_id"]: (bytes(r["content_digest"]), r["acknowledged_at"]) for r in rows}
+        sequences = await conn.fetch(
+            "SELECT n.municipality_code, n.sequence, n.notification_id FROM notifications n"
+            " JOIN unnest($1::text[], $2::bigint[]) AS q(m, s) ON n.municipality_code = q.m AND n.sequence = q.s",
+            [i.message.municipality_code for i in items], [i.message.sequence for i in items],
+        )
+        taken = {(r["municipality_code"], r["sequence"]): r["notification_id"] for r in sequences}
+        entry_codes = [code for i in items if i.notification for code in _affected_codes(i.notification)]
+        retired = {
+            r["resident_code"]: r["successor_code"]
+            for r in await conn.fetch(
+                "SELECT resident_code, successor_code FROM retired_codes WHERE resident_code = ANY($1::text[])",
+                entry_codes,
+            )
+        }
+        in_batch: dict[str, Item] = {}
+        for item in items:
+            first = known.get(item.notification_id)
+            earlier = in_batch.get(item.notification_id)
+            if first is None and earlier is not None:
+                first = (earlier.digest, None)
+            if first is not None:
+                if first[0] == item.digest:
+                    # A repeat inside this batch gets its acknowledged_at once the batch commits.
+                    item.outcome = Outcome.DUPLICATE
+                    item.acknowledged_at = first[1]
+                else:
+                    item.reject(FieldViolation(
+                        "notification_id",
+                        f"notification {item.notification_id} was received before with other content",
+                        "DUPLICATE_NOTIFICATION_CONFLICT",
+                    ))
+                continue
+            key = (item.message.municipality_code, item.message.sequence)
+            if key in taken:
+                item.reject(FieldViolation(
+                    "sequence",
+                    f"sequence {key[1]} of {key[0]} was already used by notification {taken[key]}",
+                ))
+                continue
+            assert item.notification is not None
+            problem = self._retired_problem(item.notification, retired)
+            if problem is not None:
+                item.reject(problem)
+                continue
+            in_batch[item.notification_id] = item
+            taken[key] = item.notification_id
+
+    @staticmethod
+    def _retired_problem(notification: domain.Notification, retired: dict[str, str]) -> FieldViolation | None:
+        kind = notification.change_kind
+        if notification.new_resident_code and notification.new_resident_code in retired:
+            return FieldViolation("new_resident_code", "this 住民票コード was retired and is never reissued")
+        if kind.group is domain.ChangeGroup.ENTRY and notification.resident_code in retired:
+            return FieldViolation(
+                "resident_code",
+                f"this 住民票コード was retired (successor {retired[notification.resident_code]}) and is never reissued",
+            )
+        return None
+
+    async def _insert(self, conn: asyncpg.Connection, items: list[Item], now: dt.datetime) -> None:
+        await conn.copy_records_to_table(
+            "notifications",
+            columns=(
+                "notification_id", "municipality_code", "sequence", "resident_code", "change_kind", "occurred_on",
+                "notified_on", "content_digest", "payload", "received_at", "new_resident_code", "acknowledged_at",
+            ),
+            records=[
+                (
+                    i.notification_id, i.message.municipality_code, i.message.sequence, i.message.resident_code,
+                    i.message.change_kind, i.notification.occurred_on, i.notification.notified_on, i.digest,
+                    i.payload, now, i.message.new_resident_code or None, now,
+                )
+                for i in items
+                if i.notification is not None
+            ],
+        )
+        if self.relay:
+            await conn.copy_records_to_table(
+                "outbox",
+                columns=("notification_id", "payload", "enqueued_at", "municipality_code"),
+                records=[(i.notification_id, i.payload, now, i.message.municipality_code) for i in items],
+            )
+
+    async def _fold(self, conn: asyncpg.Connection, items: list[Item], now: dt.datetime) -> None:
+        new_by_code: dict[str, list[domain.Notification]] = defaultdict(list)
+        for item in items:
+            assert item.notification is not None
+            for code in _affected_codes(item.notification):
+                new_by_code[code].append(item.notification)
+        codes = list(new_by_code)
+        fresh_ids = {item.notification_id for item in items}
+        history: dict[str, list[domain.Notification]] = defaultdict(list)
+        rows = await conn.fetch(
+            "SELECT notification_id, payload FROM notifications"
+            " WHERE resident_code = ANY($1::text[]) OR new_resident_code = ANY($1::text[])",
+            codes,
+        )
+        for row in rows:
+            if row["notification_id"] in fresh_ids:
+                continue
+            event = decode_event(bytes(row["payload"]))
+            for code in _affected_codes(event):
+                if code in new_by_code:
+                    history[code].append(event)
+        versions = {
+            r["resident_code"]: r["version"]
+            for r in await conn.fetch(
+                "SELECT resident_code, version FROM residents WHERE resident_code = ANY($1::text[])", codes
+            )
+        }
+        upserts: list[tuple[Any, ...]] = []
+        version_rows: list[tuple[Any, ...]] = []
+        change_rows: list[tuple[Any, ...]] = []
+        retirements: list[tuple[str, str, dt.date]] = []
+        for code, fresh in new_by_code.items():
+            known = history[code]
+            base = versions.get(code, 0)
+            state: domain.ResidentState | None = None
+            for index, event in enumerate(fresh):
+                folded = domain.fold([*known, *fresh[: index + 1]], code)
+                if folded is None:
+                    continue
+                state = dataclasses.replace(folded, version=base + index + 1)
+                row = convert.resident_row(state)
+                record = convert.record_from_row(dict(zip(convert.RESIDENT_COLUMNS, row, strict=True)))
+                version_rows.append((
+                    code, state.version, event.notification_id, convert.change_kind_to_proto(event.change_kind),
+                    event.occurred_on, event.notified_on, record.SerializeToString(deterministic=True), now,
+                ))
+                change_rows.append((code, convert.change_kind_to_proto(event.change_kind), event.occurred_on, now))
+                if event.change_kind is domain.ChangeKind.RESIDENT_CODE_CHANGE and event.resident_code == code:
+                    assert event.new_resident_code is not None
+                    retirements.append((code, event.new_resident_code, event.occurred_on))
+            if state is not None:
+                upserts.append((*convert.resident_row(state), now))
+        if upserts:
+            await conn.executemany(_UPSERT_RESIDENT, upserts)
+        if version_rows:
+            await conn.copy_records_to_table(
+                "resident_versions",
+                columns=("resident_code", "version", "notification_id", "change_kind", "occurred_on",
+                         "notified_on", "record", "recorded_at"),
+                records=version_rows,
+            )
+        if change_rows:
+            await conn.copy_records_to_table(
+                "resident_changes", columns=("resident_code", "change_kind", "occurred_on", "recorded_at"),
+                records=change_rows,
+            )
+        if retirements:
+            await conn.executemany(
+                "INSERT INTO retired_codes (resident_code, successor_code, retired_on) VALUES ($1, $2, $3)"
+                " ON CONFLICT (resident_code) DO NOTHING",
+                retirements,
+            )
+
+    async def _advance_sequences(self, conn: asyncpg.Connection, municipalities: Iterable[str], now: dt.datetime) -> None:
+        for code in sorted(municipalities):
+            row = await conn.fetchrow(
+                "INSERT INTO municipalities AS m (municipality_code, last_accepted_at, as_of) VALUES ($1, $2, $2)"
+                " ON CONFLICT (municipality_code) DO UPDATE SET last_accepted_at = $2,"
+                " as_of = CASE WHEN m.connected THEN $2 ELSE m.as_of END"
+                " RETURNING last_sequence, loaded_through",
+                code, now,
+            )
+            assert row is not None
+            floor = max(row["last_sequence"], row["loaded_through"])
+            sequences = await conn.fetch(
+                "SELECT sequence FROM notifications WHERE municipality_code = $1 AND sequence > $2 ORDER BY sequence",
+                code, floor,
+            )
+            contiguous = floor
+            for record in sequences:
+                if record["sequence"] != contiguous + 1:
+                    break
+                contiguous += 1
+            highest = sequences[-1]["sequence"] if sequences else floor
+            await conn.execute(
+                "UPDATE municipalities SET last_sequence = $2, highest_sequence = GREATEST(highest_sequence, $3)"
+                " WHERE municipality_code = $1",
+                code, contiguous, highest,
+            )
+
+    async def sequence_state(self, municipality_code: str) -> SequenceState:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT last_sequence, highest_sequence, loaded_through FROM municipalities WHERE municipality_code = $1",
+                municipality_code,
+            )
+            if row is None:
+                return SequenceState(municipality_code, 0, 0, [])
+            last = max(row["last_sequence"], row["loaded_through"])
+            highest = max(row["highest_sequence"], last)
+            present = [
+                r["sequence"]
+                for r in await conn.fetch(
+                    "SELECT sequence FROM notifications WHERE municipality_code = $1 AND sequence > $2"
+                    " ORDER BY sequence",
+                    municipality_code, last,
+                )
+            ]
+        missing: list[tuple[int, int]] = []
+        expected = last + 1
+        for sequence in present:
+            if sequence > expected:
+                missing.append((expected, sequence - 1))
+            expected = sequence + 1
+        return SequenceState(municipality_code, last, highest, missing)
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    async def resident(self, code: str) -> tuple[asyncpg.Record | None, list[str]]:
+        """The current record reached from ``code`` and the retired codes followed to reach it."""
+        followed: list[str] = []
+        async with self.pool.acquire() as conn:
+            while True:
+                row = await conn.fetchrow(
+                    "SELECT r.*, m.as_of, m.connected FROM residents r"
+                    " LEFT JOIN municipalities m ON m.municipality_code = r.municipality_code"
+                    " WHERE r.resident_code = $1",
+                    code,
+                )
+                if row is None:
+                    successor = await conn.fetchval(
+                        "SELECT successor_code FROM retired_codes WHERE resident_code = $1", code
+                    )
+                    if successor is None or successor in followed or len(followed) > 32:
+                        return None, followed
+                    followed.append(code)
+                    code = successor
+                    continue
+                if row["successor_code"] and row["successor_code"] not in followed and len(followed) < 32:
+                    followed.append(code)
+                    code = row["successor_code"]
+                    continue
+                return row, followed
+
+    async def history(self, code: str) -> list[asyncpg.Record]:
+        """Every version of the record across code changes (predecessors and successors), oldest first."""
+        async with self.pool.acquire() as conn:
+            chain = [code]
+            seen = {code}
+            frontier = [code]
+            while frontier:
+                rows = await conn.fetch(
+                    "SELECT resident_code, successor_code, predecessor_code FROM residents"
+                    " WHERE resident_code = ANY($1::text[])",
+                    frontier,
+                )
+                frontier = []
+                for row in rows:
+                    for other in (row["successor_code"], row["predecessor_code"]):
+                        if other and other not in seen:
+                            seen.add(other)
+                            chain.append(other)
+                            frontier.append(other)
+            return list(await conn.fetch(
+                "SELECT v.*, n.municipality_code FROM resident_versions v"
+                " LEFT JOIN notifications n ON n.notification_id = v.notification_id"
+                " WHERE v.resident_code = ANY($1::text[]) ORDER BY v.recorded_at, v.occurred_on, v.resident_code,"
+                " v.version",
+                chain,
+            ))
+
+    # -- connection state and status ---------------------------------------------------------------
+
+    async def set_connection(self, municipality_code: str, connected: bool, reason: str) -> asyncpg.Record:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO municipalities AS m (municipality_code, connected, connection_reason)"
+                " VALUES ($1, $2, $3) ON CONFLICT (municipality_code) DO UPDATE SET"
+                " connected = $2, connection_reason = $3,"
+                " connection_changed = CASE WHEN m.connected = $2 THEN m.connection_changed ELSE now() END"
+                " RETURNING municipality_code",
+                municipality_code, connected, reason,
+            )
+            assert row is not None
+        statuses = await self.statuses([municipality_code])
+        return statuses[0]
+
+    async def is_connected(self, codes: Iterable[str]) -> dict[str, bool]:
+        rows = await self.pool.fetch(
+            "SELECT municipality_code, connected FROM municipalities WHERE municipality_code = ANY($1::text[])",
+            list(codes),
+        )
+        return {r["municipality_code"]: r["connected"] for r in rows}
+
+    async def statuses(self, codes: Sequence[str] = ()) -> list[asyncpg.Record]:
+        """Per municipality: sequence, connection, outbox backlog and the age of its oldest outbox row."""
+        query = (
+            "SELECT m.*, GREATEST(m.last_sequence, m.loaded_through) AS contiguous,"
+            " coalesce(o.backlog, 0) AS backlog,"
+            " coalesce(extract(epoch FROM now() - o.oldest) * 1000, 0)::bigint AS lag_ms"
+            " FROM municipalities m LEFT JOIN ("
+            "   SELECT municipality_code, count(*) AS backlog, min(enqueued_at) AS oldest FROM outbox"
+            "   GROUP BY municipality_code) o ON o.municipality_code = m.municipality_code"
+        )
+        if codes:
+            return list(await self.pool.fetch(query + " WHERE m.municipality_code = ANY($1::text[])"
+                                              " ORDER BY m.municipality_code", list(codes)))
+        return list(await self.pool.fetch(query + " ORDER BY m.municipality_code"))
+
+    async def outbox_totals(self) -> tuple[int, int]:
+        row = await self.pool.fetchrow(
+            "SELECT count(*) AS backlog,"
+            " coalesce(extract(epoch FROM now() - min(enqueued_at)) * 1000, 0)::bigint AS lag_ms FROM outbox"
+        )
+        assert row is not None
+        return int(row["backlog"]), int(row["lag_ms"])
+
+    async def relay_lag_quantile(self, quantile: float, window_seconds: float = 300.0) -> float:
+        value = await self.pool.fetchval(
+            "SELECT percentile_cont($1) WITHIN GROUP (ORDER BY max_lag_ms) FROM relay_acks"
+            " WHERE acked_at > now() - make_interval(secs => $2)",
+            quantile, window_seconds,
+        )
+        return float(value or 0.0)
+
+    # -- outbox ------------------------------------------------------------------------------------
+
+    async def outbox_batch(self, limit: int, after: int) -> list[asyncpg.Record]:
+        return list(await self.pool.fetch(
+            "SELECT outbox_id, notification_id, payload, enqueued_at FROM outbox WHERE outbox_id > $1"
+            " ORDER BY outbox_id LIMIT $2",
+            after, limit,
+        ))
+
+    async def outbox_acknowledged(self, outbox_ids: list[int], lags_ms: list[float]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM outbox WHERE outbox_id = ANY($1::bigint[])", outbox_ids)
+            if lags_ms:
+                await conn.execute(
+                    "INSERT INTO relay_acks (notifications, max_lag_ms, mean_lag_ms) VALUES ($1, $2, $3)",
+                    len(lags_ms), max(lags_ms), sum(lags_ms) / len(lags_ms),
+                )
+                await conn.execute("DELETE FROM relay_acks WHERE acked_at < now() - interval '1 hour'")
