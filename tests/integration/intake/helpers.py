@@ -130,3 +130,20 @@ def with_id(message: intake_pb2.Notification, **changes: Any) -> intake_pb2.Noti
 
 __all__ = ["NAKANO", "YOKOHAMA", "Mesh", "date", "intake_mesh", "new_code", "next_sequence", "notification",
            "replace", "with_id"]
+
+
+async def national_record(mesh: Mesh, code: str, *, timeout: float = 20.0) -> common_pb2.IdentityRecord:
+    """The national record of ``code``, waiting for the relay to bring it."""
+    import asyncio
+
+    import grpc
+
+    stub = mesh.national_as("service", "lookup")
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return (await stub.GetResident(intake_pb2.GetResidentRequest(resident_code=code))).record
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.intake.v1 import intake_pb2
 
-from tests.integration.intake.helpers import NAKANO, Mesh, intake_mesh, notification, with_id
+from tests.integration.intake.helpers import NAKANO, Mesh, intake_mesh, national_record, notification, with_id
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,18 +21,6 @@ OUTCOME = intake_pb2.NotificationOutcome
 async def mesh(ca: Any, settings_factory: Any) -> Any:
     async with intake_mesh(ca, settings_factory) as running_mesh:
         yield running_mesh
-
-
-async def national_record(mesh: Mesh, code: str, *, timeout: float = 20.0) -> common_pb2.IdentityRecord:
-    stub = mesh.national_as("service", "lookup")
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            return (await stub.GetResident(intake_pb2.GetResidentRequest(resident_code=code))).record
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND or asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.05)
 
 
 async def test_birth_reaches_the_national_store(mesh: Mesh) -> None:
