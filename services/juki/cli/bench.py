@@ -12,6 +12,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "juki.cli.bench_lookup",
     "juki.cli.bench_accesslog",
     "juki.cli.bench_disclose",
+    "juki.cli.bench_intake",
 )
 
 

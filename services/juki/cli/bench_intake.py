@@ -1,0 +1,306 @@
+"""``juki bench intake``: end-to-end notification throughput, municipal CS -> prefecture -> national.
+
+Each run builds a throwaway environment in a temporary directory: an embedded PostgreSQL with the
+national and prefecture-13 intake schemas, a CA, and the two real intake services as child processes
+(``python -m juki serve intake ...``, as ``juki up`` starts them). The client, in this process, acts
+as 中野区's CS: it streams 出生 notifications over mTLS through StreamNotifications in large batches,
+several batches in flight, and measures per-batch acknowledgement latency (durable at the prefecture).
+A run ends when the prefecture's outbox is empty, i.e. every notification is durable at the national
+centre; throughput is notifications / that time. Relay lag is the enqueue -> national-ack time the
+prefecture records per relayed batch. Figures are medians over the runs.
+
+:class:`IntakeEnvironment` is also used by the chaos tests (kill and restart a tier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from juki._gen.juki.common.v1 import common_pb2
+from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
+from juki.domain.codes import resident_code_from_body
+
+NAKANO = "131148"
+
+
+def register_bench(bench_sub: Any) -> None:
+    parser = bench_sub.add_parser("intake", help="end-to-end notification throughput (CS -> prefecture -> national)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
+    parser.add_argument("--notifications", type=int, default=60_000, help="notifications per run")
+    parser.add_argument("--batch", type=int, default=2_000, help="notifications per stream batch")
+    parser.add_argument("--in-flight", type=int, default=4, help="batches sent ahead of their acknowledgement")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--profile", type=Path, help="record py-spy profiles of the services into this folder")
+    parser.set_defaults(func=cmd_bench_intake)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class IntakeEnvironment:
+    """Temporary directory, CA, embedded PostgreSQL and the national + prefecture-13 intake processes.
+
+    Each service listens on a fixed port chosen at start, so a killed service restarts where its
+    clients (and the prefecture's relay) expect it.
+    """
+
+    def __init__(self, keep: bool = False, profile: Path | None = None) -> None:
+        self.keep = keep
+        self.profile = profile
+        self.root = Path(tempfile.mkdtemp(prefix="juki-bench-intake-"))
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports = {"intake-national": _free_port(), "intake-prefecture-13": _free_port()}
+        self.pg: Any = None
+        self.ca: Any = None
+
+    @property
+    def national(self) -> str:
+        return f"127.0.0.1:{self.ports['intake-national']}"
+
+    @property
+    def prefecture(self) -> str:
+        return f"127.0.0.1:{self.ports['intake-prefecture-13']}"
+
+    async def start(self) -> None:
+        from juki.mesh import db
+        from juki.mesh.embedded import start_embedded
+        from juki.mesh.supervisor import MeshLayout, ensure_pki
+
+        self.ca = ensure_pki(self.root, MeshLayout())
+        self.pg = start_embedded(self.root)
+        await db.migrate(self.pg.admin_url, [
+            db.MigrationTarget("intake", "intake-national"),
+            db.MigrationTarget("intake", "intake-prefecture-13"),
+        ])
+        self.spawn("intake-national")
+        self.spawn("intake-prefecture-13")
+
+    def _env(self, name: str) -> dict[str, str]:
+        identity = ("service", "intake-national") if name == "intake-national" else ("prefecture", "13")
+        cert, key = self.ca.paths(*identity)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JUKI_")}
+        env.update({
+            "JUKI_DATA_DIR": str(self.root),
+            "JUKI_LISTEN": f"127.0.0.1:{self.ports[name]}",
+            "JUKI_TLS_CA_FILE": str(self.ca.ca_cert_path),
+            "JUKI_TLS_CERT_FILE": str(cert),
+            "JUKI_TLS_KEY_FILE": str(key),
+            "JUKI_TLS_CRL_FILE": str(self.ca.crl_path),
+            "JUKI_DATABASE_URL": self.pg.url("juki_" + ("intake_national" if name == "intake-national" else "intake_p13")),
+            "JUKI_NATIONAL_INTAKE_ADDRESS": self.national,
+            "JUKI_READY_FILE": str(self.root / f"{name}.ready"),
+            "JUKI_LOG_LEVEL": "WARNING",
+            "PYTHONUNBUFFERED": "1",
+        })
+        return env
+
+    def spawn(self, name: str) -> None:
+        ready = self.root / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        args = ["--tier", "national"] if name == "intake-national" else ["--tier", "prefecture", "--prefecture", "13"]
+        command = [sys.executable, "-m", "juki", "serve", "intake", *args]
+        if self.profile is not None:
+            self.profile.mkdir(parents=True, exist_ok=True)
+            py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            command = [py_spy, "record", "--nonblocking", "-r", "250", "-f", "raw",
+                       "-o", str(self.profile / f"{name}.txt"), "--", *command]
+        log = open(self.root / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen(
+            command, env=self._env(name), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while not ready.is_file():
+            if self.processes[name].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start:\n" + (self.root / f"{name}.log").read_text()[-3000:])
+            time.sleep(0.05)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service (no drain, no clean shutdown)."""
+        process = self.processes[name]
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def tls(self, kind: str, name: str) -> Any:
+        from juki.mesh.settings import TlsFiles
+
+        cert, key = self.ca.paths(kind, name)
+        if not cert.is_file():
+            self.ca.issue(kind, name)
+        return TlsFiles(ca=self.ca.ca_cert_path, cert=cert, key=key)
+
+    def close(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT if self.profile is not None else signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self.pg is not None:
+            self.pg.stop()
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def births(first_sequence: int, count: int, code_offset: int) -> list[intake_pb2.Notification]:
+    """``count`` valid 出生 notifications of 中野区 from ``first_sequence`` on, each with a new code."""
+    template = intake_pb2.Notification(
+        municipality_code=NAKANO,
+        change_kind=common_pb2.CHANGE_KIND_BIRTH,
+        resident_kind=common_pb2.RESIDENT_KIND_JAPANESE,
+        name=common_pb2.PersonName(family_name="中野", given_name="一郎", family_name_kana="ナカノ",
+                                   given_name_kana="イチロウ"),
+        birth_date=common_pb2.Date(year=2021, month=6, day=1, precision=common_pb2.DATE_PRECISION_FULL),
+        sex=common_pb2.SEX_MALE,
+        address=common_pb2.Address(municipality_code=NAKANO, prefecture="東京都", municipality="中野区",
+                                   street="中野四丁目8番1号"),
+        occurred_on=common_pb2.Date(year=2021, month=6, day=1, precision=common_pb2.DATE_PRECISION_FULL),
+        notified_on=common_pb2.Date(year=2021, month=6, day=3, precision=common_pb2.DATE_PRECISION_FULL),
+    )
+    run = uuid.uuid4().hex[:12]
+    out = []
+    for index in range(count):
+        message = intake_pb2.Notification()
+        message.CopyFrom(template)
+        message.notification_id = f"{run}-{index}"
+        message.sequence = first_sequence + index
+        message.resident_code = resident_code_from_body(1_000_000_000 + code_offset + index)
+        out.append(message)
+    return out
+
+
+async def stream_batches(
+    stub: intake_pb2_grpc.IntakeServiceStub, messages: list[intake_pb2.Notification], batch: int, in_flight: int,
+) -> tuple[list[float], list[intake_pb2.StreamNotificationsResponse]]:
+    """Send ``messages`` in batches, ``in_flight`` ahead; return per-batch ack latencies (ms) and answers."""
+    call = stub.StreamNotifications()
+    sent: dict[int, float] = {}
+    latencies: list[float] = []
+    answers: list[intake_pb2.StreamNotificationsResponse] = []
+    chunks = [messages[i : i + batch] for i in range(0, len(messages), batch)]
+    window = asyncio.Semaphore(in_flight)
+
+    async def writer() -> None:
+        for number, chunk in enumerate(chunks, start=1):
+            await window.acquire()
+            sent[number] = time.perf_counter()
+            await call.write(intake_pb2.StreamNotificationsRequest(batch_id=number, notifications=chunk))
+        await call.done_writing()
+
+    task = asyncio.create_task(writer())
+    try:
+        for _ in chunks:
+            response = await call.read()
+            if response is None or not hasattr(response, "batch_id"):
+                raise RuntimeError("the stream ended early")
+            latencies.append((time.perf_counter() - sent[response.batch_id]) * 1000)
+            answers.append(response)
+            window.release()
+        await task
+    finally:
+        task.cancel()
+    return latencies, answers
+
+
+async def wait_relayed(operator: intake_pb2_grpc.IntakeServiceStub, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await operator.GetIntakeStatus(intake_pb2.GetIntakeStatusRequest())
+        if status.outbox_backlog == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"outbox still holds {status.outbox_backlog} notifications")
+        await asyncio.sleep(0.02)
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+
+
+async def bench_intake(args: argparse.Namespace) -> dict[str, Any]:
+    import asyncpg
+
+    from juki.mesh.tls import secure_channel
+
+    env = IntakeEnvironment(keep=args.keep, profile=args.profile)
+    try:
+        await env.start()
+        municipality = secure_channel(env.prefecture, env.tls("municipality", NAKANO))
+        operator = secure_channel(env.prefecture, env.tls("operator", "demo-operator"))
+        stub = intake_pb2_grpc.IntakeServiceStub(municipality)
+        status_stub = intake_pb2_grpc.IntakeServiceStub(operator)
+        admin = await asyncpg.connect(env.pg.admin_url)
+        # Warm-up: connections, prepared statements, the relay stream.
+        await stream_batches(stub, births(1, args.batch, 0), args.batch, args.in_flight)
+        await wait_relayed(status_stub)
+        sequence = args.batch + 1
+        offset = args.batch
+        rates: list[float] = []
+        prefecture_rates: list[float] = []
+        latencies: list[float] = []
+        lags: list[float] = []
+        for _ in range(args.runs):
+            messages = births(sequence, args.notifications, offset)
+            sequence += args.notifications
+            offset += args.notifications
+            await admin.execute("DELETE FROM intake_p13.relay_acks")
+            started = time.perf_counter()
+            run_latencies, answers = await stream_batches(stub, messages, args.batch, args.in_flight)
+            acked = time.perf_counter()
+            await wait_relayed(status_stub)
+            finished = time.perf_counter()
+            accepted = sum(1 for a in answers for r in a.results if r.outcome == intake_pb2.NOTIFICATION_OUTCOME_ACCEPTED)
+            if accepted != len(messages):
+                raise RuntimeError(f"only {accepted} of {len(messages)} accepted")
+            rates.append(len(messages) / (finished - started))
+            prefecture_rates.append(len(messages) / (acked - started))
+            latencies.extend(run_latencies)
+            lags.extend(r["max_lag_ms"] for r in await admin.fetch("SELECT max_lag_ms FROM intake_p13.relay_acks"))
+        national = await admin.fetchval("SELECT count(*) FROM intake_national.notifications")
+        await admin.close()
+        await municipality.close()
+        await operator.close()
+        return {
+            "benchmark": "intake",
+            "throughput": round(statistics.median(rates), 1),
+            "unit": "notifications/s durable at prefecture and national",
+            "runs": args.runs,
+            "run_throughputs": [round(r, 1) for r in rates],
+            "prefecture_ack_throughput": round(statistics.median(prefecture_rates), 1),
+            "p50_ms": round(_percentile(latencies, 0.50), 2),
+            "p99_ms": round(_percentile(latencies, 0.99), 2),
+            "relay_lag_p99_ms": round(_percentile(lags, 0.99), 2),
+            "notifications_per_run": args.notifications,
+            "batch": args.batch,
+            "in_flight": args.in_flight,
+            "national_notifications": national,
+            "goal": 20_000,
+        }
+    finally:
+        env.close()
+
+
+async def cmd_bench_intake(args: argparse.Namespace) -> int:
+    print(json.dumps(await bench_intake(args)))
+    return 0
