@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 from typing import Any
 
@@ -32,6 +33,13 @@ class MalformedNotification(ValueError):
     def __init__(self, violations: list[FieldViolation]) -> None:
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
         self.violations = violations
+
+
+_CHANGE_KINDS = frozenset(common_pb2.ChangeKind.values()) - {common_pb2.CHANGE_KIND_UNSPECIFIED}
+_CHANGE_KIND_NAMES = {value: name.removeprefix("CHANGE_KIND_") for name, value in common_pb2.ChangeKind.items()}
+_CHANGE_KIND_NUMBERS = {name.removeprefix("CHANGE_KIND_"): value for name, value in common_pb2.ChangeKind.items()}
+_STATUS_NUMBERS = {name.removeprefix("RESIDENT_STATUS_"): value for name, value in common_pb2.ResidentStatus.items()}
+_PRECISIONS = frozenset(common_pb2.DatePrecision.values())
 
 
 def proto_field(domain_field: str) -> str:
@@ -76,7 +84,7 @@ def partial_from_proto(value: common_pb2.Date, field: str, problems: list[FieldV
     if precision == common_pb2.DATE_PRECISION_UNKNOWN:
         problems.append(FieldViolation(f"{field}.precision", "the birth year must be known"))
         return None
-    if precision not in common_pb2.DatePrecision.values():
+    if precision not in _PRECISIONS:
         problems.append(FieldViolation(f"{field}.precision", "unknown DatePrecision"))
         return None
     try:
@@ -103,22 +111,28 @@ def date_to_proto(day: dt.date | None) -> common_pb2.Date:
 
 
 def change_kind_to_proto(kind: domain.ChangeKind) -> int:
-    name = "CHANGE_KIND_" + kind.value
-    if name not in common_pb2.ChangeKind.keys():
-        return int(common_pb2.CHANGE_KIND_EX_OFFICIO_CORRECTION)
-    return int(common_pb2.ChangeKind.Value(name))
+    # NATIONALITY_CHANGE (domain only) is recorded as an ex officio correction on the wire.
+    return int(_CHANGE_KIND_NUMBERS.get(kind.value, common_pb2.CHANGE_KIND_EX_OFFICIO_CORRECTION))
 
 
 def status_to_proto(status: domain.ResidentStatus) -> int:
-    return int(common_pb2.ResidentStatus.Value("RESIDENT_STATUS_" + status.value))
+    return int(_STATUS_NUMBERS[status.value])
+
+
+@functools.lru_cache(maxsize=65536)
+def name_key(text: str) -> str:
+    return domain.match_key(text)
+
+
+@functools.lru_cache(maxsize=65536)
+def street_key(text: str) -> str:
+    return domain.address_key(text)
 
 
 def to_domain(message: intake_pb2.Notification) -> domain.Notification:
     """The domain form of a wire notification; :class:`MalformedNotification` when unreadable."""
     problems: list[FieldViolation] = []
-    if message.change_kind == common_pb2.CHANGE_KIND_UNSPECIFIED or message.change_kind not in (
-        common_pb2.ChangeKind.values()
-    ):
+    if message.change_kind not in _CHANGE_KINDS:
         problems.append(FieldViolation("change_kind", "change_kind must be a known ChangeKind"))
     if message.resident_kind not in (common_pb2.RESIDENT_KIND_JAPANESE, common_pb2.RESIDENT_KIND_FOREIGN):
         problems.append(FieldViolation("resident_kind", "resident_kind must be JAPANESE or FOREIGN"))
@@ -133,7 +147,7 @@ def to_domain(message: intake_pb2.Notification) -> domain.Notification:
         raise MalformedNotification(problems)
     name = message.name
     kana = IDEOGRAPHIC_SPACE.join(k for k in (name.family_name_kana, name.given_name_kana) if k) or None
-    kind_name = common_pb2.ChangeKind.Name(message.change_kind).removeprefix("CHANGE_KIND_")
+    kind_name = _CHANGE_KIND_NAMES[message.change_kind]
     return domain.Notification(
         notification_id=message.notification_id,
         municipality_code=message.municipality_code,
@@ -198,8 +212,8 @@ def resident_row(state: domain.ResidentState) -> tuple[Any, ...]:
         state.successor_code,
         state.predecessor_code,
         state.version,
-        domain.match_key(state.family_name + state.given_name),
-        domain.address_key(state.address.street),
+        name_key(state.family_name + state.given_name),
+        street_key(state.address.street),
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -128,17 +127,21 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
                             retry_after_seconds=0.1) from exc
         if self._on_accepted is not None and any(i.outcome is Outcome.ACCEPTED for i in items):
             self._on_accepted()
-        return [self._result(item) for item in items]
+        stamps: dict[Any, Any] = {}
+        return [self._result(item, stamps) for item in items]
 
     @staticmethod
-    def _result(item: Item) -> intake_pb2.NotificationResult:
+    def _result(item: Item, stamps: dict[Any, Any]) -> intake_pb2.NotificationResult:
         assert item.outcome is not None
         result = intake_pb2.NotificationResult(
             notification_id=item.notification_id, sequence=item.message.sequence, outcome=item.outcome.value,
             violations=[_proto_violation(v) for v in item.violations],
         )
-        if item.acknowledged_at is not None and item.outcome is not Outcome.REJECTED:
-            result.acknowledged_at.CopyFrom(convert.timestamp(item.acknowledged_at))
+        moment = item.acknowledged_at
+        if moment is not None and item.outcome is not Outcome.REJECTED:
+            if moment not in stamps:
+                stamps[moment] = convert.timestamp(moment)
+            result.acknowledged_at.CopyFrom(stamps[moment])
         return result
 
     async def SubmitNotifications(
@@ -319,6 +322,3 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
     @property
     def tls(self) -> TlsFiles:
         return self._settings.tls
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)

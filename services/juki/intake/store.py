@@ -246,23 +246,27 @@ class Store:
             known = history[code]
             base = versions.get(code, 0)
             state: domain.ResidentState | None = None
+            row: tuple[Any, ...] = ()
             for index, event in enumerate(fresh):
                 folded = domain.fold([*known, *fresh[: index + 1]], code)
                 if folded is None:
                     continue
+                # The stored version counts the events applied at this tier (a bulk-loaded record
+                # counts as one), so it only ever grows.
                 state = dataclasses.replace(folded, version=base + index + 1)
                 row = convert.resident_row(state)
                 record = convert.record_from_row(dict(zip(convert.RESIDENT_COLUMNS, row, strict=True)))
+                kind = convert.change_kind_to_proto(event.change_kind)
                 version_rows.append((
-                    code, state.version, event.notification_id, convert.change_kind_to_proto(event.change_kind),
+                    code, state.version, event.notification_id, kind,
                     event.occurred_on, event.notified_on, record.SerializeToString(deterministic=True), now,
                 ))
-                change_rows.append((code, convert.change_kind_to_proto(event.change_kind), event.occurred_on, now))
+                change_rows.append((code, kind, event.occurred_on, now))
                 if event.change_kind is domain.ChangeKind.RESIDENT_CODE_CHANGE and event.resident_code == code:
                     assert event.new_resident_code is not None
                     retirements.append((code, event.new_resident_code, event.occurred_on))
             if state is not None:
-                upserts.append((*convert.resident_row(state), now))
+                upserts.append((*row, now))
         if upserts:
             await conn.executemany(_UPSERT_RESIDENT, upserts)
         if version_rows:
