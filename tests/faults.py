@@ -179,6 +179,12 @@ async def call_raw(channel: grpc.aio.Channel, method: str, payload: bytes, *, cl
             await channel.unary_unary(method)(payload, timeout=timeout)
     except grpc.aio.AioRpcError as error:
         return error.code(), refusal(error)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        # grpc's own cancellation of a streaming call whose deadline passed on the client side.
+        return grpc.StatusCode.DEADLINE_EXCEEDED, None
     return grpc.StatusCode.OK, None
 
 

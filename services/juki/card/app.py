@@ -252,6 +252,8 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
                     field: str = "card_number") -> StoredCard:
         if not card_number:
             raise invalid(field, "the card number is required")
+        if len(card_number) != 16 or not card_number.isascii() or not card_number.isdigit():
+            raise invalid(field, "a card number is 16 digits")
         card = await store.get(conn, card_number, for_update=for_update)
         if card is None:
             raise JukiError(Reason.CARD_NOT_FOUND, metadata={"card_number": card_number})

@@ -268,6 +268,11 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
             violations.append(FieldViolation("birth_date.month", "month must be 1-12, or 0 when unknown"))
         elif not 0 <= birth.day <= 31:
             violations.append(FieldViolation("birth_date.day", "day must be 1-31, or 0 when unknown"))
+        elif birth.month and birth.day:
+            try:
+                _dt.date(birth.year, birth.month, birth.day)
+            except ValueError:
+                violations.append(FieldViolation("birth_date", "not a calendar date"))
         if request.sex not in (common_pb2.SEX_MALE, common_pb2.SEX_FEMALE):
             violations.append(FieldViolation("sex", "the sex (性別) is required"))
         if request.address:

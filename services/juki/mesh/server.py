@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from juki.mesh import metrics, telemetry
-from juki.mesh.errors import ERROR_DOMAIN, JukiError, Reason
+from juki.mesh.errors import ERROR_DOMAIN, JukiError, Reason, invalid
 from juki.mesh.pki import load_revoked_serials
 from juki.mesh.settings import ServiceSettings, TlsFiles
 from juki.mesh.tls import SERVER_OPTIONS, Peer, current_peer, peer_from_auth_context, server_credentials
@@ -191,11 +191,50 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         return _wrap_handler(handler, method, self)
 
 
+class _Undecodable:
+    """Stands for a request message that could not be parsed (garbage, wrong wire types, invalid UTF-8)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _undecodable(item: _Undecodable) -> JukiError:
+    return invalid("request", f"the request message cannot be parsed: {item.error}")
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A parse failure becomes INVALID_ARGUMENT (field ``request``) after authorisation, not UNKNOWN/INTERNAL."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, UnicodeDecodeError: whatever the parser raises
+            return _Undecodable(exc)
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for item in requests:
+        if isinstance(item, _Undecodable):
+            raise _undecodable(item)
+        yield item
+
+
 def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterceptor) -> grpc.RpcMethodHandler:
     streaming_response = handler.response_streaming
-    inner = (
+    inner_handler = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
+
+    def inner(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, _Undecodable):
+            raise _undecodable(request)
+        if handler.request_streaming and hasattr(request, "__aiter__"):
+            request = _checked(request)
+        return inner_handler(request, context)
 
     async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         token = None
@@ -248,7 +287,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
     }[(handler.request_streaming, handler.response_streaming)]
     return factory(  # type: ignore[no-any-return,operator]
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_safe_deserializer(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 

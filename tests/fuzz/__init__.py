@@ -1,0 +1,1 @@
+"""Fuzz suite (see tests/faults.py)."""
