@@ -146,24 +146,29 @@ class Authorised:
             operator_id=operator_id,
         )
 
-    def provisions(self, items: Iterable[tuple[str, bool]]) -> list[bytes]:
-        """Serialised provision records, one per (resident code, whether the granted fields were provided).
+    def record_templates(self) -> tuple[bytes, bytes]:
+        """Serialised provision records stamped now, without a resident code: (with the fields, without).
 
-        Protobuf allows fields in any order, so a record is the call's template (with the time and
-        the fields) followed by its resident code (field 10); the access log re-serialises
-        deterministically before hashing.
+        Protobuf allows fields in any order, so one provision record is a template followed by its
+        resident code (field 10); the access log re-serialises deterministically before hashing.
         """
         stamped = accesslog_pb2.ProvisionRecord()
         stamped.CopyFrom(self.template)
         stamped.provided_at.GetCurrentTime()
         without_fields = stamped.SerializeToString()
         stamped.fields.extend(self.proto_fields)
-        with_fields = stamped.SerializeToString()
-        out = []
-        for code, provided in items:
-            encoded = code.encode()
-            out.append((with_fields if provided else without_fields) + b"\x52" + encode_varint(len(encoded)) + encoded)
-        return out
+        return stamped.SerializeToString(), without_fields
+
+    def provisions(self, items: Iterable[tuple[str, bool]]) -> list[bytes]:
+        """Serialised provision records, one per (resident code, whether the granted fields were provided)."""
+        with_fields, without_fields = self.record_templates()
+        return [(with_fields if provided else without_fields) + code_field(code) for code, provided in items]
+
+
+def code_field(code: str) -> bytes:
+    """Field 10 (resident_code) of a ProvisionRecord."""
+    encoded = code.encode()
+    return b"\x52" + encode_varint(len(encoded)) + encoded
 
 
 class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
@@ -356,14 +361,17 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         if violations:
             raise invalid_many(violations[:100])
         encoder = RecordEncoder(call.fields)
+        with_fields, without_fields = call.record_templates()
         parts: list[bytes] = []
-        logged: list[tuple[str, bool]] = []
+        provided: list[bytes] = []
         for item in items:
-            row = rows.get(item.resident_code)
+            code = item.resident_code
+            row = rows.get(code)
             result = _verify_one(item, row, encoder)
             parts.append(b"\x0a" + encode_varint(len(result)) + result)
-            logged.append((item.resident_code, row is not None))
-        await self._provisions.record(call.provisions(logged))
+            # Every item is logged; a code the store does not know was asked about but got no fields.
+            provided.append((with_fields if row is not None else without_fields) + code_field(code))
+        await self._provisions.record(provided)
         return b"".join(parts)
 
     # -- change feed -------------------------------------------------------------------------------------
