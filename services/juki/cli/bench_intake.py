@@ -122,10 +122,11 @@ class IntakeEnvironment:
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
             command = [py_spy, "record", "--nonblocking", "-r", "250", "-f", "raw",
                        "-o", str(self.profile / f"{name}.txt"), "--", *command]
-        log = open(self.root / f"{name}.log", "ab")
-        self.processes[name] = subprocess.Popen(
-            command, env=self._env(name), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )
+        with open(self.root / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
+            self.processes[name] = subprocess.Popen(
+                command, env=self._env(name), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 60
         while not ready.is_file():
             if self.processes[name].poll() is not None or time.monotonic() > deadline:

@@ -64,6 +64,11 @@ class Relay:
                             exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except Exception:
+                # The relay must outlive any fault: the outbox keeps everything until it is acknowledged.
+                log.exception("relay to %s failed; retrying in %.1f s", self._target, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _pump(self, stub: intake_pb2_grpc.IntakeServiceStub) -> None:
         """Stream outbox batches, up to IN_FLIGHT unanswered; unanswered ones are resent on reconnect."""
