@@ -327,6 +327,59 @@ async def serve_echo() -> None:
 
 # -- measuring -----------------------------------------------------------------------------------------
 
+class CpuMeter:
+    """CPU seconds used by each server process, PostgreSQL and this client between two readings."""
+
+    def __init__(self, env: Environment) -> None:
+        self._pids = env.pids()
+        self._pgdata = str(env.pg.pgdata) if env.pg is not None else ""
+        self._start = self._read()
+        self.used: dict[str, float] = {}
+
+    @staticmethod
+    def _process_seconds(pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _postgres_seconds(self) -> float:
+        """The benchmark's own PostgreSQL: its postmaster and every child (backends, WAL writer...)."""
+        try:
+            postmaster = int((Path(self._pgdata) / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        total = self._process_seconds(postmaster)
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if parent == postmaster:
+                    total += self._process_seconds(int(entry.name))
+        return total
+
+    def _read(self) -> dict[str, float]:
+        reading = {name: self._process_seconds(pid) for name, pid in self._pids.items()}
+        reading["postgres"] = self._postgres_seconds()
+        reading["client"] = time.process_time()
+        return reading
+
+    def stop(self) -> None:
+        end = self._read()
+        for name, value in end.items():
+            self.used[name] = self.used.get(name, 0.0) + max(value - self._start.get(name, value), 0.0)
+
+    def restart(self) -> None:
+        self._start = self._read()
+
+    def per_unit(self, units: float) -> dict[str, float]:
+        """Microseconds of CPU per call (or record) by process; postgres counts every backend."""
+        return {name: round(seconds / units * 1e6, 1) for name, seconds in sorted(self.used.items()) if seconds}
+
+
 def _percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -414,9 +467,12 @@ async def bench_lookup(env: Environment, concurrency: int, seconds: float, runs:
         await _closed_loop(lookup_call, requests, concurrency, 1.0)
         service: list[tuple[float, list[float]]] = []
         ceiling: list[tuple[float, list[float]]] = []
+        meter = CpuMeter(env)
         for _ in range(runs):
             ceiling.append(await _closed_loop(echo_call, requests, concurrency, seconds))
+            meter.restart()
             service.append(await _closed_loop(lookup_call, requests, concurrency, seconds))
+            meter.stop()
         visibility = await measure_visibility(env, lookup_call)
     finally:
         await lookup_channel.close()
@@ -438,6 +494,8 @@ async def bench_lookup(env: Environment, concurrency: int, seconds: float, runs:
         "run_ceilings": [round(r, 1) for r, _ in ceiling],
         "concurrency": concurrency,
         "seconds_per_run": seconds,
+        # Where the CPU of one lookup went, by process (postgres: the benchmark's server and backends).
+        "cpu_us_per_call": meter.per_unit(sum(len(run) for _, run in service)),
         **visibility,
     }
 
@@ -518,9 +576,12 @@ async def bench_verify(env: Environment, codes: int, batch: int, runs: int) -> d
             await _stream(factory, warm)
         service: list[float] = []
         ceiling: list[float] = []
+        meter = CpuMeter(env)
         for _ in range(runs):
             ceiling.append(await _streams(echoes, messages))
+            meter.restart()
             service.append(await _streams(services, messages))
+            meter.stop()
     finally:
         for channel in channels:
             await channel.close()
@@ -536,6 +597,7 @@ async def bench_verify(env: Environment, codes: int, batch: int, runs: int) -> d
         "codes": codes,
         "batch": batch,
         "lookup_processes": env.lookup_processes,
+        "cpu_us_per_record": meter.per_unit(runs * codes),
     }
 
 
