@@ -181,8 +181,11 @@ def split_kana(kana: str | None) -> tuple[str, str]:
     return family, given
 
 
-def resident_row(state: domain.ResidentState) -> tuple[Any, ...]:
-    """The ``residents`` row of a folded state, in the column order of :data:`RESIDENT_COLUMNS`."""
+def resident_row(state: domain.ResidentState, version: int | None = None) -> tuple[Any, ...]:
+    """The ``residents`` row of a folded state, in the column order of :data:`RESIDENT_COLUMNS`.
+
+    ``version`` replaces the fold's own event count (see :meth:`juki.intake.store.Store._fold`).
+    """
     place = domain.municipality(state.address.municipality_code)
     family_kana, given_kana = split_kana(state.kana)
     birth = state.birth_date
@@ -211,7 +214,7 @@ def resident_row(state: domain.ResidentState) -> tuple[Any, ...]:
         state.death_date,
         state.successor_code,
         state.predecessor_code,
-        state.version,
+        state.version if version is None else version,
         name_key(state.family_name + state.given_name),
         street_key(state.address.street),
     )

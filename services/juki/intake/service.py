@@ -88,7 +88,7 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
 
     # -- notifications ----------------------------------------------------------------------------
 
-    def _prepare(self, index: int, message: intake_pb2.Notification) -> Item:
+    def _prepare(self, message: intake_pb2.Notification, today: Any) -> Item:
         payload = message.SerializeToString(deterministic=True)
         item = Item(message=message, payload=payload, digest=convert.content_digest(message), notification=None)
         try:
@@ -96,7 +96,7 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
         except convert.MalformedNotification as exc:
             item.reject(*exc.violations)
             return item
-        normal, found = domain.check_notification(parsed, self._clock.today())
+        normal, found = domain.check_notification(parsed, today)
         if found:
             item.reject(*(FieldViolation(convert.proto_field(v.field), v.description, str(v.reason)) for v in found))
             return item
@@ -112,7 +112,8 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
             raise invalid("notifications", f"at most {MAX_BATCH} notifications per batch")
         peer = require_peer()
         self._check_sender(peer, {m.municipality_code for m in messages})
-        items = [self._prepare(index, message) for index, message in enumerate(messages)]
+        today = self._clock.today()  # one business date per batch
+        items = [self._prepare(message, today) for message in messages]
         if not self.national and peer.kind == "municipality":
             states = await self._store.is_connected({m.municipality_code for m in messages})
             cut = sorted(code for code, connected in states.items() if not connected)

@@ -9,7 +9,6 @@ locks (taken in sorted order, so they cannot deadlock); other batches run in par
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import enum
 import hashlib
@@ -253,12 +252,13 @@ class Store:
                     continue
                 # The stored version counts the events applied at this tier (a bulk-loaded record
                 # counts as one), so it only ever grows.
-                state = dataclasses.replace(folded, version=base + index + 1)
-                row = convert.resident_row(state)
+                state = folded
+                version = base + index + 1
+                row = convert.resident_row(state, version)
                 record = convert.record_from_row(dict(zip(convert.RESIDENT_COLUMNS, row, strict=True)))
                 kind = convert.change_kind_to_proto(event.change_kind)
                 version_rows.append((
-                    code, state.version, event.notification_id, kind,
+                    code, version, event.notification_id, kind,
                     event.occurred_on, event.notified_on, record.SerializeToString(deterministic=True), now,
                 ))
                 change_rows.append((code, kind, event.occurred_on, now))
