@@ -119,7 +119,7 @@ def test_every_referenced_secret_and_configmap_exists(overlay: str, docs: list[D
 
 
 def test_each_service_logs_in_with_its_own_managed_role(docs: list[Doc]) -> None:
-    settings = pytest.importorskip("juki.mesh.settings")
+    from juki.mesh import settings
     clusters = {name(c): c for c in of_kind(docs, "Cluster")}
     for d in juki_deployments(docs):
         server = pod_spec(d)["containers"][0]

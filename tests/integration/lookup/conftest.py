@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 import pytest_asyncio
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
 from juki._gen.juki.lookup.v1 import lookup_pb2_grpc
@@ -71,7 +70,7 @@ class Mesh:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def mesh(ca: Any, database: Database, data_dir: Path) -> AsyncIterator[Mesh]:
-    accesslog_app = pytest.importorskip("juki.accesslog.app")
+    from juki.accesslog import app as accesslog_app
     from juki.lookup.app import create
 
     log_settings = make_settings(ca, database, data_dir, "accesslog", "accesslog", ("service", "accesslog"))
