@@ -100,6 +100,9 @@ def _classify(exc: BaseException) -> JukiError:
         ("asyncpg.exceptions.ConnectionDoesNotExist", "asyncpg.exceptions._base.InterfaceError")
     ) or "CannotConnectNow" in name or "AdminShutdown" in name or "ConnectionFailure" in name:
         return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a dependency failed: {type(exc).__name__}")
+    if getattr(exc, "sqlstate", None) in ("22021", "22P05"):
+        # Text PostgreSQL cannot store (a NUL byte) that a handler passed on unchecked: the caller's input.
+        return invalid("request", "a text field holds a character that cannot be stored (NUL)")
     if isinstance(exc, grpc.aio.AioRpcError):
         if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a service this call needs failed: {exc.code().name}")
@@ -175,8 +178,12 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         elif error.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             log.warning("refused %s: %s", method, error)
             if self._on_refusal is not None:
+                peer = current_peer.get()
+                if peer is None:  # refused before the peer was set (a revoked certificate): still name it
+                    with contextlib.suppress(Exception):
+                        peer = peer_from_auth_context(context.auth_context())
                 with contextlib.suppress(Exception):
-                    await self._on_refusal(current_peer.get(), method, error)
+                    await self._on_refusal(peer, method, error)
         await abort_with(context, error)
 
     async def intercept_service(

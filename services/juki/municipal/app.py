@@ -53,7 +53,9 @@ class MunicipalServicer(municipal_pb2_grpc.MunicipalServiceServicer):
         peer = require_peer()
         if peer.kind == "operator" or request.HasField("operator_proof"):
             verified = await self.app.operators.verify(f"/{SERVICE_NAME}/{method}", request)
-            await self.app.registry.log_operator(verified.operator_id, peer.spiffe_id, method, resident_code)
+            # Only a well-formed code is logged: the request is not validated yet (it may carry a NUL byte).
+            logged_code = resident_code if domain.is_valid_resident_code(resident_code) else ""
+            await self.app.registry.log_operator(verified.operator_id, peer.spiffe_id, method, logged_code)
 
     async def RecordChange(
         self, request: municipal_pb2.RecordChangeRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -92,6 +94,8 @@ class MunicipalServicer(municipal_pb2_grpc.MunicipalServiceServicer):
     ) -> municipal_pb2.ListHouseholdResponse:
         if not request.household_id:
             raise invalid("household_id", "household_id is required")
+        if len(request.household_id) > 128 or not request.household_id.isprintable():
+            raise invalid("household_id", "at most 128 printable characters")
         members = await self.app.registry.household(request.household_id)
         if not members:
             raise JukiError(Reason.RESIDENT_NOT_FOUND, f"no current household {request.household_id}")

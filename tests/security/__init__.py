@@ -1,0 +1,1 @@
+"""Security suite (see tests/faults.py)."""
