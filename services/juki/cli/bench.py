@@ -13,6 +13,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "juki.cli.bench_accesslog",
     "juki.cli.bench_disclose",
     "juki.cli.bench_intake",
+    "juki.cli.bench_soak",
 )
 
 
