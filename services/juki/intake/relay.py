@@ -18,6 +18,7 @@ import grpc
 
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
 from juki.intake.store import Store
+from juki.mesh import metrics
 from juki.mesh.settings import TlsFiles
 from juki.mesh.tls import secure_channel
 
@@ -37,6 +38,14 @@ class Relay:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        meter = metrics.meter("juki.intake")
+        self._lag = meter.create_histogram(
+            "juki.intake.relay.lag", unit="ms",
+            description="time from outbox enqueue to acknowledgement by the national intake, per notification",
+        )
+        self._relayed = meter.create_counter("juki.intake.relay.notifications",
+                                             description="notifications acknowledged upstream")
+        self._batch = meter.create_histogram("juki.intake.relay.batch_size", description="notifications per batch")
 
     def wake(self) -> None:
         self._wake.set()
@@ -104,6 +113,10 @@ class Relay:
                         log.error("national intake rejected relayed notification %s: %s", result.notification_id,
                                   "; ".join(f"{v.field}: {v.description}" for v in result.violations))
                 lags = [(now - enqueued).total_seconds() * 1000 for _, enqueued in sent]
+                for lag in lags:
+                    self._lag.record(lag)
+                self._relayed.add(len(lags))
+                self._batch.record(len(lags))
                 await self._store.outbox_acknowledged([outbox_id for outbox_id, _ in sent], lags)
         finally:
             call.cancel()

@@ -224,10 +224,10 @@ class Store:
             " WHERE resident_code = ANY($1::text[]) OR new_resident_code = ANY($1::text[])",
             codes,
         )
-        for row in rows:
-            if row["notification_id"] in fresh_ids:
+        for stored in rows:
+            if stored["notification_id"] in fresh_ids:
                 continue
-            event = decode_event(bytes(row["payload"]))
+            event = decode_event(bytes(stored["payload"]))
             for code in _affected_codes(event):
                 if code in new_by_code:
                     history[code].append(event)
