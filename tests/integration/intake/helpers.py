@@ -48,6 +48,7 @@ def notification(
     given: str = "花子",
     street: str = "中野四丁目8番1号",
     sequence: int | None = None,
+    resident_kind: int = common_pb2.RESIDENT_KIND_JAPANESE,
     **fields: Any,
 ) -> intake_pb2.Notification:
     place = domain.municipality(municipality)
@@ -59,7 +60,7 @@ def notification(
         sequence=sequence if sequence is not None else next_sequence(municipality),
         change_kind=kind,  # type: ignore[arg-type]
         resident_code=code or new_code(),
-        resident_kind=common_pb2.RESIDENT_KIND_JAPANESE,
+        resident_kind=resident_kind,  # type: ignore[arg-type]
         name=common_pb2.PersonName(family_name=family, given_name=given, family_name_kana="ナカノ",
                                    given_name_kana="ハナコ"),
         birth_date=date(birth),
