@@ -183,6 +183,7 @@ async def until_delivered(mesh: Mesh, acked: dict[str, str], timeout: float = 12
         await asyncio.sleep(0.5)
 
 
+@pytest.mark.timeout(900)  # eight faults, each waited out; generous for a loaded CI machine
 async def test_the_mesh_loses_nothing_when_each_process_and_the_database_fail(chaos_mesh: Mesh) -> None:
     mesh = chaos_mesh
     parents = {m: await register_entries(mesh, m, 20) for m in (NAKANO, YOKOHAMA)}
