@@ -93,7 +93,8 @@ async def _refused_at_handshake(address: str, credentials: grpc.ChannelCredentia
 async def test_no_certificate_another_ca_and_expired_certificates_never_get_a_session(secure_mesh: Mesh) -> None:
     mesh = secure_mesh
     ca_pem = mesh.ca.ca_cert_path.read_bytes()
-    other = CertificateAuthority(Path(tempfile.mkdtemp(prefix="juki-other-ca-")))
+    other_dir = tempfile.TemporaryDirectory(prefix="juki-other-ca-")
+    other = CertificateAuthority(Path(other_dir.name))
     other.create(common_name="someone else's CA")
     foreign = other.issue("agency", "jps")
     foreign_cert, foreign_key = foreign.cert, foreign.key
@@ -107,6 +108,7 @@ async def test_no_certificate_another_ca_and_expired_certificates_never_get_a_se
         "not-yet-valid": grpc.ssl_channel_credentials(ca_pem, not_yet.key.read_bytes(),
                                                       not_yet.cert.read_bytes()),
     }
+    other_dir.cleanup()  # the credentials are in memory now
     answered = []
     for instance in INSTANCES:
         for kind, credentials in callers.items():
