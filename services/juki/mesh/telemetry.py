@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -75,10 +76,36 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     return list(aio_client_interceptors())
 
 
-def server_interceptor() -> grpc.aio.ServerInterceptor:
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+_SERVER_TRACER: trace.Tracer | None = None
 
-    return aio_server_interceptor()  # type: ignore[no-any-return]
+
+def start_server_span(
+    method: str, metadata: Any, attributes: dict[str, str]
+) -> trace.Span:
+    """A SERVER span for one RPC, child of the caller's W3C ``traceparent`` (from gRPC metadata)."""
+    global _SERVER_TRACER
+    if _SERVER_TRACER is None:
+        _SERVER_TRACER = trace.get_tracer("juki.rpc")
+    carrier = {key: value for key, value in (metadata or ()) if key in ("traceparent", "tracestate")}
+    parent = propagate.extract(carrier) if carrier else None
+    return _SERVER_TRACER.start_span(method, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes)
+
+
+def activate(span: trace.Span) -> Any:
+    """Make ``span`` current for the rest of the call; returns the token for :func:`end_server_span`."""
+    return otel_context.attach(trace.set_span_in_context(span))
+
+
+def end_server_span(span: trace.Span, token: Any, code: str) -> None:
+    span.set_attribute("rpc.grpc.status_code", code)
+    if code not in ("OK", "NOT_FOUND", "INVALID_ARGUMENT", "PERMISSION_DENIED", "ALREADY_EXISTS",
+                    "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED"):
+        span.set_status(trace.Status(trace.StatusCode.ERROR, code))
+    span.end()
+    try:
+        otel_context.detach(token)
+    except ValueError:  # detached in another context (a stream finished by another task): harmless
+        pass
 
 
 def current_trace_id() -> str | None:
