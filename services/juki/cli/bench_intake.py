@@ -67,7 +67,7 @@ class IntakeEnvironment:
         self.profile = profile
         self.root = Path(tempfile.mkdtemp(prefix="juki-bench-intake-"))
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.ports = {"intake-national": _free_port(), "intake-prefecture-13": _free_port()}
+        self.ports = {"intake-national": _free_port(), "intake-prefecture-13": _free_port(), "echo": _free_port()}
         self.pg: Any = None
         self.ca: Any = None
 
@@ -78,6 +78,10 @@ class IntakeEnvironment:
     @property
     def prefecture(self) -> str:
         return f"127.0.0.1:{self.ports['intake-prefecture-13']}"
+
+    @property
+    def echo(self) -> str:
+        return f"127.0.0.1:{self.ports['echo']}"
 
     async def start(self) -> None:
         from juki.mesh import db
@@ -93,8 +97,12 @@ class IntakeEnvironment:
         self.spawn("intake-national")
         self.spawn("intake-prefecture-13")
 
+    def start_echo(self) -> None:
+        """The ceiling: a bare mTLS grpc.aio server that acknowledges every batch without any work."""
+        self.spawn("echo")
+
     def _env(self, name: str) -> dict[str, str]:
-        identity = ("service", "intake-national") if name == "intake-national" else ("prefecture", "13")
+        identity = ("prefecture", "13") if name == "intake-prefecture-13" else ("service", "intake-national")
         cert, key = self.ca.paths(*identity)
         env = {k: v for k, v in os.environ.items() if not k.startswith("JUKI_")}
         env.update({
@@ -104,7 +112,7 @@ class IntakeEnvironment:
             "JUKI_TLS_CERT_FILE": str(cert),
             "JUKI_TLS_KEY_FILE": str(key),
             "JUKI_TLS_CRL_FILE": str(self.ca.crl_path),
-            "JUKI_DATABASE_URL": self.pg.url("juki_" + ("intake_national" if name == "intake-national" else "intake_p13")),
+            "JUKI_DATABASE_URL": self.pg.url("juki_" + ("intake_p13" if name == "intake-prefecture-13" else "intake_national")),
             "JUKI_NATIONAL_INTAKE_ADDRESS": self.national,
             "JUKI_READY_FILE": str(self.root / f"{name}.ready"),
             "JUKI_LOG_LEVEL": "WARNING",
@@ -117,6 +125,8 @@ class IntakeEnvironment:
         ready.unlink(missing_ok=True)
         args = ["--tier", "national"] if name == "intake-national" else ["--tier", "prefecture", "--prefecture", "13"]
         command = [sys.executable, "-m", "juki", "serve", "intake", *args]
+        if name == "echo":
+            command = [sys.executable, "-m", "juki.cli.bench_intake"]
         if self.profile is not None:
             self.profile.mkdir(parents=True, exist_ok=True)
             py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -255,14 +265,22 @@ async def bench_intake(args: argparse.Namespace) -> dict[str, Any]:
         # Warm-up: connections, prepared statements, the relay stream.
         await stream_batches(stub, births(1, args.batch, 0), args.batch, args.in_flight)
         await wait_relayed(status_stub)
+        env.start_echo()
+        echo_channel = secure_channel(env.echo, env.tls("municipality", NAKANO))
+        echo_stub = intake_pb2_grpc.IntakeServiceStub(echo_channel)
+        await stream_batches(echo_stub, births(1, args.batch, 0), args.batch, args.in_flight)
         sequence = args.batch + 1
         offset = args.batch
         rates: list[float] = []
         prefecture_rates: list[float] = []
         latencies: list[float] = []
         lags: list[float] = []
+        ceilings: list[float] = []
         for _ in range(args.runs):
             messages = births(sequence, args.notifications, offset)
+            started = time.perf_counter()
+            await stream_batches(echo_stub, messages, args.batch, args.in_flight)
+            ceilings.append(len(messages) / (time.perf_counter() - started))
             sequence += args.notifications
             offset += args.notifications
             await admin.execute("DELETE FROM intake_p13.relay_acks")
@@ -282,9 +300,12 @@ async def bench_intake(args: argparse.Namespace) -> dict[str, Any]:
         await admin.close()
         await municipality.close()
         await operator.close()
+        await echo_channel.close()
+        throughput = statistics.median(rates)
+        ceiling = statistics.median(ceilings)
         return {
             "benchmark": "intake",
-            "throughput": round(statistics.median(rates), 1),
+            "throughput": round(throughput, 1),
             "unit": "notifications/s durable at prefecture and national",
             "runs": args.runs,
             "run_throughputs": [round(r, 1) for r in rates],
@@ -296,6 +317,9 @@ async def bench_intake(args: argparse.Namespace) -> dict[str, Any]:
             "batch": args.batch,
             "in_flight": args.in_flight,
             "national_notifications": national,
+            "ceiling": round(ceiling, 1),
+            "ceiling_unit": "notifications/s acknowledged by a bare mTLS grpc.aio echo server, same client and batches",
+            "ratio": round(throughput / ceiling, 4),
             "goal": 20_000,
         }
     finally:
@@ -305,3 +329,45 @@ async def bench_intake(args: argparse.Namespace) -> dict[str, Any]:
 async def cmd_bench_intake(args: argparse.Namespace) -> int:
     print(json.dumps(await bench_intake(args)))
     return 0
+
+
+# -- the echo server (a child process): the ceiling of the machine for this stream shape ---------------
+
+class _EchoServicer(intake_pb2_grpc.IntakeServiceServicer):
+    async def StreamNotifications(self, request_iterator: Any, context: Any) -> Any:
+        async for request in request_iterator:
+            yield intake_pb2.StreamNotificationsResponse(
+                batch_id=request.batch_id,
+                results=[
+                    intake_pb2.NotificationResult(notification_id=n.notification_id, sequence=n.sequence,
+                                                  outcome=intake_pb2.NOTIFICATION_OUTCOME_ACCEPTED)
+                    for n in request.notifications
+                ],
+            )
+
+
+async def serve_echo() -> None:
+    import grpc
+
+    from juki.mesh.settings import TlsFiles
+    from juki.mesh.tls import SERVER_OPTIONS, server_credentials
+
+    tls = TlsFiles(ca=Path(os.environ["JUKI_TLS_CA_FILE"]), cert=Path(os.environ["JUKI_TLS_CERT_FILE"]),
+                   key=Path(os.environ["JUKI_TLS_KEY_FILE"]))
+    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    intake_pb2_grpc.add_IntakeServiceServicer_to_server(_EchoServicer(), server)  # type: ignore[abstract]
+    listen = os.environ["JUKI_LISTEN"]
+    port = server.add_secure_port(listen, server_credentials(tls))
+    await server.start()
+    ready = Path(os.environ["JUKI_READY_FILE"])
+    ready.write_text(json.dumps({"address": f"127.0.0.1:{port}", "pid": os.getpid()}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+if __name__ == "__main__":
+    asyncio.run(serve_echo())
