@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from opentelemetry import trace
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki._gen.juki.common.v1 import common_pb2
@@ -77,6 +78,9 @@ _POLICY_REASONS: dict[type[PolicyError], Reason] = {
     ModeNotGranted: Reason.MODE_NOT_GRANTED,
     FieldNotGranted: Reason.FIELD_NOT_GRANTED,
 }
+
+_TRACER = trace.get_tracer("juki.lookup")
+_STORE_SPAN = {"db.system": "postgresql", "db.operation": "SELECT", "db.sql.table": "intake_national.residents"}
 
 
 @dataclass(frozen=True)
@@ -241,11 +245,14 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
             request.requested_fields, proof, request, request.resident_code,
         )
         _check_code(request.resident_code, "resident_code")
-        row = await self._pool.fetchrow(_FIELDS_BY_CODE, request.resident_code)
+        with _TRACER.start_as_current_span("identity_store.read", attributes=_STORE_SPAN):
+            row = await self._pool.fetchrow(_FIELDS_BY_CODE, request.resident_code)
         if row is None:
             raise JukiError(Reason.RESIDENT_NOT_FOUND, f"no resident has code {request.resident_code}")
         record = rec.identity_record(row, call.fields)
-        await self._provisions.record(call.provisions([(request.resident_code, True)]))
+        # The answer leaves only once its provision record is durable in the access log.
+        with _TRACER.start_as_current_span("access_log.provision_durable"):
+            await self._provisions.record(call.provisions([(request.resident_code, True)]))
         return lookup_pb2.LookupByCodeResponse(record=record, provided_fields=call.proto_fields)
 
     # -- by four items -------------------------------------------------------------------------------------
