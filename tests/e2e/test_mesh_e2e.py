@@ -159,3 +159,44 @@ async def test_a_second_up_on_the_same_data_dir_reuses_its_data() -> None:
         assert len(code) == 11
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_metrics_are_scrapeable_per_service(mesh: Supervisor) -> None:
+    """Prometheus text on each service's /metrics: RPC requests and latency, pool saturation, batches."""
+    import urllib.request
+
+    endpoints = read_endpoints(mesh.data_dir)
+    code = await _some_resident(mesh)
+    async with secure_channel(endpoints["services"]["lookup"]["address"], _agency_tls(endpoints)) as channel:
+        stub = lookup_pb2_grpc.LookupServiceStub(channel)
+        await stub.LookupByCode(lookup_pb2.LookupByCodeRequest(purpose="B1-PENSION-BENEFIT", resident_code=code))
+
+    def scrape(instance: str) -> str:
+        with urllib.request.urlopen(endpoints["services"][instance]["metrics"], timeout=10) as response:
+            return str(response.read().decode())
+
+    def samples(text: str, name: str, **labels: str) -> list[float]:
+        found = []
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                found.append(float(line.rsplit(" ", 1)[1]))
+        return found
+
+    lookup_text = await asyncio.to_thread(scrape, "lookup")
+    served = samples(lookup_text, "juki_rpc_server_requests_total",
+                     rpc_method="/juki.lookup.v1.LookupService/LookupByCode", rpc_grpc_status_code="OK")
+    assert served and served[0] >= 1, lookup_text[-3000:]
+    assert samples(lookup_text, "juki_rpc_server_duration_milliseconds_count",
+                   rpc_method="/juki.lookup.v1.LookupService/LookupByCode")
+    assert samples(lookup_text, "juki_db_pool_connections", pool="lookup", state="max")
+    assert samples(lookup_text, "juki_lookup_provision_batch_records_count")
+    accesslog_text = await asyncio.to_thread(scrape, "accesslog")
+    assert samples(accesslog_text, "juki_accesslog_group_commit_records_count")
+    assert samples(accesslog_text, "juki_accesslog_backlog")
+    prefecture_text = await asyncio.to_thread(scrape, "intake-prefecture-13")
+    assert samples(prefecture_text, "juki_rpc_server_requests_total")
+
+
+def _agency_tls(endpoints: dict[str, Any]) -> TlsFiles:
+    agency = endpoints["clients"]["agency"]
+    return TlsFiles(ca=Path(endpoints["ca"]), cert=Path(agency["cert"]), key=Path(agency["key"]))

@@ -25,6 +25,7 @@ import grpc
 from opentelemetry import trace
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
+from juki.mesh import metrics
 from juki.mesh.errors import JukiError, Reason
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,12 @@ def _append_stream_request(batch_id: str, records: Sequence[bytes], traceparent:
 
 def _passthrough(request: bytes) -> bytes:
     return request
+
+
+_BATCH_RECORDS = metrics.meter("juki.lookup").create_histogram(
+    "juki.lookup.provision_batch.records", unit="{record}",
+    description="provision records per group-committed access-log batch",
+)
 
 
 @dataclass
@@ -229,6 +236,7 @@ class ProvisionLog:
                 await call.write(request)
                 self.stats.batches += 1
                 self.stats.records += batch.count
+                _BATCH_RECORDS.record(batch.count)
             with contextlib.suppress(Exception):
                 await call.done_writing()
             if in_flight:

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from juki.mesh import metrics
 from juki.mesh.settings import DatabaseSettings, role_name, schema_name
 
 _MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -44,6 +45,7 @@ async def create_pool(settings: DatabaseSettings, application_name: str) -> asyn
         server_settings={"search_path": f"{settings.schema},public", "application_name": application_name},
     )
     assert pool is not None
+    metrics.observe_pool(application_name, pool)
     return pool
 
 

@@ -53,6 +53,7 @@ class ChildSpec:
     args: list[str]
     identity: tuple[str, str]  # PKI (kind, name) of its certificate
     port: int = 0
+    metrics_port: int = 0
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -176,7 +177,10 @@ class Supervisor:
         for spec in self.specs:
             port = known.get(spec.instance)
             spec.port = port if port and _port_free(port) else free_port()
-        ports_file.write_text(json.dumps({s.instance: s.port for s in self.specs}, indent=1))
+            metrics_port = known.get(f"{spec.instance}/metrics")
+            spec.metrics_port = metrics_port if metrics_port and _port_free(metrics_port) else free_port()
+        ports = {s.instance: s.port for s in self.specs} | {f"{s.instance}/metrics": s.metrics_port for s in self.specs}
+        ports_file.write_text(json.dumps(ports, indent=1))
 
     def address(self, instance: str) -> str:
         for spec in self.specs:
@@ -193,6 +197,7 @@ class Supervisor:
         env.update({
             "JUKI_DATA_DIR": str(self.data_dir),
             "JUKI_LISTEN": f"127.0.0.1:{spec.port}",
+            "JUKI_METRICS_LISTEN": f"127.0.0.1:{spec.metrics_port}",
             "JUKI_TLS_CA_FILE": str(self.ca.ca_cert_path),
             "JUKI_TLS_CERT_FILE": str(cert),
             "JUKI_TLS_KEY_FILE": str(key),
@@ -336,6 +341,7 @@ class Supervisor:
                 spec.instance: {
                     "address": self.address(spec.instance),
                     "spiffe_id": pki.spiffe_id(*spec.identity),
+                    "metrics": f"http://127.0.0.1:{spec.metrics_port}/metrics",
                     "pid": self.processes[spec.instance].pid if spec.instance in self.processes else None,
                 }
                 for spec in self.specs

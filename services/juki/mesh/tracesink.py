@@ -200,8 +200,12 @@ def render_html(spans: list[SpanRecord], title: str = "trace") -> str:
             f'{html.escape(span.name)}</text>'
             f'<rect x="{x:.1f}" y="{y + 4}" width="{w:.1f}" height="{row_h - 8}" rx="3" fill="{colour[span.service]}">'
             f"<title>{html.escape(span.name)} {ms:.2f} ms</title></rect>"
-            f'<text x="{min(x + w + 4, label_w + bar_w - 60):.1f}" y="{y + 16}" font-size="11" fill="#444">'
-            f"{ms:.2f} ms</text>"
+            + (
+                f'<text x="{x + w + 4:.1f}" y="{y + 16}" font-size="11" fill="#444">{ms:.2f} ms</text>'
+                if x + w + 70 < label_w + bar_w + 80
+                else f'<text x="{x + w - 4:.1f}" y="{y + 16}" font-size="11" fill="#fff" text-anchor="end">'
+                f"{ms:.2f} ms</text>"
+            )
         )
     axis = (
         f'<line x1="{label_w}" y1="32" x2="{label_w + bar_w}" y2="32" stroke="#999"/>'
