@@ -149,3 +149,33 @@ def settings_factory(ca: Any, database: Database, data_dir: Path) -> Any:
         return make_settings(ca, database, data_dir, service, instance, identity, **overrides)
 
     return factory
+
+
+async def forget_municipality(database: Database, code: str) -> None:
+    """Give one municipality a clean slate in the shared test database.
+
+    Tests of the intake impersonate municipalities with their own sequence numbers; a later test that
+    runs the real CS of the same municipality would otherwise meet a history it never wrote (sequence
+    conflicts). Its notifications, sequence and connection state at every intake tier, and its CS's
+    outbox, are removed; residents folded from them stay.
+    """
+    conn = await database.admin()
+    try:
+        tables = await conn.fetch(
+            "SELECT table_schema, table_name FROM information_schema.columns "
+            "WHERE column_name = 'municipality_code' AND table_schema LIKE 'intake_%' "
+            "AND table_name IN (SELECT table_name FROM information_schema.tables t "
+            "WHERE t.table_schema = columns.table_schema AND t.table_type = 'BASE TABLE')"
+        )
+        for row in tables:
+            if row["table_name"] == "residents":
+                continue
+            await conn.execute(
+                f'DELETE FROM "{row["table_schema"]}"."{row["table_name"]}" WHERE municipality_code = $1', code
+            )
+        schema = schema_name(f"municipal-{code}")
+        if await conn.fetchval("SELECT 1 FROM information_schema.schemata WHERE schema_name = $1", schema):
+            await conn.execute(f'TRUNCATE "{schema}".outbox')
+            await conn.execute(f'UPDATE "{schema}".outbox_state SET last_sequence = 0, connected = true')
+    finally:
+        await conn.close()

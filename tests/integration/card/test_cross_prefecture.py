@@ -17,7 +17,7 @@ from juki.intake import app as intake_app
 from juki.mesh.settings import Peers
 from juki.mesh.supervisor import free_port
 
-from tests.conftest import channel_as, running
+from tests.conftest import channel_as, forget_municipality, running
 from tests.integration.municipal.helpers import date, person, sign
 
 pytestmark = pytest.mark.timeout(180)
@@ -26,7 +26,9 @@ CARD = "/juki.card.v1.CardService/"
 
 
 @pytest.fixture
-async def whole(settings_factory: Any) -> AsyncIterator[dict[str, Any]]:
+async def whole(settings_factory: Any, database: Any) -> AsyncIterator[dict[str, Any]]:
+    await forget_municipality(database, NAKANO)
+    await forget_municipality(database, YOKOHAMA)
     from juki.accesslog.app import create as create_accesslog
     from juki.card.app import create as create_card
     from juki.municipal.app import create as create_municipal

@@ -18,7 +18,7 @@ from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
 from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
 from juki.mesh.settings import Peers
 
-from tests.conftest import channel_as, running
+from tests.conftest import channel_as, forget_municipality, running
 from tests.integration.municipal.helpers import date, person, sign
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,7 +34,8 @@ class Chain:
 
 
 @pytest.fixture
-async def chain(settings_factory: Any) -> AsyncIterator[Chain]:
+async def chain(settings_factory: Any, database: Any) -> AsyncIterator[Chain]:
+    await forget_municipality(database, NAKANO)
     from juki.intake.app import create as create_intake
     from juki.municipal.app import create as create_municipal
 
