@@ -148,6 +148,7 @@ def settings_factory(ca: Any, database: Database, data_dir: Path) -> Any:
     def factory(service: str, instance: str, identity: tuple[str, str], **overrides: Any) -> ServiceSettings:
         return make_settings(ca, database, data_dir, service, instance, identity, **overrides)
 
+    factory.database = database  # type: ignore[attr-defined]
     return factory
 
 

@@ -102,7 +102,7 @@ async def caller_for(mesh: Mesh, rpc: Rpc) -> grpc.aio.Channel:
         admitted = []
         for kind, name in CANDIDATES:
             code, details = await send(mesh.channel(rpc.instance, kind, name), rpc, b"")
-            if details is not None and details.reason == "PEER_NOT_AUTHORISED":
+            if code is grpc.StatusCode.PERMISSION_DENIED and (details is None or details.reason == "PEER_NOT_AUTHORISED"):
                 continue
             admitted.append((code is not grpc.StatusCode.PERMISSION_DENIED, (kind, name)))
         if not admitted:

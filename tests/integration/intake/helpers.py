@@ -16,7 +16,7 @@ from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
 from juki.mesh.settings import Peers
 
-from tests.conftest import channel_as, running
+from tests.conftest import channel_as, forget_municipality, running
 
 NAKANO = "131148"
 YOKOHAMA = "141003"
@@ -101,6 +101,12 @@ class Mesh:
 @contextlib.asynccontextmanager
 async def intake_mesh(ca: Any, settings_factory: Any, **overrides: Any) -> AsyncIterator[Mesh]:
     from juki.intake.app import create
+
+    # Other suites run the real CS of these municipalities on the shared database: start from a clean
+    # slate for them, and number this mesh's notifications from 1 again.
+    for code in (NAKANO, YOKOHAMA):
+        await forget_municipality(settings_factory.database, code)
+    _SEQUENCES.clear()
 
     national_settings = settings_factory("intake", "intake-national", ("service", "intake-national"),
                                          tier="national", **overrides)

@@ -27,6 +27,7 @@ async def mesh(ca: Any, database: Any, data_dir: Any) -> Any:
     def factory(service: str, instance: str, identity: tuple[str, str], **overrides: Any) -> Any:
         return make_settings(ca, database, data_dir, service, instance, identity, **overrides)
 
+    factory.database = database  # type: ignore[attr-defined]
     async with intake_mesh(ca, factory) as running_mesh:
         yield running_mesh
 
