@@ -31,7 +31,7 @@ from .codes import (
     resident_code_check_digit,
     resident_code_from_body,
 )
-from .fold import KIND_PRECEDENCE, ResidentState, ResidentStatus, event_order, fold, sort_events
+from .fold import KIND_PRECEDENCE, ResidentState, ResidentStatus, event_order, fold, fold_each, sort_events
 from .names import (
     InvalidText,
     address_key,
@@ -114,6 +114,7 @@ __all__ = [
     "default_policy",
     "event_order",
     "fold",
+    "fold_each",
     "generate",
     "generate_resident_code",
     "is_local_government_code",

@@ -57,9 +57,10 @@ def resident_code_check_digit(body: str) -> int:
     """
     if not _is_ascii_digits(body, RESIDENT_CODE_LENGTH - 1):
         raise ValueError(f"a resident-code body is 10 ASCII digits, got {body!r}")
-    total = sum(
-        int(digit) * weight for digit, weight in zip(reversed(body), _RESIDENT_CODE_WEIGHTS, strict=True)
-    )
+    d = body.encode()  # ASCII digits: byte - 48 is the digit; weights 2..7,2..5 from the right
+    total = (
+        2 * d[9] + 3 * d[8] + 4 * d[7] + 5 * d[6] + 6 * d[5] + 7 * d[4] + 2 * d[3] + 3 * d[2] + 4 * d[1] + 5 * d[0]
+    ) - 48 * sum(_RESIDENT_CODE_WEIGHTS)
     remainder = total % 11
     return 0 if remainder <= 1 else 11 - remainder
 
@@ -105,7 +106,8 @@ def local_government_check_digit(body: str) -> int:
     """
     if not _is_ascii_digits(body, LOCAL_GOVERNMENT_CODE_LENGTH - 1):
         raise ValueError(f"a local-government code body is 5 ASCII digits, got {body!r}")
-    total = sum(int(digit) * weight for digit, weight in zip(body, (6, 5, 4, 3, 2), strict=True))
+    d = body.encode()
+    total = 6 * d[0] + 5 * d[1] + 4 * d[2] + 3 * d[3] + 2 * d[4] - 48 * 20
     return (11 - total % 11) % 10
 
 

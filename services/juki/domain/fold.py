@@ -48,7 +48,15 @@ from .changes import ChangeGroup, ChangeKind
 from .validation import Notification
 from .values import Address, PartialDate, ResidentKind, Sex
 
-__all__ = ["KIND_PRECEDENCE", "ResidentState", "ResidentStatus", "event_order", "fold", "sort_events"]
+__all__ = [
+    "KIND_PRECEDENCE",
+    "ResidentState",
+    "ResidentStatus",
+    "event_order",
+    "fold",
+    "fold_each",
+    "sort_events",
+]
 
 
 class ResidentStatus(enum.Enum):
@@ -114,8 +122,8 @@ def _fingerprint(event: Notification) -> str:
     return hashlib.sha256(repr(event).encode()).hexdigest()
 
 
-def event_order(event: Notification) -> tuple[_dt.date, int, _dt.date, str, int, str, str]:
-    """The sort key of the fold (see the module docstring); total over distinct notifications."""
+def _order_prefix(event: Notification) -> tuple[_dt.date, int, _dt.date, str, int, str]:
+    """:func:`event_order` without its last element, the fingerprint (costly, needed only on ties)."""
     return (
         event.occurred_on,
         KIND_PRECEDENCE[event.change_kind],
@@ -123,15 +131,44 @@ def event_order(event: Notification) -> tuple[_dt.date, int, _dt.date, str, int,
         event.municipality_code,
         event.sequence,
         event.notification_id,
-        _fingerprint(event),
     )
+
+
+def event_order(event: Notification) -> tuple[_dt.date, int, _dt.date, str, int, str, str]:
+    """The sort key of the fold (see the module docstring); total over distinct notifications."""
+    return (*_order_prefix(event), _fingerprint(event))
+
+
+def _sorted_by_event_order(events: list[Notification]) -> list[Notification]:
+    """``sorted(events, key=event_order)``, computing fingerprints only within runs of equal prefixes.
+
+    The key is lexicographic and both sorts are stable, so sorting by the prefix and then each run of
+    equal prefixes by the fingerprint gives exactly the same list.
+    """
+    if len(events) < 2:
+        return list(events)
+    keyed = sorted(((_order_prefix(e), e) for e in events), key=lambda pair: pair[0])
+    ordered: list[Notification] = []
+    start = 0
+    count = len(keyed)
+    while start < count:
+        end = start + 1
+        prefix = keyed[start][0]
+        while end < count and keyed[end][0] == prefix:
+            end += 1
+        if end - start == 1:
+            ordered.append(keyed[start][1])
+        else:
+            ordered.extend(sorted((pair[1] for pair in keyed[start:end]), key=_fingerprint))
+        start = end
+    return ordered
 
 
 def sort_events(events: Iterable[Notification]) -> list[Notification]:
     """Events in fold order with repeated ``notification_id`` removed (first in order kept)."""
     seen: set[str] = set()
     unique: list[Notification] = []
-    for event in sorted(events, key=event_order):
+    for event in _sorted_by_event_order(list(events)):
         if event.notification_id not in seen:
             seen.add(event.notification_id)
             unique.append(event)
@@ -143,6 +180,12 @@ def _concerned_codes(event: Notification) -> set[str]:
     if event.change_kind is ChangeKind.RESIDENT_CODE_CHANGE and event.new_resident_code is not None:
         codes.add(event.new_resident_code)
     return codes
+
+
+def _concerns(event: Notification, code: str) -> bool:
+    return event.resident_code == code or (
+        event.change_kind is ChangeKind.RESIDENT_CODE_CHANGE and event.new_resident_code == code
+    )
 
 
 def _perspective(events: list[Notification]) -> str:
@@ -158,7 +201,18 @@ def _perspective(events: list[Notification]) -> str:
     return next(iter(common))
 
 
-def _snapshot(event: Notification, code: str, version: int, status: ResidentStatus) -> ResidentState:
+def _snapshot(
+    event: Notification,
+    code: str,
+    version: int,
+    status: ResidentStatus,
+    *,
+    death_date: _dt.date | None = None,
+    successor_code: str | None = None,
+    predecessor_code: str | None = None,
+    moved_to_municipality_code: str | None = None,
+) -> ResidentState:
+    # One construction (not a snapshot plus dataclasses.replace): the fold builds one state per event.
     return ResidentState(
         resident_code=code,
         resident_kind=event.resident_kind,
@@ -176,6 +230,10 @@ def _snapshot(event: Notification, code: str, version: int, status: ResidentStat
         last_changed_on=event.occurred_on,
         last_notified_on=event.notified_on,
         version=version,
+        death_date=death_date,
+        successor_code=successor_code,
+        predecessor_code=predecessor_code,
+        moved_to_municipality_code=moved_to_municipality_code,
     )
 
 
@@ -206,18 +264,19 @@ def _apply(state: ResidentState | None, event: Notification, code: str) -> Resid
 
     if kind is ChangeKind.RESIDENT_CODE_CHANGE and event.new_resident_code == code:
         # The new code's record begins here, carrying the identity from the change notification.
-        started = _snapshot(event, code, version, ResidentStatus.CURRENT)
-        return replace(started, predecessor_code=event.resident_code)
+        return _snapshot(event, code, version, ResidentStatus.CURRENT, predecessor_code=event.resident_code)
 
     if state is None:
         status = _STATUS_AFTER.get(kind, ResidentStatus.CURRENT)
         if kind is ChangeKind.RESIDENT_CODE_CHANGE:
-            return replace(
-                _snapshot(event, code, version, ResidentStatus.CODE_RETIRED),
-                successor_code=event.new_resident_code,
+            return _snapshot(
+                event, code, version, ResidentStatus.CODE_RETIRED, successor_code=event.new_resident_code
             )
-        return replace(
-            _snapshot(event, code, version, status),
+        return _snapshot(
+            event,
+            code,
+            version,
+            status,
             death_date=event.occurred_on if kind is ChangeKind.DEATH else None,
             moved_to_municipality_code=event.next_municipality_code,
         )
@@ -228,8 +287,14 @@ def _apply(state: ResidentState | None, event: Notification, code: str) -> Resid
         return unchanged
     if state.status is ResidentStatus.DECEASED:
         if kind is ChangeKind.EX_OFFICIO_CORRECTION and event.municipality_code == holder:
-            corrected = _snapshot(event, code, version, ResidentStatus.DECEASED)
-            return replace(corrected, death_date=state.death_date, predecessor_code=state.predecessor_code)
+            return _snapshot(
+                event,
+                code,
+                version,
+                ResidentStatus.DECEASED,
+                death_date=state.death_date,
+                predecessor_code=state.predecessor_code,
+            )
         return unchanged
     if kind in _HOLDER_ONLY and event.municipality_code != holder:
         return unchanged
@@ -238,19 +303,30 @@ def _apply(state: ResidentState | None, event: Notification, code: str) -> Resid
 
     predecessor = state.predecessor_code
     if kind is ChangeKind.RESIDENT_CODE_CHANGE:
-        retired = _snapshot(event, code, version, ResidentStatus.CODE_RETIRED)
-        return replace(retired, successor_code=event.new_resident_code, predecessor_code=predecessor)
+        return _snapshot(
+            event,
+            code,
+            version,
+            ResidentStatus.CODE_RETIRED,
+            successor_code=event.new_resident_code,
+            predecessor_code=predecessor,
+        )
     if kind.group is ChangeGroup.CORRECTION:
         # A correction amends the record without changing where it stands (a 除票 stays one).
-        corrected = _snapshot(event, code, version, state.status)
-        return replace(
-            corrected,
+        return _snapshot(
+            event,
+            code,
+            version,
+            state.status,
             moved_to_municipality_code=state.moved_to_municipality_code,
             predecessor_code=predecessor,
         )
     status = _STATUS_AFTER.get(kind, ResidentStatus.CURRENT)
-    return replace(
-        _snapshot(event, code, version, status),
+    return _snapshot(
+        event,
+        code,
+        version,
+        status,
         death_date=event.occurred_on if kind is ChangeKind.DEATH else None,
         moved_to_municipality_code=event.next_municipality_code,
         predecessor_code=predecessor,
@@ -271,6 +347,40 @@ def fold(events: Iterable[Notification], resident_code: str | None = None) -> Re
     code = resident_code if resident_code is not None else _perspective(ordered)
     state: ResidentState | None = None
     for event in ordered:
-        if code in _concerned_codes(event):
+        if _concerns(event, code):
             state = _apply(state, event, code)
     return state
+
+
+def fold_each(
+    known: Iterable[Notification], fresh: Iterable[Notification], resident_code: str
+) -> list[ResidentState | None]:
+    """``[fold([*known, *fresh[:i + 1]], resident_code) for i in range(len(fresh))]``, computed faster.
+
+    ``known`` is folded once; each fresh event that sorts strictly after every event before it (and
+    repeats no ``notification_id``) is applied to the previous state, which is what the full fold
+    would do with it. Any other event (out of order, a tie, a repeated id) is folded from scratch
+    over everything so far, so the result is always that of :func:`fold`.
+    """
+    so_far = list(known)
+    ordered = sort_events(so_far)
+    state: ResidentState | None = None
+    for event in ordered:
+        if _concerns(event, resident_code):
+            state = _apply(state, event, resident_code)
+    seen = {event.notification_id for event in so_far}
+    last = max((_order_prefix(event) for event in so_far), default=None)
+    states: list[ResidentState | None] = []
+    for event in fresh:
+        so_far.append(event)
+        prefix = _order_prefix(event)
+        if event.notification_id not in seen and (last is None or prefix > last):
+            if _concerns(event, resident_code):
+                state = _apply(state, event, resident_code)
+        else:
+            state = fold(so_far, resident_code)
+        seen.add(event.notification_id)
+        if last is None or prefix > last:
+            last = prefix
+        states.append(state)
+    return states

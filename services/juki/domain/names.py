@@ -12,6 +12,7 @@ Japanese names. Two functions families keep this in one place:
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -36,6 +37,10 @@ MAX_STREET_LENGTH = 200
 
 IDEOGRAPHIC_SPACE = "\u3000"
 
+_CACHE_SIZE = 1 << 16
+"""Normalisers are pure and names repeat (common family names, one municipality's streets): they are
+memoised per text (refusals, which raise, are not)."""
+
 # Control, format, surrogate, private-use and unassigned code points, and line/paragraph separators.
 # Private use (外字) is refused rather than guessed at: a registry must not store glyphs only one
 # vendor's font can show.
@@ -59,6 +64,10 @@ class InvalidText(ValueError):
 
 
 def _refuse_forbidden(text: str) -> None:
+    if text.isprintable():
+        # Every forbidden category is non-printable for str.isprintable (same Unicode database), so
+        # printable text needs no per-character look-up.
+        return
     for character in text:
         if unicodedata.category(character) in _FORBIDDEN_CATEGORIES and character not in " \u3000":
             raise InvalidText(f"contains a control or unassigned character U+{ord(character):04X}")
@@ -78,17 +87,20 @@ def _widen_half_width_katakana(text: str) -> str:
     return _HALF_WIDTH_KATAKANA.sub(lambda match: unicodedata.normalize("NFKC", match.group()), text)
 
 
+_WIDE_ASCII = {code: code + 0xFEE0 for code in range(ord("!"), ord("~") + 1)}
+_HIRAGANA_TO_KATAKANA = {code: code + 0x60 for code in (*range(0x3041, 0x3097), 0x309D, 0x309E)}
+
+
 def _widen_ascii(text: str) -> str:
-    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+    return text.translate(_WIDE_ASCII)
 
 
 def hiragana_to_katakana(text: str) -> str:
     """Map hiragana (ぁ-ゖ, ゝゞ) to the corresponding katakana; everything else is kept."""
-    return "".join(
-        chr(ord(c) + 0x60) if "\u3041" <= c <= "\u3096" or c in "\u309d\u309e" else c for c in text
-    )
+    return text.translate(_HIRAGANA_TO_KATAKANA)
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def normalise_name(text: str, *, max_length: int = MAX_NAME_LENGTH) -> str:
     """Normalise a Japanese-script name part (氏, 名, 旧氏, 通称) to its stored spelling.
 
@@ -103,6 +115,7 @@ def normalise_name(text: str, *, max_length: int = MAX_NAME_LENGTH) -> str:
     return _bound(normal, max_length)
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def normalise_kana(text: str, *, max_length: int = MAX_NAME_LENGTH) -> str:
     """Normalise a reading (フリガナ) to full-width katakana with U+3000 between words.
 
@@ -114,6 +127,7 @@ def normalise_kana(text: str, *, max_length: int = MAX_NAME_LENGTH) -> str:
     return normal
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def normalise_alphabetic_name(text: str, *, max_length: int = MAX_NAME_LENGTH) -> str:
     """Normalise a foreign resident's alphabetic name as on the residence card: upper case, ASCII spaces.
 
@@ -129,6 +143,7 @@ def normalise_alphabetic_name(text: str, *, max_length: int = MAX_NAME_LENGTH) -
     return normal
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
 def normalise_street(text: str, *, max_length: int = MAX_STREET_LENGTH) -> str:
     """Normalise the street part of an address (町名・番地): NFC, full-width kana, single U+3000 spaces."""
     _refuse_forbidden(text)

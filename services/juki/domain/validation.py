@@ -178,20 +178,35 @@ def _normalise_into(notification: Notification, violations: list[FieldViolation]
         given_name = ""  # a single name (no given name) is allowed for foreign residents
     else:
         given_name = _normalise(notification.given_name, "given_name", name_part, violations)
-    street = _normalise(notification.address.street, "address.street", normalise_street, violations)
+    street = _normalise(notification.address.street, "address.street", normalise_street, violations) or ""
+    family_name = family_name or ""
+    given_name = given_name or ""
+    kana = _normalise(notification.kana, "kana", normalise_kana, violations)
+    alphabetic_name = _normalise(
+        notification.alphabetic_name, "alphabetic_name", normalise_alphabetic_name, violations
+    )
+    common_name = _normalise(notification.common_name, "common_name", normalise_name, violations)
+    former_family_name = _normalise(notification.former_family_name, "former_family_name", name_part, violations)
+    if (
+        family_name == notification.family_name
+        and given_name == notification.given_name
+        and street == notification.address.street
+        and kana == notification.kana
+        and alphabetic_name == notification.alphabetic_name
+        and common_name == notification.common_name
+        and former_family_name == notification.former_family_name
+    ):
+        return notification  # already in its stored spelling (frozen, so sharing it is safe)
+    address = notification.address
     return dataclasses.replace(
         notification,
-        family_name=family_name or "",
-        given_name=given_name or "",
-        kana=_normalise(notification.kana, "kana", normalise_kana, violations),
-        alphabetic_name=_normalise(
-            notification.alphabetic_name, "alphabetic_name", normalise_alphabetic_name, violations
-        ),
-        common_name=_normalise(notification.common_name, "common_name", normalise_name, violations),
-        former_family_name=_normalise(
-            notification.former_family_name, "former_family_name", name_part, violations
-        ),
-        address=dataclasses.replace(notification.address, street=street or ""),
+        family_name=family_name,
+        given_name=given_name,
+        kana=kana,
+        alphabetic_name=alphabetic_name,
+        common_name=common_name,
+        former_family_name=former_family_name,
+        address=address if street == address.street else dataclasses.replace(address, street=street),
     )
 
 

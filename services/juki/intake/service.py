@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -92,7 +93,8 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
 
     def _prepare(self, message: intake_pb2.Notification, today: Any) -> Item:
         payload = message.SerializeToString(deterministic=True)
-        item = Item(message=message, payload=payload, digest=convert.content_digest(message), notification=None)
+        # The digest is of the same deterministic serialisation as the stored payload (no second pass).
+        item = Item(message=message, payload=payload, digest=hashlib.sha256(payload).digest(), notification=None)
         try:
             parsed = convert.to_domain(message)
         except convert.MalformedNotification as exc:
@@ -159,7 +161,7 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
     ) -> AsyncIterator[intake_pb2.StreamNotificationsResponse]:
         # Up to PIPELINE batches are worked on at once, so one batch's validation (CPU here) overlaps
         # another's transaction (CPU in PostgreSQL); answers still come back in request order. Batches
-        # of one municipality serialise on its advisory lock, so each commits whole.
+        # of one municipality serialise on its advisory lock for their tail (see store), each commits whole.
         queue: asyncio.Queue[asyncio.Task[intake_pb2.StreamNotificationsResponse] | None] = asyncio.Queue(PIPELINE)
 
         async def answer(request: intake_pb2.StreamNotificationsRequest) -> intake_pb2.StreamNotificationsResponse:

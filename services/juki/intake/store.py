@@ -3,8 +3,10 @@
 One batch is one transaction: notifications are inserted, the residents they concern re-folded
 (:func:`juki.domain.fold` over every stored notification of the code), versions and the change feed
 appended, sequences advanced and — at the prefecture tier — outbox rows added. Nothing is acknowledged
-before COMMIT. Concurrent batches touching one municipality or one resident serialise on advisory
-locks (taken in sorted order, so they cannot deadlock); other batches run in parallel.
+before COMMIT. Concurrent batches touching one resident serialise on advisory locks for the whole
+transaction; batches of one municipality serialise only for the tail (outbox, change feed, sequences,
+COMMIT), so their validation and folds overlap. Locks are taken in two sorted phases (residents, then
+municipalities), so they cannot deadlock.
 """
 
 from __future__ import annotations
@@ -31,6 +33,26 @@ _UPSERT_RESIDENT = (
     + f", ${len(convert.RESIDENT_COLUMNS) + 1}) ON CONFLICT (resident_code) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*convert.RESIDENT_COLUMNS[1:], "updated_at"))
 )
+"""One row (bulk load)."""
+
+_RESIDENT_TYPES = (
+    "text", "smallint", "text", "text", "text", "text", "text", "text", "text", "smallint", "smallint", "smallint",
+    "smallint", "text", "text", "text", "text", "smallint", "smallint", "date", "date", "date", "text", "text",
+    "bigint", "text", "text",
+)
+assert len(_RESIDENT_TYPES) == len(convert.RESIDENT_COLUMNS)
+
+# One statement for the whole batch: one array per column (each code appears once per batch).
+_UPSERT_RESIDENTS = (
+    f"INSERT INTO residents ({', '.join(convert.RESIDENT_COLUMNS)}, updated_at)"
+    f" SELECT *, ${len(_RESIDENT_TYPES) + 1}::timestamptz FROM unnest("
+    + ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_RESIDENT_TYPES))
+    + ") ON CONFLICT (resident_code) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*convert.RESIDENT_COLUMNS[1:], "updated_at"))
+)
+
+
+_LOCK = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k ORDER BY k"
 
 
 class Outcome(enum.Enum):
@@ -101,17 +123,34 @@ class Store:
             return
         async with self.pool.acquire() as conn, conn.transaction():
             now: dt.datetime = await conn.fetchval("SELECT now()")
-            keys = sorted(
-                {_lock_key("m:" + i.message.municipality_code) for i in candidates}
-                | {_lock_key("r:" + code) for i in candidates if i.notification for code in _affected_codes(i.notification)}
+            # Two lock phases, each in sorted key order, so they cannot deadlock: first the residents
+            # (held for the fold), last the municipalities (held only for the tail: outbox, change feed,
+            # sequences, COMMIT). Batches of one municipality fold in parallel; their outbox and change-feed
+            # ids are still allocated in commit order per municipality. A concurrent batch carrying the same
+            # notification id or (municipality, sequence) fails on the unique index and is retried.
+            resident_keys = sorted(
+                {_lock_key("r:" + code) for i in candidates if i.notification for code in _affected_codes(i.notification)}
             )
-            await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k ORDER BY k", keys)
+            await conn.execute(_LOCK, resident_keys)
             await self._classify(conn, candidates)
             fresh = [item for item in candidates if item.outcome is None]
             if fresh:
                 await self._insert(conn, fresh, now)
-                await self._fold(conn, fresh, now)
-                await self._advance_sequences(conn, {i.message.municipality_code for i in fresh}, now)
+                change_rows = await self._fold(conn, fresh, now)
+                municipalities = {i.message.municipality_code for i in fresh}
+                await conn.execute(_LOCK, sorted({_lock_key("m:" + code) for code in municipalities}))
+                if self.relay:
+                    await conn.copy_records_to_table(
+                        "outbox",
+                        columns=("notification_id", "payload", "enqueued_at", "municipality_code"),
+                        records=[(i.notification_id, i.payload, now, i.message.municipality_code) for i in fresh],
+                    )
+                if change_rows:
+                    await conn.copy_records_to_table(
+                        "resident_changes", columns=("resident_code", "change_kind", "occurred_on", "recorded_at"),
+                        records=change_rows,
+                    )
+                await self._advance_sequences(conn, municipalities, now)
             for item in fresh:
                 item.outcome = Outcome.ACCEPTED
                 item.acknowledged_at = now
@@ -203,14 +242,9 @@ class Store:
                 if i.notification is not None
             ],
         )
-        if self.relay:
-            await conn.copy_records_to_table(
-                "outbox",
-                columns=("notification_id", "payload", "enqueued_at", "municipality_code"),
-                records=[(i.notification_id, i.payload, now, i.message.municipality_code) for i in items],
-            )
 
-    async def _fold(self, conn: asyncpg.Connection, items: list[Item], now: dt.datetime) -> None:
+    async def _fold(self, conn: asyncpg.Connection, items: list[Item], now: dt.datetime) -> list[tuple[Any, ...]]:
+        """Re-fold the residents of ``items``; store residents and versions; return the change-feed rows."""
         new_by_code: dict[str, list[domain.Notification]] = defaultdict(list)
         for item in items:
             assert item.notification is not None
@@ -246,8 +280,9 @@ class Store:
             base = versions.get(code, 0)
             state: domain.ResidentState | None = None
             row: tuple[Any, ...] = ()
-            for index, event in enumerate(fresh):
-                folded = domain.fold([*known, *fresh[: index + 1]], code)
+            # The state after each fresh event (in arrival order), as a full fold of everything up to it
+            # would give; fold_each applies in-order events incrementally and re-folds the others.
+            for index, (event, folded) in enumerate(zip(fresh, domain.fold_each(known, fresh, code), strict=True)):
                 if folded is None:
                     continue
                 # The stored version counts the events applied at this tier (a bulk-loaded record
@@ -255,7 +290,7 @@ class Store:
                 state = folded
                 version = base + index + 1
                 row = convert.resident_row(state, version)
-                record = convert.record_from_row(dict(zip(convert.RESIDENT_COLUMNS, row, strict=True)))
+                record = convert.record_from_resident_row(row)
                 kind = convert.change_kind_to_proto(event.change_kind)
                 version_rows.append((
                     code, version, event.notification_id, kind,
@@ -266,9 +301,9 @@ class Store:
                     assert event.new_resident_code is not None
                     retirements.append((code, event.new_resident_code, event.occurred_on))
             if state is not None:
-                upserts.append((*row, now))
+                upserts.append(row)
         if upserts:
-            await conn.executemany(_UPSERT_RESIDENT, upserts)
+            await conn.execute(_UPSERT_RESIDENTS, *(list(column) for column in zip(*upserts, strict=True)), now)
         if version_rows:
             await conn.copy_records_to_table(
                 "resident_versions",
@@ -276,17 +311,13 @@ class Store:
                          "notified_on", "record", "recorded_at"),
                 records=version_rows,
             )
-        if change_rows:
-            await conn.copy_records_to_table(
-                "resident_changes", columns=("resident_code", "change_kind", "occurred_on", "recorded_at"),
-                records=change_rows,
-            )
         if retirements:
             await conn.executemany(
                 "INSERT INTO retired_codes (resident_code, successor_code, retired_on) VALUES ($1, $2, $3)"
                 " ON CONFLICT (resident_code) DO NOTHING",
                 retirements,
             )
+        return change_rows
 
     async def _advance_sequences(self, conn: asyncpg.Connection, municipalities: Iterable[str], now: dt.datetime) -> None:
         for code in sorted(municipalities):

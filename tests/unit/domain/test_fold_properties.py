@@ -8,7 +8,7 @@ import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from juki.domain import Address, ChangeKind, ResidentStatus, fold, sort_events
+from juki.domain import Address, ChangeKind, ResidentStatus, event_order, fold, fold_each, sort_events
 from juki.domain.validation import Notification
 
 from tests.unit.domain.domain_builders import CODE, NAKANO, OSAKA, OTHER_CODE, SHIBUYA, notification
@@ -251,3 +251,48 @@ def test_dataclass_replace_keeps_equality_semantics() -> None:
     a = fold([_birth(), _move_out(), _move_in()])
     b = fold([dataclasses.replace(_move_in()), _move_out(), _birth()])
     assert a == b
+
+
+# --- property: the fast paths give exactly the full fold ------------------------------------------
+
+
+def _reference_sort(events: list[Notification]) -> list[Notification]:
+    """The fold order as specified: one sort by the full key (fingerprint included), first id kept."""
+    seen: set[str] = set()
+    unique: list[Notification] = []
+    for event in sorted(events, key=event_order):
+        if event.notification_id not in seen:
+            seen.add(event.notification_id)
+            unique.append(event)
+    return unique
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=_events(), data=st.data())
+def test_sort_events_equals_the_full_key_sort(events: list[Notification], data: st.DataObject) -> None:
+    arrival = data.draw(st.permutations(events))
+    # Same id with other content (a malformed duplicate) must also order by the fingerprint.
+    if data.draw(st.booleans()):
+        arrival = [*arrival, dataclasses.replace(arrival[0], family_name="別人")]
+    assert sort_events(arrival) == _reference_sort(arrival)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=_events(), data=st.data())
+def test_fold_each_equals_folding_every_prefix(events: list[Notification], data: st.DataObject) -> None:
+    arrival = data.draw(st.permutations(events))
+    if data.draw(st.booleans()):
+        arrival = [*arrival, dataclasses.replace(arrival[0], family_name="別人")]
+    split = data.draw(st.integers(min_value=0, max_value=len(arrival)))
+    known, fresh = arrival[:split], arrival[split:]
+    for code in (CODE, OTHER_CODE):
+        expected = [fold([*known, *fresh[: i + 1]], resident_code=code) for i in range(len(fresh))]
+        assert fold_each(known, fresh, code) == expected
+
+
+def test_fold_each_in_order_and_out_of_order() -> None:
+    birth, out, arrive = _birth(), _move_out(), _move_in()
+    in_order = fold_each([], [birth, out, arrive], CODE)
+    assert [s.version for s in in_order if s is not None] == [1, 2, 3]
+    late = fold_each([arrive], [out, birth], CODE)
+    assert late[-1] == fold([birth, out, arrive])

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from juki.domain import (
     InvalidText,
     address_key,
     match_key,
+    names,
     normalise_alphabetic_name,
     normalise_kana,
     normalise_name,
@@ -91,3 +96,26 @@ def test_address_key_keeps_place_names() -> None:
     assert address_key("三鷹台一丁目") == "三鷹台1"
     assert address_key("松ヶ丘二十一丁目") == address_key("松が丘21丁目")
     assert address_key("中央3-5-2") != address_key("中央3-5-3")
+
+
+# --- property: the fast paths (printable check, translation tables, memoising) change nothing -----
+
+def _reference_forbidden(text: str) -> bool:
+    return any(
+        unicodedata.category(c) in {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"} and c not in " \u3000" for c in text
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.text(max_size=12))
+def test_fast_paths_match_the_per_character_rules(text: str) -> None:
+    try:
+        names._refuse_forbidden(text)
+        refused = False
+    except names.InvalidText:
+        refused = True
+    assert refused == _reference_forbidden(text)
+    assert names._widen_ascii(text) == "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+    assert names.hiragana_to_katakana(text) == "".join(
+        chr(ord(c) + 0x60) if "\u3041" <= c <= "\u3096" or c in "\u309d\u309e" else c for c in text
+    )
