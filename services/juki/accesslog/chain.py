@@ -147,6 +147,7 @@ class VerifyResult:
 
     ok: bool = True
     records_checked: int = 0
+    last_hash: bytes = b""
     checkpoints_checked: int = 0
     first_bad_sequence: int = 0
     problem: str = ""

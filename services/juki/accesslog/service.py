@@ -107,6 +107,8 @@ def checkpoint_message(cp: chain.StoredCheckpoint | None) -> accesslog_pb2.Check
 
 
 _TRACER = trace.get_tracer("juki.accesslog")
+# An incremental verification trusts records verified before; the whole log is recomputed at least this often.
+FULL_VERIFY_INTERVAL_SECONDS = 600.0
 _TRACE_FORMAT = TraceContextTextMapPropagator()
 
 
@@ -132,6 +134,8 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         self._checkpointer = checkpointer
         self._verify_lock = asyncio.Lock()
         self.last_verification: tuple[float, accesslog_pb2.VerifyLogResponse] | None = None
+        self._reached: tuple[int, bytes] | None = None  # (sequence, chain hash) the last good verification reached
+        self._full_at: tuple[float, Any] | None = None  # when the last full verification succeeded
 
     async def _append(self, records: Any, batch_id: str, prefix: str) -> tuple[int, int]:
         if len(records) > MAX_BATCH_RECORDS:
@@ -263,17 +267,35 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             response.next_page_token = encode_token(last["provided_at"], int(last["sequence"]))
         return response
 
-    async def verify_now(self) -> accesslog_pb2.VerifyLogResponse:
+    async def verify_now(self, *, full: bool = True) -> accesslog_pb2.VerifyLogResponse:
+        """Verify the log through its head: from the start when ``full`` (or when no recent full
+        verification succeeded), otherwise only the records appended since the last verification."""
         async with self._verify_lock, self._pool.acquire() as conn:
-            result = await verify_log(conn, self._verifier)
+            resume = None
+            if not full and self._reached is not None and self._full_at is not None \
+                    and time.monotonic() - self._full_at[0] < FULL_VERIFY_INTERVAL_SECONDS:
+                resume = self._reached
+            result = await verify_log(conn, self._verifier, resume=resume)
         response = accesslog_pb2.VerifyLogResponse(
             ok=result.ok, records_checked=result.records_checked, checkpoints_checked=result.checkpoints_checked,
             first_bad_sequence=result.first_bad_sequence, problem=result.problem,
             latest_checkpoint=checkpoint_message(result.latest_checkpoint),
+            through_sequence=result.last_sequence if result.ok else 0,
         )
         response.verified_at.GetCurrentTime()
+        if result.ok and result.last_hash:
+            self._reached = (result.last_sequence, result.last_hash)
+            if resume is None:
+                self._full_at = (time.monotonic(), response.verified_at)
+        elif not result.ok:
+            self._reached = self._full_at = None
+        if self._full_at is not None:
+            response.full_verified_at.CopyFrom(self._full_at[1])
         self.last_verification = (time.monotonic(), response)
         return response
+
+    async def _head(self) -> int:
+        return int(await self._pool.fetchval("SELECT coalesce(max(sequence), 0) FROM records"))
 
     async def VerifyLog(
         self, request: accesslog_pb2.VerifyLogRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -284,8 +306,12 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
                     pass
             if self.last_verification is not None:
                 at, response = self.last_verification
-                if time.monotonic() - at <= request.max_age_seconds:
+                # A recent result is reused only while it still covers the head of the log; otherwise
+                # the records appended since are verified incrementally (cheap), so the answer always
+                # speaks for every record that exists now.
+                if time.monotonic() - at <= request.max_age_seconds and response.through_sequence >= await self._head():
                     return response
+            return await self.verify_now(full=False)
         return await self.verify_now()
 
     async def GetCheckpoint(

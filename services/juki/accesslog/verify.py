@@ -39,12 +39,17 @@ async def verify_log(
     schema: str | None = None,
     chunk: int = 20_000,
     progress: Callable[[int, int], None] | None = None,
+    resume: tuple[int, bytes] | None = None,
 ) -> chain.VerifyResult:
     """Recompute every record's hash from its stored columns and check the checkpoints.
 
     The first problem found is reported with its sequence number: a record whose hash does not match
     (altered), a missing sequence (deleted), an unexpected one (inserted or reordered), a checkpoint
     whose signature or chain hash does not match, or records a checkpoint covers that are gone.
+
+    ``resume`` = (sequence, chain hash) of a record an earlier full verification reached: only the
+    records after it are recomputed, continuing from its hash (checkpoint signatures are all checked).
+    ``result.last_hash`` is the hash of the last record verified, to resume from next time.
     """
     result = chain.VerifyResult()
     records_table = f'"{schema}".records' if schema else "records"
@@ -76,6 +81,11 @@ async def verify_log(
         expected = 1
         if purge_anchor is not None:
             previous, expected = purge_anchor.chain_hash, purge_anchor.sequence + 1
+        if resume is not None and resume[0] >= expected - 1 and first != 0 and first <= resume[0] + 1:
+            previous, expected = resume[1], resume[0] + 1
+            result.records_checked = resume[0] - first + 1
+            first = expected
+            result.last_hash = previous
         if first == 0:
             covered = max((cp.sequence for cp in checkpoints), default=0)
             if covered >= expected:
@@ -114,6 +124,7 @@ async def verify_log(
                 previous = computed
                 expected += 1
                 result.records_checked += 1
+                result.last_hash = computed
             cursor_after = int(rows[-1]["sequence"])
             if progress is not None:
                 progress(result.records_checked, last - first + 1)

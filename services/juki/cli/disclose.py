@@ -154,10 +154,13 @@ def integrity_statement(doc: Document) -> str:
     report = doc.integrity
     if report.chain_verified:
         return (
-            f"提供記録の完全性: 検証済み。全{report.records_checked}件の記録のハッシュ連鎖（SHA-256）を再計算し、"
+            f"提供記録の完全性: 検証済み。記録番号{report.verified_through_sequence}までの全{report.records_checked}件の"
+            f"記録のハッシュ連鎖（SHA-256）を再計算し、"
             f"電子署名付きチェックポイント{report.checkpoints_checked}件（Ed25519、鍵ID {report.signing_key_id[:16]}…）"
             f"の署名と連鎖値を確認しました。最新チェックポイント: 記録番号{report.checkpoint_sequence}"
-            f"（{_stamp(report.checkpoint_signed_at)} 署名）。検証日時: {_stamp(report.verified_at)}。"
+            f"（{_stamp(report.checkpoint_signed_at)} 署名）。検証日時: {_stamp(report.verified_at)}"
+            + (f"（全件の再計算: {_stamp(report.full_verified_at)}）" if report.HasField("full_verified_at") else "")
+            + "。"
         )
     return f"提供記録の完全性: 検証に失敗しました（{report.problem}）。この開示内容は改ざんされている可能性があります。"
 

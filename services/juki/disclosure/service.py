@@ -246,4 +246,14 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
         response.integrity.checkpoints_checked = verified.checkpoints_checked
         response.integrity.problem = verified.problem
         response.integrity.signing_key_id = checkpoint.key_id
+        response.integrity.verified_through_sequence = verified.through_sequence
+        if verified.HasField("full_verified_at"):
+            response.integrity.full_verified_at.CopyFrom(verified.full_verified_at)
+        newest = max((p.sequence for p in response.provisions), default=0)
+        if verified.ok and newest > verified.through_sequence:
+            # Never state that a listed provision was verified when the verification did not reach it.
+            response.integrity.chain_verified = False
+            response.integrity.problem = (
+                f"the verification reached record {verified.through_sequence}; record {newest} is newer"
+            )
         return response

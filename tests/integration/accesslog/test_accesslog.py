@@ -253,15 +253,25 @@ async def test_forged_checkpoint_signature_is_found(live_log: LiveLog, database:
     assert not result.ok and result.first_bad_sequence == 3 and "signature" in result.problem
 
 
-async def test_verify_log_may_answer_from_a_recent_verification(live_log: LiveLog) -> None:
+async def test_verify_log_may_answer_from_a_recent_verification(live_log: LiveLog, database: Any) -> None:
+    """A recent result is reused only while it covers the head; newer records are verified incrementally;
+    a full verification (no max age) still recomputes everything, so it finds an old record altered later."""
     auditor = live_log.stub("operator", "demo-operator")
     await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(3)]))
     first = await auditor.VerifyLog(accesslog_pb2.VerifyLogRequest())
-    await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(2)]))
-    cached = await auditor.VerifyLog(accesslog_pb2.VerifyLogRequest(max_age_seconds=3600))
-    fresh = await auditor.VerifyLog(accesslog_pb2.VerifyLogRequest())
-    assert (first.records_checked, cached.records_checked, fresh.records_checked) == (3, 3, 5)
-    assert cached.verified_at == first.verified_at and fresh.verified_at.seconds >= first.verified_at.seconds
+    again = await auditor.VerifyLog(accesslog_pb2.VerifyLogRequest(max_age_seconds=3600))
+    assert again.verified_at == first.verified_at and again.through_sequence == first.through_sequence == 3
+    await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(2, seed=8)]))
+    grown = await auditor.VerifyLog(accesslog_pb2.VerifyLogRequest(max_age_seconds=3600))
+    assert grown.ok and (grown.records_checked, grown.through_sequence) == (5, 5)
+    assert grown.full_verified_at == first.verified_at  # incremental: the full run is still the first one
+    conn = await database.admin()
+    try:
+        await conn.execute(f'UPDATE "{live_log.schema}".records SET outcome = 2 WHERE sequence = 2')
+    finally:
+        await conn.close()
+    full = await auditor.VerifyLog(accesslog_pb2.VerifyLogRequest())
+    assert not full.ok and full.first_bad_sequence == 2 and full.through_sequence == 0
 
 
 async def test_two_replicas_writing_one_log_keep_one_chain(live_log: LiveLog) -> None:

@@ -153,6 +153,8 @@ async def test_counter_disclosure_shows_record_history_provisions_and_integrity(
     assert first.query_mode == common_pb2.QUERY_MODE_BY_CODE and list(first.fields) == [2, 5]
     assert reply.integrity.chain_verified and reply.integrity.checkpoint_sequence >= 6
     assert reply.integrity.records_checked >= 7
+    # The verification reached every provision it vouches for, the disclosure's own record included.
+    assert reply.integrity.verified_through_sequence >= max(p.sequence for p in reply.provisions)
 
 
 async def test_date_filter_and_pages(mesh: Mesh, database: Any) -> None:

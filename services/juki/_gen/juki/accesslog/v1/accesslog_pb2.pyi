@@ -453,6 +453,8 @@ class VerifyLogResponse(_message.Message):
     PROBLEM_FIELD_NUMBER: _builtins.int
     LATEST_CHECKPOINT_FIELD_NUMBER: _builtins.int
     VERIFIED_AT_FIELD_NUMBER: _builtins.int
+    THROUGH_SEQUENCE_FIELD_NUMBER: _builtins.int
+    FULL_VERIFIED_AT_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     """True when every record chains and every checkpoint verifies."""
     records_checked: _builtins.int
@@ -463,6 +465,10 @@ class VerifyLogResponse(_message.Message):
     """Sequence of the first record (or checkpoint) that failed; 0 when ok."""
     problem: _builtins.str
     """Description of the first problem; empty when ok."""
+    through_sequence: _builtins.int
+    """The highest record sequence the verification covered (the log's head when it ran): every record up
+    to it was recomputed, the newest part incrementally from the hash of the last verified record.
+    """
     @_builtins.property
     def latest_checkpoint(self) -> Global___Checkpoint:
         """The latest checkpoint checked."""
@@ -470,6 +476,10 @@ class VerifyLogResponse(_message.Message):
     @_builtins.property
     def verified_at(self) -> _timestamp_pb2.Timestamp:
         """When the verification was made."""
+
+    @_builtins.property
+    def full_verified_at(self) -> _timestamp_pb2.Timestamp:
+        """When the whole log was last recomputed from its start (or its purge anchor)."""
 
     def __init__(
         self,
@@ -481,10 +491,12 @@ class VerifyLogResponse(_message.Message):
         problem: _builtins.str = ...,
         latest_checkpoint: Global___Checkpoint | None = ...,
         verified_at: _timestamp_pb2.Timestamp | None = ...,
+        through_sequence: _builtins.int = ...,
+        full_verified_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["latest_checkpoint", b"latest_checkpoint", "verified_at", b"verified_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["full_verified_at", b"full_verified_at", "latest_checkpoint", b"latest_checkpoint", "verified_at", b"verified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints_checked", b"checkpoints_checked", "first_bad_sequence", b"first_bad_sequence", "latest_checkpoint", b"latest_checkpoint", "ok", b"ok", "problem", b"problem", "records_checked", b"records_checked", "verified_at", b"verified_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints_checked", b"checkpoints_checked", "first_bad_sequence", b"first_bad_sequence", "full_verified_at", b"full_verified_at", "latest_checkpoint", b"latest_checkpoint", "ok", b"ok", "problem", b"problem", "records_checked", b"records_checked", "through_sequence", b"through_sequence", "verified_at", b"verified_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -214,6 +214,8 @@ class IntegrityReport(_message.Message):
     CHECKPOINTS_CHECKED_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
     SIGNING_KEY_ID_FIELD_NUMBER: _builtins.int
+    VERIFIED_THROUGH_SEQUENCE_FIELD_NUMBER: _builtins.int
+    FULL_VERIFIED_AT_FIELD_NUMBER: _builtins.int
     chain_verified: _builtins.bool
     """True when the access log's hash chain verified up to the checkpoint."""
     checkpoint_sequence: _builtins.int
@@ -226,6 +228,8 @@ class IntegrityReport(_message.Message):
     """The first problem found; empty when chain_verified."""
     signing_key_id: _builtins.str
     """Id of the checkpoint signing key (hex SHA-256 of its Ed25519 public key)."""
+    verified_through_sequence: _builtins.int
+    """The highest access-log record the verification covered; every provision listed is at or below it."""
     @_builtins.property
     def checkpoint_signed_at(self) -> _timestamp_pb2.Timestamp:
         """When that checkpoint was signed."""
@@ -233,6 +237,10 @@ class IntegrityReport(_message.Message):
     @_builtins.property
     def verified_at(self) -> _timestamp_pb2.Timestamp:
         """When the verification was made."""
+
+    @_builtins.property
+    def full_verified_at(self) -> _timestamp_pb2.Timestamp:
+        """When the whole log was last recomputed from its start."""
 
     def __init__(
         self,
@@ -245,10 +253,12 @@ class IntegrityReport(_message.Message):
         checkpoints_checked: _builtins.int = ...,
         problem: _builtins.str = ...,
         signing_key_id: _builtins.str = ...,
+        verified_through_sequence: _builtins.int = ...,
+        full_verified_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_signed_at", b"checkpoint_signed_at", "verified_at", b"verified_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_signed_at", b"checkpoint_signed_at", "full_verified_at", b"full_verified_at", "verified_at", b"verified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_verified", b"chain_verified", "checkpoint_sequence", b"checkpoint_sequence", "checkpoint_signed_at", b"checkpoint_signed_at", "checkpoints_checked", b"checkpoints_checked", "problem", b"problem", "records_checked", b"records_checked", "signing_key_id", b"signing_key_id", "verified_at", b"verified_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_verified", b"chain_verified", "checkpoint_sequence", b"checkpoint_sequence", "checkpoint_signed_at", b"checkpoint_signed_at", "checkpoints_checked", b"checkpoints_checked", "full_verified_at", b"full_verified_at", "problem", b"problem", "records_checked", b"records_checked", "signing_key_id", b"signing_key_id", "verified_at", b"verified_at", "verified_through_sequence", b"verified_through_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
