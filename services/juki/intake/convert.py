@@ -40,6 +40,9 @@ _CHANGE_KIND_NAMES = {value: name.removeprefix("CHANGE_KIND_") for name, value i
 _CHANGE_KIND_NUMBERS = {name.removeprefix("CHANGE_KIND_"): value for name, value in common_pb2.ChangeKind.items()}
 _STATUS_NUMBERS = {name.removeprefix("RESIDENT_STATUS_"): value for name, value in common_pb2.ResidentStatus.items()}
 _PRECISIONS = frozenset(common_pb2.DatePrecision.values())
+_DOMAIN_KINDS = {
+    number: domain.ChangeKind(name) for number, name in _CHANGE_KIND_NAMES.items() if name in domain.ChangeKind.__members__
+}
 
 
 def proto_field(domain_field: str) -> str:
@@ -51,6 +54,16 @@ def content_digest(message: intake_pb2.Notification) -> bytes:
     return hashlib.sha256(message.SerializeToString(deterministic=True)).digest()
 
 
+# Dates repeat (birth dates, recent change dates): the immutable values are shared, not rebuilt and
+# re-checked per notification. Invalid ones raise every time (exceptions are not cached).
+_date = functools.lru_cache(maxsize=65536)(dt.date)
+
+
+@functools.lru_cache(maxsize=65536)
+def _partial_date(year: int, month: int | None, day: int | None) -> domain.PartialDate:
+    return domain.PartialDate(year, month, day)
+
+
 def _full_date(value: common_pb2.Date, field: str, problems: list[FieldViolation]) -> dt.date | None:
     if value.year == 0 and value.month == 0 and value.day == 0:
         problems.append(FieldViolation(field, f"{field} is required"))
@@ -59,7 +72,7 @@ def _full_date(value: common_pb2.Date, field: str, problems: list[FieldViolation
         problems.append(FieldViolation(field, f"{field} must be a full date"))
         return None
     try:
-        return dt.date(value.year, value.month, value.day)
+        return _date(value.year, value.month, value.day)
     except ValueError as exc:
         problems.append(FieldViolation(field, f"{field} is not a calendar date: {exc}"))
         return None
@@ -88,7 +101,7 @@ def partial_from_proto(value: common_pb2.Date, field: str, problems: list[FieldV
         problems.append(FieldViolation(f"{field}.precision", "unknown DatePrecision"))
         return None
     try:
-        return domain.PartialDate(value.year, month, day)
+        return _partial_date(value.year, month, day)
     except ValueError as exc:
         problems.append(FieldViolation(field, f"{field}: {exc}"))
         return None
@@ -147,12 +160,14 @@ def to_domain(message: intake_pb2.Notification) -> domain.Notification:
         raise MalformedNotification(problems)
     name = message.name
     kana = IDEOGRAPHIC_SPACE.join(k for k in (name.family_name_kana, name.given_name_kana) if k) or None
-    kind_name = _CHANGE_KIND_NAMES[message.change_kind]
+    kind = _DOMAIN_KINDS.get(message.change_kind)
+    if kind is None:
+        kind = domain.ChangeKind(_CHANGE_KIND_NAMES[message.change_kind])
     return domain.Notification(
         notification_id=message.notification_id,
         municipality_code=message.municipality_code,
         sequence=message.sequence,
-        change_kind=domain.ChangeKind(kind_name),
+        change_kind=kind,
         resident_code=message.resident_code,
         resident_kind=(
             domain.ResidentKind.FOREIGN

@@ -111,7 +111,7 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
         item.notification = normal
         return item
 
-    async def _process(self, messages: Sequence[intake_pb2.Notification]) -> list[intake_pb2.NotificationResult]:
+    async def _process(self, messages: Sequence[intake_pb2.Notification]) -> list[Item]:
         if len(messages) > MAX_BATCH:
             raise invalid("notifications", f"at most {MAX_BATCH} notifications per batch")
         peer = require_peer()
@@ -132,27 +132,34 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
                             retry_after_seconds=0.1) from exc
         if self._on_accepted is not None and any(i.outcome is Outcome.ACCEPTED for i in items):
             self._on_accepted()
-        stamps: dict[Any, Any] = {}
-        return [self._result(item, stamps) for item in items]
+        return items
 
     @staticmethod
-    def _result(item: Item, stamps: dict[Any, Any]) -> intake_pb2.NotificationResult:
-        assert item.outcome is not None
-        result = intake_pb2.NotificationResult(
-            notification_id=item.notification_id, sequence=item.message.sequence, outcome=item.outcome.value,
-            violations=[_proto_violation(v) for v in item.violations],
-        )
-        moment = item.acknowledged_at
-        if moment is not None and item.outcome is not Outcome.REJECTED:
-            if moment not in stamps:
-                stamps[moment] = convert.timestamp(moment)
-            result.acknowledged_at.CopyFrom(stamps[moment])
-        return result
+    def _results(items: list[Item], results: Any) -> None:
+        """Append one NotificationResult per item to the repeated field ``results`` (built in place)."""
+        stamps: dict[Any, Any] = {}
+        add = results.add
+        rejected = Outcome.REJECTED
+        for item in items:
+            outcome = item.outcome
+            assert outcome is not None
+            message = item.message
+            result = add(notification_id=message.notification_id, sequence=message.sequence, outcome=outcome.value)
+            if item.violations:
+                result.violations.extend([_proto_violation(v) for v in item.violations])
+            moment = item.acknowledged_at
+            if moment is not None and outcome is not rejected:
+                stamp = stamps.get(moment)
+                if stamp is None:
+                    stamp = stamps[moment] = convert.timestamp(moment)
+                result.acknowledged_at.CopyFrom(stamp)
 
     async def SubmitNotifications(
         self, request: intake_pb2.SubmitNotificationsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> intake_pb2.SubmitNotificationsResponse:
-        return intake_pb2.SubmitNotificationsResponse(results=await self._process(request.notifications))
+        response = intake_pb2.SubmitNotificationsResponse()
+        self._results(await self._process(request.notifications), response.results)
+        return response
 
     async def StreamNotifications(
         self,
@@ -165,8 +172,10 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
         queue: asyncio.Queue[asyncio.Task[intake_pb2.StreamNotificationsResponse] | None] = asyncio.Queue(PIPELINE)
 
         async def answer(request: intake_pb2.StreamNotificationsRequest) -> intake_pb2.StreamNotificationsResponse:
-            results = await self._process(request.notifications)
-            return intake_pb2.StreamNotificationsResponse(batch_id=request.batch_id, results=results)
+            items = await self._process(request.notifications)
+            response = intake_pb2.StreamNotificationsResponse(batch_id=request.batch_id)
+            self._results(items, response.results)
+            return response
 
         async def read() -> None:
             try:

@@ -35,22 +35,17 @@ _UPSERT_RESIDENT = (
 )
 """One row (bulk load)."""
 
-_RESIDENT_TYPES = (
-    "text", "smallint", "text", "text", "text", "text", "text", "text", "text", "smallint", "smallint", "smallint",
-    "smallint", "text", "text", "text", "text", "smallint", "smallint", "date", "date", "date", "text", "text",
-    "bigint", "text", "text",
+# The batch's resident rows go by COPY (binary, no per-value Python) into a session-local staging table
+# (created once per connection, emptied at every COMMIT), then into ``residents`` in one statement.
+_CREATE_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS residents_stage (LIKE residents INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
-assert len(_RESIDENT_TYPES) == len(convert.RESIDENT_COLUMNS)
-
-# One statement for the whole batch: one array per column (each code appears once per batch).
-_UPSERT_RESIDENTS = (
-    f"INSERT INTO residents ({', '.join(convert.RESIDENT_COLUMNS)}, updated_at)"
-    f" SELECT *, ${len(_RESIDENT_TYPES) + 1}::timestamptz FROM unnest("
-    + ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_RESIDENT_TYPES))
-    + ") ON CONFLICT (resident_code) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*convert.RESIDENT_COLUMNS[1:], "updated_at"))
+_STAGE_COLUMNS = (*convert.RESIDENT_COLUMNS, "updated_at")
+_UPSERT_FROM_STAGE = (
+    f"INSERT INTO residents ({', '.join(_STAGE_COLUMNS)}) SELECT {', '.join(_STAGE_COLUMNS)} FROM residents_stage"
+    " ON CONFLICT (resident_code) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _STAGE_COLUMNS[1:])
 )
-
 
 _LOCK = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k ORDER BY k"
 
@@ -301,9 +296,12 @@ class Store:
                     assert event.new_resident_code is not None
                     retirements.append((code, event.new_resident_code, event.occurred_on))
             if state is not None:
-                upserts.append(row)
+                upserts.append((*row, now))
         if upserts:
-            await conn.execute(_UPSERT_RESIDENTS, *(list(column) for column in zip(*upserts, strict=True)), now)
+            # Each code appears once per batch (new_by_code), as ON CONFLICT DO UPDATE requires.
+            await conn.execute(_CREATE_STAGE)
+            await conn.copy_records_to_table("residents_stage", columns=_STAGE_COLUMNS, records=upserts)
+            await conn.execute(_UPSERT_FROM_STAGE)
         if version_rows:
             await conn.copy_records_to_table(
                 "resident_versions",
