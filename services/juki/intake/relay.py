@@ -16,7 +16,7 @@ import logging
 import asyncpg
 import grpc
 
-from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
+from juki._gen.juki.intake.v1 import intake_pb2
 from juki.intake.store import Store
 from juki.mesh import metrics
 from juki.mesh.settings import TlsFiles
@@ -26,6 +26,30 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 2000
 IN_FLIGHT = 4
+STREAM_METHOD = "/juki.intake.v1.IntakeService/StreamNotifications"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_request(batch_id: int, payloads: list[bytes]) -> bytes:
+    """The wire form of ``StreamNotificationsRequest(batch_id, notifications)`` from serialised notifications.
+
+    Field 1 (``batch_id``, varint) and field 2 (``notifications``, one length-delimited record each):
+    the stored payload bytes are relayed as they are, not parsed and serialised again.
+    """
+    parts = [b"\x08", _varint(batch_id)] if batch_id else []
+    for payload in payloads:
+        parts.append(b"\x12")
+        parts.append(_varint(len(payload)))
+        parts.append(payload)
+    return b"".join(parts)
 
 
 class Relay:
@@ -66,7 +90,7 @@ class Relay:
         while not self._stopping:
             try:
                 async with secure_channel(self._target, self._tls) as channel:
-                    await self._pump(intake_pb2_grpc.IntakeServiceStub(channel))
+                    await self._pump(channel)
                 delay = 0.2
             except (grpc.aio.AioRpcError, asyncpg.PostgresError, OSError, ConnectionError) as exc:
                 log.warning("relay to %s interrupted: %s; retrying in %.1f s", self._target,
@@ -79,9 +103,13 @@ class Relay:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _pump(self, stub: intake_pb2_grpc.IntakeServiceStub) -> None:
+    async def _pump(self, channel: grpc.aio.Channel) -> None:
         """Stream outbox batches, up to IN_FLIGHT unanswered; unanswered ones are resent on reconnect."""
-        call = stub.StreamNotifications()
+        # Requests are written as bytes: the stored payloads are already serialised Notifications.
+        call = channel.stream_stream(
+            STREAM_METHOD, request_serializer=None,
+            response_deserializer=intake_pb2.StreamNotificationsResponse.FromString,
+        )()
         pending: dict[int, list[tuple[int, dt.datetime]]] = {}
         after = 0
         batch_id = 0
@@ -95,10 +123,7 @@ class Relay:
                     after = rows[-1]["outbox_id"]
                     batch_id += 1
                     pending[batch_id] = [(r["outbox_id"], r["enqueued_at"]) for r in rows]
-                    await call.write(intake_pb2.StreamNotificationsRequest(
-                        batch_id=batch_id,
-                        notifications=[intake_pb2.Notification.FromString(bytes(r["payload"])) for r in rows],
-                    ))
+                    await call.write(encode_request(batch_id, [bytes(r["payload"]) for r in rows]))
                 if not pending:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=0.5)

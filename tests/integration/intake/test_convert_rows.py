@@ -46,3 +46,16 @@ def test_record_from_resident_row_equals_record_from_row() -> None:
     assert convert.record_from_resident_row(empty_dates).SerializeToString(deterministic=True) == (
         slow.SerializeToString(deterministic=True)
     )
+
+
+def test_relay_request_bytes_equal_the_serialised_request() -> None:
+    from juki._gen.juki.intake.v1 import intake_pb2
+    from juki.cli.bench_intake import births
+    from juki.intake.relay import encode_request
+
+    messages = births(1, 50, 0)
+    payloads = [m.SerializeToString(deterministic=True) for m in messages]
+    for batch_id in (0, 1, 127, 128, 300, 2**40):
+        expected = intake_pb2.StreamNotificationsRequest(batch_id=batch_id, notifications=messages)
+        assert encode_request(batch_id, payloads) == expected.SerializeToString(deterministic=True)
+        assert intake_pb2.StreamNotificationsRequest.FromString(encode_request(batch_id, payloads)) == expected
