@@ -155,15 +155,19 @@ class Store:
 
     async def _classify(self, conn: asyncpg.Connection, items: list[Item]) -> None:
         """Mark duplicates, id conflicts, reused sequences and retired codes."""
+        # Lookups are per key (LATERAL ... LIMIT 1: one index probe each), so a batch costs the same
+        # whatever the size of the table; "= ANY(array)" let the planner pick full scans and hash joins.
         rows = await conn.fetch(
-            "SELECT notification_id, content_digest, acknowledged_at FROM notifications"
-            " WHERE notification_id = ANY($1::text[])",
+            "SELECT n.notification_id, n.content_digest, n.acknowledged_at FROM unnest($1::text[]) AS q(id)"
+            " CROSS JOIN LATERAL (SELECT notification_id, content_digest, acknowledged_at FROM notifications"
+            " WHERE notification_id = q.id LIMIT 1) n",
             [i.notification_id for i in items],
         )
         known = {r["notification_id"]: (bytes(r["content_digest"]), r["acknowledged_at"]) for r in rows}
         sequences = await conn.fetch(
-            "SELECT n.municipality_code, n.sequence, n.notification_id FROM notifications n"
-            " JOIN unnest($1::text[], $2::bigint[]) AS q(m, s) ON n.municipality_code = q.m AND n.sequence = q.s",
+            "SELECT n.municipality_code, n.sequence, n.notification_id FROM unnest($1::text[], $2::bigint[]) AS q(m, s)"
+            " CROSS JOIN LATERAL (SELECT municipality_code, sequence, notification_id FROM notifications"
+            " WHERE municipality_code = q.m AND sequence = q.s LIMIT 1) n",
             [i.message.municipality_code for i in items], [i.message.sequence for i in items],
         )
         taken = {(r["municipality_code"], r["sequence"]): r["notification_id"] for r in sequences}
@@ -249,13 +253,16 @@ class Store:
         fresh_ids = {item.notification_id for item in items}
         history: dict[str, list[domain.Notification]] = defaultdict(list)
         rows = await conn.fetch(
-            "SELECT notification_id, payload FROM notifications"
-            " WHERE resident_code = ANY($1::text[]) OR new_resident_code = ANY($1::text[])",
+            "SELECT n.notification_id, n.payload FROM unnest($1::text[]) AS q(c)"
+            " CROSS JOIN LATERAL (SELECT notification_id, payload FROM notifications"
+            " WHERE resident_code = q.c OR new_resident_code = q.c OFFSET 0) n",
             codes,
         )
+        decoded: set[str] = set()  # a code change is found under both of its codes
         for stored in rows:
-            if stored["notification_id"] in fresh_ids:
+            if stored["notification_id"] in fresh_ids or stored["notification_id"] in decoded:
                 continue
+            decoded.add(stored["notification_id"])
             event = decode_event(bytes(stored["payload"]))
             for code in _affected_codes(event):
                 if code in new_by_code:
@@ -263,7 +270,8 @@ class Store:
         versions = {
             r["resident_code"]: r["version"]
             for r in await conn.fetch(
-                "SELECT resident_code, version FROM residents WHERE resident_code = ANY($1::text[])", codes
+                "SELECT r.resident_code, r.version FROM unnest($1::text[]) AS q(c) CROSS JOIN LATERAL"
+                " (SELECT resident_code, version FROM residents WHERE resident_code = q.c LIMIT 1) r", codes
             )
         }
         upserts: list[tuple[Any, ...]] = []
@@ -490,7 +498,11 @@ class Store:
 
     async def outbox_acknowledged(self, outbox_ids: list[int], lags_ms: list[float]) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("DELETE FROM outbox WHERE outbox_id = ANY($1::bigint[])", outbox_ids)
+            # The id range lets the primary key bound the scan (the outbox churns: dead rows until vacuum).
+            await conn.execute(
+                "DELETE FROM outbox WHERE outbox_id BETWEEN $2 AND $3 AND outbox_id = ANY($1::bigint[])",
+                outbox_ids, min(outbox_ids, default=0), max(outbox_ids, default=0),
+            )
             if lags_ms:
                 await conn.execute(
                     "INSERT INTO relay_acks (notifications, max_lag_ms, mean_lag_ms) VALUES ($1, $2, $3)",
