@@ -96,6 +96,10 @@ async def cmd_up(args: argparse.Namespace) -> int:
         seeded = await seed_population(supervisor, args.population, args.seed, echo=print)
         print(f"population: {seeded}")
         print(f"endpoints: {supervisor.data_dir / 'endpoints.json'}")
+        samples = await _sample_codes(supervisor.admin_url)
+        if samples:
+            print(f"try: juki lookup {samples[0]} --purpose B1-PENSION-BENEFIT"
+                  f"   (other residents: {', '.join(samples[1:])})")
         print("mesh is up; press Ctrl-C to stop")
         await stop.wait()
     finally:
@@ -103,6 +107,23 @@ async def cmd_up(args: argparse.Namespace) -> int:
         await supervisor.stop()
         print("mesh stopped")
     return 0
+
+
+async def _sample_codes(admin_url: str, count: int = 4) -> list[str]:
+    """A few current residents of the national store, for a first lookup."""
+    import asyncpg
+
+    from juki.mesh.settings import schema_name
+
+    conn = await asyncpg.connect(admin_url)
+    try:
+        rows = await conn.fetch(
+            f'SELECT resident_code FROM "{schema_name("intake-national")}".residents WHERE status = 1 '
+            "ORDER BY resident_code LIMIT $1", count,
+        )
+    finally:
+        await conn.close()
+    return [r["resident_code"] for r in rows]
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
