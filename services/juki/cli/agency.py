@@ -58,12 +58,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
     parser.add_argument("--purpose", required=True, help="code of the 事務, e.g. B1-PENSION-BENEFIT (see juki purposes)")
     parser.add_argument("--identity", default="agency", help="demo client identity (default: agency = 日本年金機構)")
-    parser.add_argument("--password", default="", help="operator password, for operator identities")
+    parser.add_argument("--password", default=None, help="operator password, for operator identities (default: the demo operator's)")
 
 
-def _sign(client: MeshClient, request: Any, method: str, password: str) -> None:
+def _sign(client: MeshClient, request: Any, method: str, password: str | None) -> None:
     if "/operator/" in client.identity:
-        sign_with_files(request, method, client.tls.cert, client.tls.key, password=password)
+        sign_with_files(request, method, client.tls.cert, client.tls.key,
+                        password=password if password is not None else client.password)
 
 
 async def cmd_lookup(args: argparse.Namespace) -> int:

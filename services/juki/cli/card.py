@@ -104,7 +104,7 @@ def register(sub: Any) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
     parser.add_argument("--identity", default="operator", help="demo client identity (default: the counter operator)")
-    parser.add_argument("--password", default="", help="operator password")
+    parser.add_argument("--password", default=None, help="operator password (default: the demo operator's)")
 
 
 class Counter:
@@ -112,7 +112,7 @@ class Counter:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.client = MeshClient(args.data_dir, identity=args.identity)
-        self.password = args.password
+        self.password = args.password if args.password is not None else self.client.password
         self.stub = card_pb2_grpc.CardServiceStub(self.client.channel("card"))
 
     def sign(self, request: Any, rpc: str) -> Any:

@@ -67,7 +67,8 @@ def register(sub: Any) -> None:
     parser.add_argument("resident_code", help="住民票コード of the resident")
     parser.add_argument("--card", help="card number of the resident's 住基カード")
     parser.add_argument("--pin", help="the card's 4-digit PIN (暗証番号)")
-    parser.add_argument("--password", default="", help="the counter operator's password (counter disclosure)")
+    parser.add_argument("--password", default=None,
+                        help="the counter operator's password (counter disclosure; default: the demo operator's)")
     parser.add_argument("--from", dest="from_date", type=dt.date.fromisoformat, help="first day (YYYY-MM-DD)")
     parser.add_argument("--to", dest="to_date", type=dt.date.fromisoformat, help="last day (YYYY-MM-DD)")
     parser.add_argument("--page-size", type=int, default=200, help="provisions per request (all pages are fetched)")
@@ -133,7 +134,8 @@ async def fetch(args: argparse.Namespace) -> Document:
                 request.card_proof.pin = args.pin
             else:
                 sign_operator_proof(request, METHOD, cert_pem=Path(operator["cert"]).read_bytes(),
-                                    key_pem=Path(operator["key"]).read_bytes(), password=args.password,
+                                    key_pem=Path(operator["key"]).read_bytes(),
+                                    password=args.password if args.password is not None else operator.get("password", ""),
                                     proof_field="counter_operator")
             page = await stub.GetDisclosure(request, timeout=600)
             reply = reply or page

@@ -65,7 +65,7 @@ def register(sub: Any) -> None:
         add_data_dir(parser)
         parser.add_argument("municipality")
         parser.add_argument("--reason", default="")
-        parser.add_argument("--password", default="", help="operator password")
+        parser.add_argument("--password", default=None, help="operator password (default: the demo operator's)")
         parser.set_defaults(func=cmd_connection, connected=connected)
 
 
@@ -164,7 +164,8 @@ async def cmd_connection(args: argparse.Namespace) -> int:
         method = "/juki.intake.v1.IntakeService/SetConnectionState"
         from pathlib import Path
 
-        sign_with_files(request, method, Path(entry["cert"]), Path(entry["key"]), args.password)
+        password = args.password if args.password is not None else client.password
+        sign_with_files(request, method, Path(entry["cert"]), Path(entry["key"]), password)
         stub = intake_pb2_grpc.IntakeServiceStub(client.channel(f"intake-prefecture-{args.municipality[:2]}"))
         response = await stub.SetConnectionState(request)
     state = "connected" if response.status.connected else "disconnected"

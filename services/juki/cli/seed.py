@@ -22,6 +22,7 @@ from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
 from juki.domain.population import FOREIGN_SHARE, Person, Relationship, generate
 from juki.mesh.operator import sign_operator_proof
 from juki.mesh.settings import TlsFiles, schema_name
+from juki.mesh.supervisor import DEMO_OPERATOR_PASSWORD
 from juki.mesh.tls import secure_channel
 from juki.municipal import convert
 
@@ -105,7 +106,8 @@ async def resync(address: str, tls: TlsFiles, operator: tuple[Any, Any]) -> muni
     """Ask one municipal CS to send its whole register to its prefecture, as the demo operator."""
     cert, key = operator
     request = municipal_pb2.ResyncToPrefectureRequest()
-    sign_operator_proof(request, RESYNC_METHOD, cert_pem=cert.read_bytes(), key_pem=key.read_bytes())
+    sign_operator_proof(request, RESYNC_METHOD, cert_pem=cert.read_bytes(), key_pem=key.read_bytes(),
+                        password=DEMO_OPERATOR_PASSWORD)
     async with secure_channel(address, tls) as channel:
         stub = municipal_pb2_grpc.MunicipalServiceStub(channel)
         response: municipal_pb2.ResyncToPrefectureResponse = await stub.ResyncToPrefecture(request, timeout=900)

@@ -24,6 +24,8 @@ class MeshClient:
             raise SettingsError(f"unknown client identity {identity!r}; one of {', '.join(sorted(clients))}")
         entry = clients[identity]
         self.identity = entry["spiffe_id"]
+        # The demo operator's password (the PIN of its operator card) for the local mesh; empty elsewhere.
+        self.password: str = str(entry.get("password", ""))
         self.tls = TlsFiles(ca=Path(self.endpoints["ca"]), cert=Path(entry["cert"]), key=Path(entry["key"]))
         self._channels: dict[str, grpc.aio.Channel] = {}
 

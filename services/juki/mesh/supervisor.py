@@ -29,6 +29,8 @@ from juki.mesh.settings import role_name
 log = logging.getLogger(__name__)
 
 ENDPOINTS_FILE = "endpoints.json"
+# The local mesh's demo operator signs with its key and this password (checked against a salted hash).
+DEMO_OPERATOR_PASSWORD = "demo-password"
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,7 @@ class Supervisor:
             "JUKI_ACCESSLOG_SIGNING_KEY_FILE": str(self.ca.paths("signing", "accesslog")[1]),
             "JUKI_ACCESSLOG_SIGNING_CERT_FILE": str(self.ca.paths("signing", "accesslog")[0]),
             "JUKI_PSEUDONYM_KEY_FILE": str(self._pseudonym_key()),
+            "JUKI_OPERATOR_PASSWORDS_FILE": str(self._operator_passwords()),
             "JUKI_READY_FILE": str(self.data_dir / "run" / f"{spec.instance}.ready"),
             "OTEL_SERVICE_NAME": f"juki-{spec.instance}",
             "PYTHONUNBUFFERED": "1",
@@ -224,6 +227,17 @@ class Supervisor:
             env["JUKI_PREFECTURE_INTAKE_ADDRESS"] = self.address(f"intake-prefecture-{prefecture}")
         env.update(spec.env)
         return env
+
+    def _operator_passwords(self) -> Path:
+        """Password hashes of the local mesh's operators (the demo operator's is DEMO_OPERATOR_PASSWORD)."""
+        path = self.data_dir / "pki" / "operator-passwords.json"
+        if not path.is_file():
+            from juki.mesh.operator import hash_operator_password
+
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"demo-operator": hash_operator_password(DEMO_OPERATOR_PASSWORD)}, f)
+        return path
 
     def _pseudonym_key(self) -> Path:
         path = self.data_dir / "pki" / "pseudonym.key"
@@ -348,7 +362,7 @@ class Supervisor:
             },
             "clients": {
                 "agency": client("agency", "jps"),
-                "operator": client("operator", "demo-operator"),
+                "operator": {**client("operator", "demo-operator"), "password": DEMO_OPERATOR_PASSWORD},
                 "private": client("private", "acme-insurance"),
                 **{f"municipality-{m}": client("municipality", m) for m in self.layout.municipalities},
                 **{f"prefecture-{p}": client("prefecture", p) for p in self.layout.prefectures},
