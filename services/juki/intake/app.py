@@ -12,7 +12,7 @@ from juki.intake.service import IntakeServicer
 from juki.intake.store import Store
 from juki.mesh import db
 from juki.mesh.errors import SettingsError
-from juki.mesh.operator import OperatorVerifier
+from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import ServiceSettings
 
@@ -64,7 +64,9 @@ class IntakeApp:
             self.relay = Relay(store, target, settings.tls)
             self.relay.start()
         self.servicer = IntakeServicer(
-            settings, store, OperatorVerifier(settings.tls, self.pool),
+            settings, store, OperatorVerifier(
+                settings.tls, self.pool, passwords=load_passwords(settings.extra.get("operator_passwords_file"))
+            ),
             on_accepted=self.relay.wake if self.relay else None,
         )
         return [

@@ -31,7 +31,7 @@ from juki.lookup.quota import Quotas
 from juki.lookup.service import LookupServicer, current_attempt
 from juki.mesh import db
 from juki.mesh.errors import JukiError, SettingsError
-from juki.mesh.operator import OperatorVerifier
+from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import SPIFFE_TRUST_DOMAIN, ServiceSettings
 from juki.mesh.telemetry import current_trace_id
@@ -77,7 +77,10 @@ class LookupApp:
         self.provisions = ProvisionLog(self._channel, ack_timeout=self._ack_timeout, max_in_flight=self._log_in_flight)
         servicer = LookupServicer(
             self.pool, self.policy, self.provisions, Quotas(self._quota_multiplier), PROVIDER,
-            OperatorCheck(OperatorVerifier(self.settings.tls, self.pool)),
+            OperatorCheck(OperatorVerifier(
+                self.settings.tls, self.pool,
+                passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
+            )),
         )
         return [ServiceBinding(
             SERVICE_NAME, add_to_server, servicer,
