@@ -5,7 +5,6 @@ Each module exposes ``register_bench(bench_subparsers)`` adding its sub-verb (an
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 BENCH_MODULES: tuple[str, ...] = (
@@ -18,13 +17,9 @@ BENCH_MODULES: tuple[str, ...] = (
 
 
 def register(sub: Any) -> None:
+    from juki.cli.main import load_modules  # main imports this module
+
     bench = sub.add_parser("bench", help="measure throughput and latency; prints one JSON object")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-    for name in BENCH_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
+    for module in load_modules(BENCH_MODULES):
         module.register_bench(bench_sub)

@@ -13,6 +13,7 @@ import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -45,15 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Juki-net mesh: the Basic Resident Registration Network as a mutual-TLS gRPC mesh.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
+    for module in load_modules(COMMAND_MODULES):
         module.register(sub)
     return parser
+
+
+def load_modules(names: Sequence[str]) -> list[Any]:
+    """Import the verb modules (of ``juki`` or of ``juki bench``); a missing one is an error, not a gap."""
+    return [importlib.import_module(name) for name in names]
 
 
 def format_rpc_error(exc: grpc.aio.AioRpcError) -> str:
