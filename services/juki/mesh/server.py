@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from juki.mesh import metrics, telemetry
+from juki.mesh.db import is_connection_loss
 from juki.mesh.errors import ERROR_DOMAIN, JukiError, Reason, invalid
 from juki.mesh.pki import load_revoked_serials
 from juki.mesh.settings import ServiceSettings, TlsFiles
@@ -58,6 +59,12 @@ class MeshService(Protocol):
 
 # -- errors -> status ------------------------------------------------------------------------------
 
+# The delay a caller is told to wait (RetryInfo) before retrying a retryable error, and after an outage of
+# the database or another service: short, because the supervisor or Kubernetes restarts it within seconds.
+DEFAULT_RETRY_SECONDS = 1.0
+OUTAGE_RETRY_SECONDS = 0.5
+
+
 def status_for(error: JukiError) -> status_pb2.Status:
     """The ``google.rpc.Status`` of an error: ErrorInfo always, BadRequest and RetryInfo when they apply."""
     details: list[any_pb2.Any] = []
@@ -73,8 +80,11 @@ def status_for(error: JukiError) -> status_pb2.Status:
         packed = any_pb2.Any()
         packed.Pack(bad)
         details.append(packed)
-    if error.retry_after_seconds is not None:
-        seconds = max(error.retry_after_seconds, 0.0)
+    # Every retryable reason says so on the wire (RetryInfo), with the error's own delay or a default one.
+    delay = error.retry_after_seconds if error.retry_after_seconds is not None else (
+        DEFAULT_RETRY_SECONDS if error.retryable else None)
+    if delay is not None:
+        seconds = max(delay, 0.0)
         retry = error_details_pb2.RetryInfo(
             retry_delay=duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
         )
@@ -95,11 +105,9 @@ def _classify(exc: BaseException) -> JukiError:
     """Turn an unexpected exception into a catalogued one (dependency faults are retryable)."""
     if isinstance(exc, JukiError):
         return exc
-    name = type(exc).__module__ + "." + type(exc).__name__
-    if isinstance(exc, (ConnectionError, OSError, asyncio.TimeoutError)) or name.startswith(
-        ("asyncpg.exceptions.ConnectionDoesNotExist", "asyncpg.exceptions._base.InterfaceError")
-    ) or "CannotConnectNow" in name or "AdminShutdown" in name or "ConnectionFailure" in name:
-        return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a dependency failed: {type(exc).__name__}")
+    if is_connection_loss(exc):
+        return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a dependency failed: {type(exc).__name__}",
+                         retry_after_seconds=OUTAGE_RETRY_SECONDS)
     if getattr(exc, "sqlstate", None) in ("22021", "22P05"):
         # Text PostgreSQL cannot store (a NUL byte) that a handler passed on unchecked: the caller's input.
         return invalid("request", "a text field holds a character that cannot be stored (NUL)")
