@@ -226,11 +226,9 @@ def _helper_start(pgdata: Path) -> dict[str, object]:
     if pgdata.exists():
         for note in recover_stale_state(pgdata):
             print(f"note: {note}", file=sys.stderr)
-    first = not (pgdata / "PG_VERSION").exists()
     # cleanup_mode=None: the server outlives this helper; stopping is the owners' decision (see stop()).
     handle = pgserver.get_server(pgdata, cleanup_mode=None)
-    if first:
-        _tune(handle)
+    _tune(handle)
     exists = handle.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}';")
     if "(1 row)" not in exists:
         handle.psql(f"CREATE DATABASE {DATABASE};")
@@ -264,18 +262,67 @@ def _helper_stop(pgdata: Path) -> dict[str, object]:
     return {"stopped": True}
 
 
+def _psql_rows(handle: object, sql: str) -> list[list[str]]:
+    """Rows of one query through psql (unaligned, ``|``-separated), in this helper process."""
+    from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[attr-defined]
+
+    uri = handle.get_uri()  # type: ignore[attr-defined]
+    out = subprocess.run([str(POSTGRES_BIN_PATH / "psql"), "-X", "-A", "-t", "-F", "|", "-c", sql, uri],
+                         capture_output=True, text=True, check=True, timeout=60, stdin=subprocess.DEVNULL)
+    return [line.split("|") for line in out.stdout.splitlines() if line]
+
+
+_UNIT_BYTES = {"B": 1, "kB": 1024, "8kB": 8192, "16kB": 16384, "MB": 1024 * 1024}
+_UNIT_MS = {"ms": 1, "s": 1000, "min": 60_000}
+
+
+def _normal(value: str, unit: str) -> str:
+    """A setting in a comparable form: memory in bytes, time in ms, anything else as written."""
+    from juki.mesh.pgtune import parse_size
+
+    if unit in _UNIT_BYTES:
+        try:
+            return str(parse_size(value) if not value.isdigit() else int(value) * _UNIT_BYTES[unit])
+        except ValueError:
+            return value
+    if unit in _UNIT_MS:
+        for suffix, factor in (("min", 60_000), ("ms", 1), ("s", 1000)):
+            if value.endswith(suffix) and value[: -len(suffix)].isdigit():
+                return str(int(value[: -len(suffix)]) * factor)
+        return str(int(value) * _UNIT_MS[unit]) if value.isdigit() else value
+    return value
+
+
 def _tune(handle: object) -> None:
-    """Settings for a mesh on one small machine; applied once, on the first start."""
-    handle.psql(  # type: ignore[attr-defined]
-        "ALTER SYSTEM SET max_connections = 200;"
-        "ALTER SYSTEM SET shared_buffers = '512MB';"
-        "ALTER SYSTEM SET wal_buffers = '16MB';"
-        "ALTER SYSTEM SET max_wal_size = '2GB';"
-        "ALTER SYSTEM SET checkpoint_timeout = '15min';"
-        "ALTER SYSTEM SET commit_delay = 0;"
-    )
-    pgdata = Path(handle.pgdata)  # type: ignore[attr-defined]
-    _helper_restart(pgdata, "fast")
+    """Size the server for this machine (mesh/pgtune.py) at every start; restart only when that must.
+
+    Parameters that differ from the running server are written with ALTER SYSTEM; if one of them can only
+    change at a restart (shared_buffers, max_connections, ...), the server is restarted, else reloaded.
+    """
+    from juki.mesh.pgtune import embedded_parameters
+
+    wanted = embedded_parameters()
+    names = ",".join(f"'{name}'" for name in wanted)
+    current = {row[0]: row for row in _psql_rows(
+        handle, f"SELECT name, setting, coalesce(unit, ''), context FROM pg_settings WHERE name IN ({names})")}
+    unknown = sorted(set(wanted) - set(current))
+    if unknown:
+        raise EmbeddedDatabaseError(f"unknown PostgreSQL parameters (JUKI_PG_*?): {', '.join(unknown)}")
+    changed = {name: value for name, value in wanted.items()
+               if _normal(value, current[name][2]) != _normal(current[name][1], current[name][2])}
+    if not changed:
+        return
+    handle.psql("".join(  # type: ignore[attr-defined]
+        f"ALTER SYSTEM SET {name} = '{value}';" for name, value in changed.items()))
+    if any(current[name][3] == "postmaster" for name in changed):
+        pgdata = Path(handle.pgdata)  # type: ignore[attr-defined]
+        _helper_restart(pgdata, "fast")
+        _wait_ready(handle, pgdata)
+    else:
+        handle.psql("SELECT pg_reload_conf();")  # type: ignore[attr-defined]
+
+
+def _wait_ready(handle: object, pgdata: Path) -> None:
     from pgserver.utils import PostmasterInfo
 
     # pgserver caches the postmaster's details; read them again after the restart.
