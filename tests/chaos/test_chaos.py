@@ -19,10 +19,15 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
 from juki import domain
+from juki._gen.juki.accesslog.v1 import accesslog_pb2
+from juki._gen.juki.card.v1 import card_pb2
+from juki._gen.juki.disclosure.v1 import disclosure_pb2
+from juki._gen.juki.intake.v1 import intake_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2, lookup_pb2_grpc
 from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
 
@@ -34,6 +39,7 @@ from tests.faults import (
     Mesh,
     Resident,
     birth,
+    call_raw,
     local_mesh,
     national_residents,
     provisions,
@@ -68,6 +74,7 @@ class Load:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     ack_times: list[float] = field(default_factory=list)  # time.monotonic() of every acknowledgement
     answer_times: list[float] = field(default_factory=list)  # time.monotonic() of every lookup answer
+    reads: Counter[str] = field(default_factory=Counter)  # "instance STATUS" of the reader's calls
 
     async def _notify_once(self, municipality: str, rng: random.Random, today: dt.date) -> None:
         parent = rng.choice(self.parents[municipality])
@@ -133,12 +140,52 @@ class Load:
             self.answers[resident.code] += 1
             self.answer_times.append(time.monotonic())
 
+    async def reader(self) -> None:
+        """Reads of every other service that has a database, so that each one meets every outage.
+
+        Any answer is fine (a resident found, a card not found) except INTERNAL/UNKNOWN: an outage must
+        reach callers as UNAVAILABLE. Each call is a fresh one (no retry), so every fault is seen.
+        """
+        mesh = self.mesh
+        n = 0
+        while not self.stop.is_set():
+            resident = self.residents[n % len(self.residents)]
+            n += 1
+            calls: list[tuple[str, str, tuple[str, str], Any]] = [
+                ("intake-national", "/juki.intake.v1.IntakeService/GetResident", ("operator", "demo-operator"),
+                 intake_pb2.GetResidentRequest(resident_code=resident.code)),
+                ("intake-prefecture-13", "/juki.intake.v1.IntakeService/GetIntakeStatus",
+                 ("operator", "demo-operator"), intake_pb2.GetIntakeStatusRequest()),
+                ("card", "/juki.card.v1.CardService/GetCardStatus", ("operator", "demo-operator"),
+                 card_pb2.GetCardStatusRequest(card_number=f"{n:016d}")),
+                ("accesslog", "/juki.accesslog.v1.AccessLogService/ListProvisions", ("service", "disclosure"),
+                 accesslog_pb2.ListProvisionsRequest(resident_code=resident.code, page_size=5)),
+                (f"municipal-{NAKANO}", "/juki.municipal.v1.MunicipalService/GetResidentEntry",
+                 ("operator", "demo-operator"),
+                 municipal_pb2.GetResidentEntryRequest(resident_code=resident.code,
+                                                       requesting_municipality_code=NAKANO)),
+            ]
+            disclosure = disclosure_pb2.GetDisclosureRequest(resident_code=resident.code)
+            mesh.sign(disclosure, "/juki.disclosure.v1.DisclosureService/GetDisclosure", "counter_operator")
+            calls.append(("disclosure", "/juki.disclosure.v1.DisclosureService/GetDisclosure",
+                          ("operator", "demo-operator"), disclosure))
+            for instance, method, identity, request in calls:
+                if "operator_proof" in request.DESCRIPTOR.fields_by_name:
+                    mesh.sign(request, method)
+                code, details = await call_raw(mesh.channel(instance, *identity), method,
+                                               request.SerializeToString(), timeout=20)
+                self.reads[f"{instance} {code.name}"] += 1
+                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                    self.unexpected.append(f"{method} answered {code.name}: {details}")
+            await asyncio.sleep(0.05)
+
     def run(self) -> list[asyncio.Task[None]]:
         return [
             asyncio.create_task(self.notifier(NAKANO, 1)),
             asyncio.create_task(self.notifier(YOKOHAMA, 2)),
             asyncio.create_task(self.looker(0)),
             asyncio.create_task(self.looker(7)),
+            asyncio.create_task(self.reader()),
         ]
 
 
@@ -268,5 +315,6 @@ async def test_the_mesh_loses_nothing_when_each_process_and_the_database_fail(ch
         "kill_to_first_answer_p50_s": statistics.median(float(str(r["fault_to_first_answer_s"])) for r in kills),
     }
     summary = {"faults": report, "database_recovery": database_recovery, "notifications_acked": len(load.acked), "lookups_answered": sum(load.answers.values()),
-               "client_statuses": dict(load.statuses), "retries": load.retries}
+               "client_statuses": dict(load.statuses), "retries": load.retries,
+               "reads": dict(sorted(load.reads.items()))}
     print("CHAOS " + json.dumps(summary, ensure_ascii=False))

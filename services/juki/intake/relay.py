@@ -93,7 +93,11 @@ class Relay:
         delay = 0.2
         while not self._stopping:
             try:
-                async with secure_channel(self._target, self._tls) as channel:
+                # No client interceptors: with one, grpc.aio feeds a READER_WRITER stream through a proxy
+                # async generator and a consumer task, which a cancelled stream leaves pending at shutdown
+                # ("Task was destroyed but it is pending", "aclose(): asynchronous generator is already
+                # running"). A relay stream lives for minutes; a client span over it would say nothing.
+                async with secure_channel(self._target, self._tls, interceptors=[]) as channel:
                     await self._pump(channel)
                 delay = 0.2
             except (grpc.aio.AioRpcError, asyncpg.PostgresError, OSError, ConnectionError) as exc:
