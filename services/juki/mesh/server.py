@@ -31,13 +31,13 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from juki.mesh import metrics, telemetry
 from juki.mesh.errors import ERROR_DOMAIN, JukiError, Reason, invalid
 from juki.mesh.pki import load_revoked_serials
+from juki.mesh.reflection import V1_SERVICE, V1ALPHA_SERVICE, register_v1_descriptor
 from juki.mesh.settings import ServiceSettings, TlsFiles
 from juki.mesh.tls import SERVER_OPTIONS, Peer, current_peer, peer_from_auth_context, server_credentials
 
 log = logging.getLogger(__name__)
 
 ANY_PEER: frozenset[str] = frozenset({"*"})
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 @dataclass(frozen=True)
@@ -317,11 +317,17 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
 # -- serving ------------------------------------------------------------------------------------------
 
 def _add_reflection(server: grpc.aio.Server, names: Sequence[str]) -> None:
-    """Server reflection under both v1alpha (grpcurl) and v1 (newer clients); same wire messages."""
-    service_names = [*names, reflection.SERVICE_NAME, REFLECTION_V1, health.SERVICE_NAME]
+    """Server reflection under both v1alpha (older clients, grpcurl 1.8) and v1 (newer clients).
+
+    One servicer answers both: the two versions have the same wire messages (see ``mesh.reflection``),
+    so v1 requests are parsed and answered with the v1alpha classes; the v1 descriptor is registered so
+    that the v1 service can be described and resolved like any other.
+    """
+    register_v1_descriptor()
+    service_names = [*names, V1ALPHA_SERVICE, V1_SERVICE, health.SERVICE_NAME]
     servicer = reflection_aio.ReflectionServicer(service_names)
     reflection.enable_server_reflection(service_names, server)
-    handler = grpc.method_handlers_generic_handler(REFLECTION_V1, {
+    handler = grpc.method_handlers_generic_handler(V1_SERVICE, {
         "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
             servicer.ServerReflectionInfo,
             request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
@@ -341,8 +347,8 @@ def _full_access(bindings: Sequence[ServiceBinding]) -> dict[str, frozenset[str]
     for open_method in (
         f"/{health.SERVICE_NAME}/Check",
         f"/{health.SERVICE_NAME}/Watch",
-        f"/{reflection.SERVICE_NAME}/ServerReflectionInfo",
-        f"/{REFLECTION_V1}/ServerReflectionInfo",
+        f"/{V1ALPHA_SERVICE}/ServerReflectionInfo",
+        f"/{V1_SERVICE}/ServerReflectionInfo",
     ):
         table[open_method] = ANY_PEER
     return table
