@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 import datetime as _dt
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -363,38 +363,53 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         # log's acknowledgement, the next is already being read and answered. Answers leave in order.
         answers: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(VERIFY_PIPELINE)
         loop = asyncio.get_running_loop()
+        # Every task this stream starts, until it is done: when the stream ends early (an error, or the
+        # client going away) each is cancelled, wherever it is - in the queue, awaited, or just created
+        # by the reader while the queue was full - and none is left running or holding an exception.
+        running: set[asyncio.Task[Any]] = set()
+
+        def start(work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+            task = loop.create_task(work)
+            running.add(task)
+            task.add_done_callback(_settled)
+            return task
+
+        def _settled(task: asyncio.Task[Any]) -> None:
+            running.discard(task)
+            # Collected here; the failure that matters reaches the caller through the answer loop.
+            if not task.cancelled():
+                task.exception()
 
         async def read() -> None:
             # Items are numbered across the whole stream, so that a bad item's result can say where it
             # stands in the caller's file and not only in its message.
             offset = len(first.items)
+            torn_down = False
             try:
-                await answers.put(loop.create_task(self._verify(call, first.items, 0)))
+                await answers.put(start(self._verify(call, first.items, 0)))
                 async for request in iterator:
                     if request.purpose and request.purpose != call.grant.purpose.code:
                         raise invalid("purpose", "the purpose of a VerifyBatch stream cannot change")
                     self._quotas.take(call.peer.spiffe_id, call.grant.agency.quota_per_second)
-                    await answers.put(loop.create_task(self._verify(call, request.items, offset)))
+                    await answers.put(start(self._verify(call, request.items, offset)))
                     offset += len(request.items)
+            except asyncio.CancelledError:
+                torn_down = True
+                raise
             finally:
-                await answers.put(None)
+                # The end marker, for the answer loop; a stream being torn down has no answer loop left,
+                # and waiting for room in a full queue would leave this task pending forever.
+                if not torn_down:
+                    await answers.put(None)
 
-        reader = loop.create_task(read())
-        started: list[asyncio.Task[bytes]] = []
+        reader = start(read())
         try:
             while (task := await answers.get()) is not None:
-                started.append(task)
                 yield await task
-                started.pop()
             await reader
         finally:
-            reader.cancel()
-            for task in started:
+            for task in list(running):
                 task.cancel()
-            while not answers.empty():
-                leftover = answers.get_nowait()
-                if leftover is not None:
-                    leftover.cancel()
 
     async def _verify(self, call: Authorised, items: Sequence[lookup_pb2.VerifyItem], offset: int) -> bytes:
         """One VerifyBatchResponse, serialised: records are written as bytes (``RecordEncoder``).

@@ -266,14 +266,14 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
             return result
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the client went away or its deadline passed
+            raise
         except Exception as exc:
             code = _classify(exc).code.name
             await mesh._fail(context, method, exc)
         finally:
-            if token is not None:
-                current_peer.reset(token)
-            telemetry.end_server_span(span, span_token, code)
-            mesh.metrics.record(method, code, (time.perf_counter() - started) * 1000)
+            _finish(span, span_token, token, method, code, started)
 
     async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         token = None
@@ -291,14 +291,30 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
                 await result
         except grpc.aio.AbortError:
             raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: the generator is cancelled in the call's task, or - when grpc was
+            # sending rather than iterating at that moment - abandoned and closed later by the loop.
+            code = "CANCELLED"
+            raise
         except Exception as exc:
             code = _classify(exc).code.name
             await mesh._fail(context, method, exc)
         finally:
-            if token is not None:
-                current_peer.reset(token)
+            _finish(span, span_token, token, method, code, started)
+
+    def _finish(span: Any, span_token: Any, token: Any, method: str, code: str, started: float) -> None:
+        """End the span and record the metrics first: they must happen whatever the peer reset does."""
+        try:
             telemetry.end_server_span(span, span_token, code)
             mesh.metrics.record(method, code, (time.perf_counter() - started) * 1000)
+        finally:
+            if token is not None:
+                try:
+                    current_peer.reset(token)
+                except ValueError:
+                    # An abandoned stream is closed by the event loop in a Context of its own, where
+                    # this token cannot be reset; the call's own Context dies with its task anyway.
+                    pass
 
     behavior = stream_behavior if streaming_response else unary_behavior
     factory = {
@@ -364,6 +380,7 @@ class RunningServer:
     names: list[str]
     health_server: grpc.aio.Server | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    interceptor: MeshInterceptor | None = None  # its ``metrics`` are what /metrics reports per RPC
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
@@ -404,7 +421,7 @@ async def start_server(
         await health_server.start()
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, address, health_servicer, names, health_server)
+    return RunningServer(server, address, health_servicer, names, health_server, interceptor=mesh)
 
 
 async def serve(settings: ServiceSettings, service: MeshService, *, ready_file: Path | None = None) -> None:
