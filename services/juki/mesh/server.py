@@ -432,10 +432,30 @@ async def start_server(
     return RunningServer(server, address, health_servicer, names, health_server, interceptor=mesh)
 
 
+def _loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's handler, except for one library artefact of a database outage.
+
+    When PostgreSQL dies in the middle of an operation, asyncpg fails the operation's internal waiter
+    (a bare Future of its protocol, not a task of ours) with ConnectionDoesNotExistError; if the caller had
+    already given up on that operation, nobody retrieves it and asyncio reports "Future exception was never
+    retrieved". The caller saw its own error (UNAVAILABLE) already, so this is logged as a warning naming
+    the outage. Everything else, a task of ours above all, goes to asyncio's handler (logged at ERROR; the
+    test suites fail on it).
+    """
+    future = context.get("future")
+    error = context.get("exception")
+    if (future is not None and not isinstance(future, asyncio.Task) and error is not None
+            and type(error).__module__.startswith("asyncpg") and is_connection_loss(error)):
+        log.warning("a database operation abandoned by its caller ended with the lost connection: %s", error)
+        return
+    loop.default_exception_handler(context)
+
+
 async def serve(settings: ServiceSettings, service: MeshService, *, ready_file: Path | None = None) -> None:
     """Run one service until SIGTERM/SIGINT, then drain in-flight calls and stop cleanly."""
     telemetry.setup(settings.instance)
     metrics.setup(settings.instance)
+    asyncio.get_running_loop().set_exception_handler(_loop_exception_handler)
     bindings = await service.start()
     on_refusal = getattr(service, "on_refusal", None)
     running = await start_server(settings, bindings, on_refusal=on_refusal)
