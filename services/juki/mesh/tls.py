@@ -27,6 +27,12 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.enable_retries", 1),
+    # Reconnect quickly after a peer restarts (the supervisor or Kubernetes brings it back within seconds):
+    # gRPC's defaults wait 1 s after the first failed connection and back off to 120 s. Still jittered
+    # (±20 %) and exponential (x1.6), but from 100 ms and capped at 2 s.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
 SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
