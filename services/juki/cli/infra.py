@@ -28,6 +28,8 @@ def register(sub: Any) -> None:
                     help="municipality codes to run (default 131148 中野区 and 141003 横浜市)")
     up.add_argument("--otlp", default=None, help="send traces to this OTLP/gRPC endpoint (e.g. http://127.0.0.1:4317)")
     up.add_argument("--clock", default=None, help="business date for the mesh (YYYY-MM-DD; default: today)")
+    up.add_argument("--replicas", type=int, default=1,
+                    help="processes of every service (default 1); clients balance across them per call")
     up.set_defaults(func=cmd_up)
 
     serve = sub.add_parser("serve", help="run one service (used by `juki up` and in containers)")
@@ -85,7 +87,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
     admin = read_secret(os.environ, "JUKI_DATABASE_URL")
     supervisor = Supervisor(
         args.data_dir or default_data_dir(), layout_from(args),
-        database_url=admin.reveal() if admin else None, extra_env=env, echo=print,
+        database_url=admin.reveal() if admin else None, extra_env=env, echo=print, replicas=args.replicas,
     )
     stop = asyncio.Event()
     wait_for_signals(stop)

@@ -12,6 +12,7 @@ from juki.intake.service import IntakeServicer
 from juki.intake.store import Store
 from juki.mesh import db
 from juki.mesh.errors import SettingsError
+from juki.mesh.leader import LeaderLease
 from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import ServiceSettings
@@ -61,7 +62,7 @@ class IntakeApp:
         store = Store(self.pool, relay=prefecture)
         if prefecture:
             target = settings.peers.require("national_intake")
-            self.relay = Relay(store, target, settings.tls)
+            self.relay = Relay(store, target, settings.tls, LeaderLease(settings.database, f"{settings.instance}:relay"))
             self.relay.start()
         self.servicer = IntakeServicer(
             settings, store, OperatorVerifier(

@@ -21,6 +21,7 @@ from juki._gen.juki.intake.v1 import intake_pb2
 from juki.intake.store import Store
 from juki.mesh import metrics
 from juki.mesh.db import is_connection_loss
+from juki.mesh.leader import LeaderLease
 from juki.mesh.outage import Outage
 from juki.mesh.settings import TlsFiles
 from juki.mesh.tls import secure_channel
@@ -58,10 +59,12 @@ def encode_request(batch_id: int, payloads: list[bytes]) -> bytes:
 class Relay:
     """Background task of a prefecture intake."""
 
-    def __init__(self, store: Store, target: str, tls: TlsFiles) -> None:
+    def __init__(self, store: Store, target: str, tls: TlsFiles, lease: LeaderLease) -> None:
         self._store = store
         self._target = target
         self._tls = tls
+        # Replicas of one prefecture share its outbox: only the lease holder relays (mesh/leader.py).
+        self._lease = lease
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -88,33 +91,38 @@ class Relay:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self._task, timeout=5)
+        await self._lease.release()
 
     async def _run(self) -> None:
         delay = 0.2
         while not self._stopping:
             try:
+                lease = await self._lease.acquire()
                 # No client interceptors: with one, grpc.aio feeds a READER_WRITER stream through a proxy
                 # async generator and a consumer task, which a cancelled stream leaves pending at shutdown
                 # ("Task was destroyed but it is pending", "aclose(): asynchronous generator is already
                 # running"). A relay stream lives for minutes; a client span over it would say nothing.
                 async with secure_channel(self._target, self._tls, interceptors=[]) as channel:
-                    await self._pump(channel)
+                    await self._pump(channel, lease)
                 delay = 0.2
             except (grpc.aio.AioRpcError, asyncpg.PostgresError, OSError, ConnectionError) as exc:
                 # An outage of the national intake or of the database: logged when it starts and ends.
+                if is_connection_loss(exc) and not isinstance(exc, grpc.aio.AioRpcError):
+                    await self._lease.lost()  # the lease's session may be the one that broke
                 self._outage.failed(exc)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 2.0)
             except Exception as exc:
                 # The relay must outlive any fault: the outbox keeps everything until it is acknowledged.
                 if is_connection_loss(exc):
+                    await self._lease.lost()
                     self._outage.failed(exc)
                 else:
                     log.exception("relay to %s failed; retrying in %.1f s", self._target, delay)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 2.0)
 
-    async def _pump(self, channel: grpc.aio.Channel) -> None:
+    async def _pump(self, channel: grpc.aio.Channel, lease: asyncpg.Connection) -> None:
         """Stream outbox batches, up to IN_FLIGHT unanswered; unanswered ones are resent on reconnect."""
         # Requests are written as bytes: the stored payloads are already serialised Notifications.
         call = channel.stream_stream(
@@ -128,7 +136,7 @@ class Relay:
             while not self._stopping:
                 while len(pending) < IN_FLIGHT:
                     self._wake.clear()
-                    rows = await self._store.outbox_batch(BATCH_SIZE, after)
+                    rows = await self._store.outbox_batch(BATCH_SIZE, after, conn=lease)
                     if not rows:
                         break
                     after = rows[-1]["outbox_id"]

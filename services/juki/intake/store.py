@@ -489,8 +489,9 @@ class Store:
 
     # -- outbox ------------------------------------------------------------------------------------
 
-    async def outbox_batch(self, limit: int, after: int) -> list[asyncpg.Record]:
-        return list(await self.pool.fetch(
+    async def outbox_batch(self, limit: int, after: int, conn: asyncpg.Connection | None = None) -> list[asyncpg.Record]:
+        """The next outbox rows after ``after``; on ``conn`` when given (the relay's lease connection)."""
+        return list(await (conn or self.pool).fetch(
             "SELECT outbox_id, notification_id, payload, enqueued_at FROM outbox WHERE outbox_id > $1"
             " ORDER BY outbox_id LIMIT $2",
             after, limit,

@@ -76,7 +76,7 @@ class LookupApp:
         self._channel = secure_channel(address, self.settings.tls, interceptors=[])
         self.provisions = ProvisionLog(self._channel, ack_timeout=self._ack_timeout, max_in_flight=self._log_in_flight)
         servicer = LookupServicer(
-            self.pool, self.policy, self.provisions, Quotas(self._quota_multiplier), PROVIDER,
+            self.pool, self.policy, self.provisions, Quotas(self.pool, self._quota_multiplier), PROVIDER,
             OperatorCheck(OperatorVerifier(
                 self.settings.tls, self.pool,
                 passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),

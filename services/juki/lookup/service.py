@@ -255,7 +255,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
             grant = self._policy.authorise(peer.spiffe_id, purpose, mode)
         except PolicyError as error:
             raise _policy_error(error) from None
-        self._quotas.take(peer.spiffe_id, grant.agency.quota_per_second, quota_cost)
+        await self._quotas.take(peer.spiffe_id, grant.agency.quota_per_second, quota_cost)
         operator_id = await self._operators.check(peer, method, request, proof is not None)
         if operator_id:
             current_attempt.set(Attempt(purpose, mode, resident_code, operator_id))
@@ -390,7 +390,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
                 async for request in iterator:
                     if request.purpose and request.purpose != call.grant.purpose.code:
                         raise invalid("purpose", "the purpose of a VerifyBatch stream cannot change")
-                    self._quotas.take(call.peer.spiffe_id, call.grant.agency.quota_per_second)
+                    await self._quotas.take(call.peer.spiffe_id, call.grant.agency.quota_per_second)
                     await answers.put(start(self._verify(call, request.items, offset)))
                     offset += len(request.items)
             except asyncio.CancelledError:

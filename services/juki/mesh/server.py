@@ -34,7 +34,7 @@ from juki.mesh.errors import ERROR_DOMAIN, JukiError, Reason, invalid
 from juki.mesh.pki import load_revoked_serials
 from juki.mesh.reflection import V1_SERVICE, V1ALPHA_SERVICE, register_v1_descriptor
 from juki.mesh.settings import ServiceSettings, TlsFiles
-from juki.mesh.tls import SERVER_OPTIONS, Peer, current_peer, peer_from_auth_context, server_credentials
+from juki.mesh.tls import Peer, current_peer, peer_from_auth_context, server_credentials, server_options
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class MeshService(Protocol):
 # The delay a caller is told to wait (RetryInfo) before retrying a retryable error, and after an outage of
 # the database or another service: short, because the supervisor or Kubernetes restarts it within seconds.
 DEFAULT_RETRY_SECONDS = 1.0
+DEFAULT_MAX_CONNECTION_AGE_SECONDS = "300"
 OUTAGE_RETRY_SECONDS = 0.5
 
 
@@ -408,7 +409,10 @@ async def start_server(
     mesh = MeshInterceptor(_full_access(bindings), RevocationList(settings.tls), on_refusal)
     # One interceptor does identity, access, errors, metrics and the server span (W3C context from
     # the call's metadata): a second, tracing-only interceptor would add a handler layer to every call.
-    server = grpc.aio.server(interceptors=[mesh], options=list(SERVER_OPTIONS))
+    # JUKI_MAX_CONNECTION_AGE_SECONDS (default 300): how soon a long-lived client channel reaches replicas
+    # added after it connected.
+    age = float(settings.extra.get("max_connection_age_seconds", DEFAULT_MAX_CONNECTION_AGE_SECONDS))
+    server = grpc.aio.server(interceptors=[mesh], options=server_options(age))
     names = [b.name for b in bindings]
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)

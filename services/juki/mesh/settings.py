@@ -154,13 +154,7 @@ class Peers:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Peers:
-        municipal: dict[str, str] = {}
-        for item in (_env(environ, "JUKI_MUNICIPAL_ADDRESSES", "") or "").split(","):
-            if item.strip():
-                code, _, address = item.strip().partition("=")
-                if not address:
-                    raise SettingsError(f"JUKI_MUNICIPAL_ADDRESSES: expected code=host:port, got {item!r}")
-                municipal[code] = address
+        municipal = parse_address_map(_env(environ, "JUKI_MUNICIPAL_ADDRESSES", "") or "", "JUKI_MUNICIPAL_ADDRESSES")
         return cls(
             accesslog=_env(environ, "JUKI_ACCESSLOG_ADDRESS"),
             national_intake=_env(environ, "JUKI_NATIONAL_INTAKE_ADDRESS"),
@@ -175,6 +169,29 @@ class Peers:
         if not value:
             raise SettingsError(f"this service needs the address of {name}: set JUKI_{name.upper()}_ADDRESS")
         return str(value)
+
+
+def parse_address_map(value: str, name: str) -> dict[str, str]:
+    """``code=target,code=target``, where a target may itself list replicas (``ipv4:a:1,b:2``).
+
+    A piece without ``=`` continues the previous target, so ``131148=ipv4:127.0.0.1:1,127.0.0.1:2`` is one
+    municipality with two replicas.
+    """
+    found: dict[str, str] = {}
+    last: str | None = None
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        code, sep, address = item.partition("=")
+        if sep and address:
+            found[code] = address
+            last = code
+        elif last is not None and not sep:
+            found[last] += "," + item
+        else:
+            raise SettingsError(f"{name}: expected code=host:port, got {item!r}")
+    return found
 
 
 @dataclass(frozen=True)

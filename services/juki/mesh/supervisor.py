@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,28 @@ class ChildSpec:
     port: int = 0
     metrics_port: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    replica: int = 0  # 0 for the first process of an instance; replicas share its schema, role and identity
+
+    @property
+    def key(self) -> str:
+        """The process's own name (logs, readiness, restarts): the instance, then ``.1``, ``.2`` for replicas."""
+        return self.instance if self.replica == 0 else f"{self.instance}.{self.replica}"
 
 
-def instances(layout: MeshLayout) -> list[ChildSpec]:
-    """Children in start order: every service starts after the ones it calls."""
+def instances(layout: MeshLayout, replicas: int = 1) -> list[ChildSpec]:
+    """Children in start order: every service starts after the ones it calls; ``replicas`` processes each.
+
+    Every service can run as several processes on one database: reads need nothing; the national fold and
+    bulk loads serialise per resident on advisory locks; card PINs and municipal sequences on row locks;
+    the access log's appends on its advisory lock; outbox relays and senders on a leader lease (only one
+    replica relays at a time, another takes over when it dies).
+    """
+    if replicas < 1:
+        raise SettingsError(f"replicas must be at least 1, not {replicas}")
+    return [replace(spec, replica=n, env=dict(spec.env)) for spec in _first_replicas(layout) for n in range(replicas)]
+
+
+def _first_replicas(layout: MeshLayout) -> list[ChildSpec]:
     specs = [
         ChildSpec("accesslog", "accesslog", ["accesslog"], ("service", "accesslog")),
         ChildSpec("intake-national", "intake", ["intake", "--tier", "national"], ("service", "intake-national")),
@@ -86,7 +104,7 @@ def instances(layout: MeshLayout) -> list[ChildSpec]:
 
 
 def migration_targets(layout: MeshLayout) -> list[db.MigrationTarget]:
-    return [db.MigrationTarget(spec.package, spec.instance) for spec in instances(layout)]
+    return [db.MigrationTarget(spec.package, spec.instance) for spec in _first_replicas(layout)]
 
 
 def free_port() -> int:
@@ -123,14 +141,16 @@ class Supervisor:
         database_url: str | None = None,
         extra_env: dict[str, str] | None = None,
         echo: Callable[[str], None] = lambda line: None,
+        replicas: int = 1,
     ) -> None:
         self.data_dir = data_dir.expanduser().resolve()
         self.layout = layout or MeshLayout()
+        self.replicas = replicas
         self.database_url = database_url
         self.extra_env = dict(extra_env or {})
         self.echo = echo
         self.embedded: EmbeddedPostgres | None = None
-        self.specs = instances(self.layout)
+        self.specs = instances(self.layout, replicas)
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.restarts: dict[str, int] = {}
         self._stopping = False
@@ -178,18 +198,30 @@ class Supervisor:
             with contextlib.suppress(ValueError, json.JSONDecodeError):
                 known = {k: int(v) for k, v in json.loads(ports_file.read_text()).items()}
         for spec in self.specs:
-            port = known.get(spec.instance)
+            port = known.get(spec.key)
             spec.port = port if port and _port_free(port) else free_port()
-            metrics_port = known.get(f"{spec.instance}/metrics")
+            metrics_port = known.get(f"{spec.key}/metrics")
             spec.metrics_port = metrics_port if metrics_port and _port_free(metrics_port) else free_port()
-        ports = {s.instance: s.port for s in self.specs} | {f"{s.instance}/metrics": s.metrics_port for s in self.specs}
+        ports = {s.key: s.port for s in self.specs} | {f"{s.key}/metrics": s.metrics_port for s in self.specs}
         ports_file.write_text(json.dumps(ports, indent=1))
 
+    def addresses(self, instance: str) -> list[str]:
+        """Every replica's address of ``instance`` (or of one process, given its key)."""
+        found = [f"127.0.0.1:{spec.port}" for spec in self.specs if instance in (spec.instance, spec.key)]
+        if not found:
+            raise KeyError(instance)
+        return found
+
     def address(self, instance: str) -> str:
+        """The gRPC target of ``instance``: one address, or every replica's (``ipv4:a,b``: round_robin per call)."""
+        found = self.addresses(instance)
+        return found[0] if len(found) == 1 else "ipv4:" + ",".join(found)
+
+    def spec(self, key: str) -> ChildSpec:
         for spec in self.specs:
-            if spec.instance == instance:
-                return f"127.0.0.1:{spec.port}"
-        raise KeyError(instance)
+            if spec.key == key:
+                return spec
+        raise KeyError(key)
 
     def _env_for(self, spec: ChildSpec) -> dict[str, str]:
         assert self.ca is not None
@@ -200,6 +232,7 @@ class Supervisor:
         env.update({
             "JUKI_DATA_DIR": str(self.data_dir),
             "JUKI_LISTEN": f"127.0.0.1:{spec.port}",
+            "JUKI_REPLICA": spec.key,
             "JUKI_METRICS_LISTEN": f"127.0.0.1:{spec.metrics_port}",
             "JUKI_TLS_CA_FILE": str(self.ca.ca_cert_path),
             "JUKI_TLS_CERT_FILE": str(cert),
@@ -220,8 +253,9 @@ class Supervisor:
             "JUKI_ACCESSLOG_SIGNING_CERT_FILE": str(self.ca.paths("signing", "accesslog")[0]),
             "JUKI_PSEUDONYM_KEY_FILE": str(self._pseudonym_key()),
             "JUKI_OPERATOR_PASSWORDS_FILE": str(self._operator_passwords()),
-            "JUKI_READY_FILE": str(self.data_dir / "run" / f"{spec.instance}.ready"),
+            "JUKI_READY_FILE": str(self.data_dir / "run" / f"{spec.key}.ready"),
             "OTEL_SERVICE_NAME": f"juki-{spec.instance}",
+            "OTEL_RESOURCE_ATTRIBUTES": f"service.instance.id={spec.key}",
             "PYTHONUNBUFFERED": "1",
         })
         if prefecture:
@@ -251,30 +285,30 @@ class Supervisor:
     # -- processes ----------------------------------------------------------------------------------
 
     async def _spawn(self, spec: ChildSpec) -> asyncio.subprocess.Process:
-        ready = self.data_dir / "run" / f"{spec.instance}.ready"
+        ready = self.data_dir / "run" / f"{spec.key}.ready"
         ready.unlink(missing_ok=True)
-        logfile = open(self.data_dir / "run" / f"{spec.instance}.log", "ab")
+        logfile = open(self.data_dir / "run" / f"{spec.key}.log", "ab")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "juki", "serve", *spec.args,
             env=self._env_for(spec), stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile,
             start_new_session=True,
         )
         logfile.close()
-        self.processes[spec.instance] = proc
+        self.processes[spec.key] = proc
         deadline = time.monotonic() + 60
         while not ready.is_file():
             if proc.returncode is not None:
-                tail = (self.data_dir / "run" / f"{spec.instance}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{spec.instance} exited with {proc.returncode} during start-up:\n{tail}")
+                tail = (self.data_dir / "run" / f"{spec.key}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{spec.key} exited with {proc.returncode} during start-up:\n{tail}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{spec.instance} did not become ready within 60 s")
+                raise RuntimeError(f"{spec.key} did not become ready within 60 s")
             await asyncio.sleep(0.05)
         return proc
 
     async def start(self) -> None:
         for spec in self.specs:
             await self._spawn(spec)
-            self.echo(f"  {spec.instance:<24} {self.address(spec.instance)}  pid {self.processes[spec.instance].pid}")
+            self.echo(f"  {spec.key:<24} 127.0.0.1:{spec.port}  pid {self.processes[spec.key].pid}")
         self.write_endpoints()
         self._watchers = [asyncio.create_task(self._watch(spec)) for spec in self.specs]
         if self.embedded is not None:
@@ -284,20 +318,20 @@ class Supervisor:
         """Restart a child that dies while the mesh is up, as Kubernetes would."""
         backoff = 0.2
         while not self._stopping:
-            proc = self.processes[spec.instance]
+            proc = self.processes[spec.key]
             code = await proc.wait()
             if self._stopping:
                 return
-            self.restarts[spec.instance] = self.restarts.get(spec.instance, 0) + 1
-            log.warning("%s exited with %s; restarting", spec.instance, code)
-            self.echo(f"{spec.instance} exited with {code}; restarting")
+            self.restarts[spec.key] = self.restarts.get(spec.key, 0) + 1
+            log.warning("%s exited with %s; restarting", spec.key, code)
+            self.echo(f"{spec.key} exited with {code}; restarting")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
             try:
                 await self._spawn(spec)
                 backoff = 0.2
             except RuntimeError as exc:
-                log.error("restart of %s failed: %s", spec.instance, exc)
+                log.error("restart of %s failed: %s", spec.key, exc)
 
     async def _watch_database(self, embedded: EmbeddedPostgres, interval: float = 0.25) -> None:
         """Start the embedded PostgreSQL again when it dies, as the services' own restarts do for them.
@@ -372,12 +406,12 @@ class Supervisor:
     async def stop(self) -> None:
         self._stopping = True
         for spec in reversed(self.specs):
-            proc = self.processes.get(spec.instance)
+            proc = self.processes.get(spec.key)
             if proc is not None and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
         for spec in reversed(self.specs):
-            proc = self.processes.get(spec.instance)
+            proc = self.processes.get(spec.key)
             if proc is None:
                 continue
             try:
@@ -408,14 +442,23 @@ class Supervisor:
             "supervisor_pid": os.getpid(),
             "ca": str(ca.ca_cert_path),
             "crl": str(ca.crl_path),
+            # Per instance: the target clients use (every replica's address, balanced per call), the first
+            # replica's metrics and pid (as before replicas), and each replica on its own.
             "services": {
                 spec.instance: {
                     "address": self.address(spec.instance),
+                    "addresses": self.addresses(spec.instance),
                     "spiffe_id": pki.spiffe_id(*spec.identity),
                     "metrics": f"http://127.0.0.1:{spec.metrics_port}/metrics",
-                    "pid": self.processes[spec.instance].pid if spec.instance in self.processes else None,
+                    "pid": self.processes[spec.key].pid if spec.key in self.processes else None,
+                    "replicas": [
+                        {"name": r.key, "address": f"127.0.0.1:{r.port}",
+                         "metrics": f"http://127.0.0.1:{r.metrics_port}/metrics",
+                         "pid": self.processes[r.key].pid if r.key in self.processes else None}
+                        for r in self.specs if r.instance == spec.instance
+                    ],
                 }
-                for spec in self.specs
+                for spec in self.specs if spec.replica == 0
             },
             "clients": {
                 "agency": client("agency", "jps"),

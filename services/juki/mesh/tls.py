@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,41 @@ from cryptography import x509
 from juki.mesh.errors import JukiError, Reason
 from juki.mesh.settings import SPIFFE_TRUST_DOMAIN, TlsFiles
 
+# Methods a client may send again after UNAVAILABLE without changing the outcome: reads, and writes
+# that are idempotent by their own key (notification id, batch id). gRPC retries these transparently, on
+# another replica when round_robin has one, so a replica that dies mid-call costs the caller nothing.
+# A write with a fresh operator proof per attempt (RecordChange, card actions) is not here: a retry would
+# replay the proof, which is refused; its callers retry with a new proof.
+IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
+    "juki.lookup.v1.LookupService": ("LookupByCode", "SearchByFourItems", "ListPurposes"),
+    "juki.intake.v1.IntakeService": ("SubmitNotifications", "GetSequenceState", "GetIntakeStatus", "GetResident",
+                                     "ListResidentHistory"),
+    "juki.accesslog.v1.AccessLogService": ("ListProvisions", "VerifyLog"),
+    "juki.card.v1.CardService": ("GetCardStatus",),
+    "juki.municipal.v1.MunicipalService": ("GetResidentEntry",),
+}
+RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": service, "method": method}
+                 for service, methods in IDEMPOTENT_METHODS.items() for method in methods],
+        "retryPolicy": RETRY_POLICY,
+    }],
+})
+
 # Channel options shared by every client of the mesh: per-call round-robin over all resolved
-# addresses (headless Services in Kubernetes), keepalive for long-lived agency channels.
+# addresses (headless Services in Kubernetes; every replica of a local mesh), the retry policy above,
+# keepalive for long-lived agency channels.
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.service_config", SERVICE_CONFIG),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -40,8 +72,19 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.so_reuseport", 0),
 )
+
+
+def server_options(max_connection_age_seconds: float) -> list[tuple[str, Any]]:
+    """SERVER_OPTIONS with a maximum connection age: after it the server sends GOAWAY, the client resolves
+    its target again and reconnects, so long-lived channels reach replicas added since (an HPA's new pods).
+    Calls in flight get a grace of a tenth of the age (at least 10 s) to finish."""
+    age_ms = int(max_connection_age_seconds * 1000)
+    return [*SERVER_OPTIONS, ("grpc.max_connection_age_ms", age_ms),
+            ("grpc.max_connection_age_grace_ms", max(age_ms // 10, 10_000))]
 
 
 @dataclass(frozen=True)
@@ -91,8 +134,13 @@ def secure_channel(
     from juki.mesh import telemetry  # local import: telemetry imports this module's types
 
     chosen = list(interceptors) if interceptors is not None else telemetry.client_interceptors()
+    extra = list(options)
+    if target.startswith(("ipv4:", "ipv6:")) and "," in target:
+        # Several replicas' addresses: the authority (and so the name the server certificate is checked
+        # against) would be the whole list; it is the loopback host every local certificate names.
+        extra.append(("grpc.default_authority", "localhost"))
     return grpc.aio.secure_channel(
-        target, channel_credentials(tls), options=[*CHANNEL_OPTIONS, *options], interceptors=chosen
+        target, channel_credentials(tls), options=[*CHANNEL_OPTIONS, *extra], interceptors=chosen
     )
 
 

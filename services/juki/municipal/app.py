@@ -21,6 +21,7 @@ from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
 from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
 from juki.mesh.db import create_pool
 from juki.mesh.errors import JukiError, Reason, SettingsError, invalid
+from juki.mesh.leader import LeaderLease
 from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import ServiceSettings
@@ -165,7 +166,8 @@ class MunicipalApp:
             self.settings.tls, self.pool,
             passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
         )
-        self._sender = OutboxSender(self._registry, self.settings.peers.prefecture_intake, self.settings.tls)
+        self._sender = OutboxSender(self._registry, self.settings.peers.prefecture_intake, self.settings.tls,
+                                    LeaderLease(self.settings.database, f"{self.settings.instance}:outbox"))
         self._sender.start()
         everyone_in_government = frozenset({"operator", "municipality", "prefecture", "service"})
         return [

@@ -106,12 +106,12 @@ class Registry:
         acknowledged = last if pending["first"] is None else int(pending["first"]) - 1
         return OutboxStatus(last, acknowledged, int(pending["n"]), bool(state["connected"]), pending["oldest"])
 
-    async def pending(self, limit: int) -> list[PendingNotification]:
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT sequence, payload FROM outbox WHERE acknowledged_at IS NULL ORDER BY sequence LIMIT $1",
-                limit,
-            )
+    async def pending(self, limit: int, conn: asyncpg.Connection | None = None) -> list[PendingNotification]:
+        """Unacknowledged outbox rows in sequence order; read on ``conn`` when given (the sender's lease)."""
+        rows = await (conn or self.pool).fetch(
+            "SELECT sequence, payload FROM outbox WHERE acknowledged_at IS NULL ORDER BY sequence LIMIT $1",
+            limit,
+        )
         found = []
         for row in rows:
             message = intake_pb2.Notification()

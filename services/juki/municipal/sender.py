@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import logging
 
+import asyncpg
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
 from juki.mesh.db import is_connection_loss
+from juki.mesh.leader import LeaderLease
 from juki.mesh.outage import Outage
 from juki.mesh.settings import TlsFiles
 from juki.mesh.tls import secure_channel
@@ -45,10 +47,13 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
 class OutboxSender:
     """Background task of the municipal CS; wake it with :meth:`wake` after a new row is queued."""
 
-    def __init__(self, registry: Registry, prefecture_address: str | None, tls: TlsFiles) -> None:
+    def __init__(self, registry: Registry, prefecture_address: str | None, tls: TlsFiles,
+                 lease: LeaderLease | None = None) -> None:
         self._registry = registry
         self._address = prefecture_address
         self._tls = tls
+        # Replicas of one CS share its outbox: only the lease holder sends (mesh/leader.py); None: alone.
+        self._lease = lease
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
@@ -71,6 +76,8 @@ class OutboxSender:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._lease is not None:
+            await self._lease.release()
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -88,7 +95,8 @@ class OutboxSender:
         failures = 0
         while True:
             try:
-                sent = await self.send_once()
+                conn = await self._lease.acquire() if self._lease is not None else None
+                sent = await self.send_once(conn)
                 failures = 0
                 if not sent:
                     self._wake.clear()
@@ -106,6 +114,8 @@ class OutboxSender:
                 failures += 1
             except Exception as error:
                 if is_connection_loss(error):
+                    if self._lease is not None:
+                        await self._lease.lost()  # the lease's session may be the one that broke
                     self._database.failed(error)  # logged once per outage, not per attempt
                 else:
                     log.exception("outbox sender fault")
@@ -117,12 +127,15 @@ class OutboxSender:
         with contextlib.suppress(Exception):
             await self._set_connected(connected)
 
-    async def send_once(self) -> int:
-        """Send one batch of pending notifications; return how many were acknowledged."""
-        async with self.lock:
-            return await self._send_batch()
+    async def send_once(self, conn: asyncpg.Connection | None = None) -> int:
+        """Send one batch of pending notifications; return how many were acknowledged.
 
-    async def _send_batch(self) -> int:
+        ``conn``: the lease's connection, on which the pending rows are read (see mesh/leader.py).
+        """
+        async with self.lock:
+            return await self._send_batch(conn)
+
+    async def _send_batch(self, conn: asyncpg.Connection | None = None) -> int:
         assert self._channel is not None
         stub = intake_pb2_grpc.IntakeServiceStub(self._channel)
         if not self._synced:
@@ -133,7 +146,7 @@ class OutboxSender:
             if skipped:
                 log.info("prefecture already holds %d queued notifications; skipped", skipped)
             self._synced = True
-        batch = await self._registry.pending(BATCH)
+        batch = await self._registry.pending(BATCH, conn)
         if not batch:
             return 0
         response = await stub.SubmitNotifications(
