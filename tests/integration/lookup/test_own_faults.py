@@ -6,11 +6,8 @@ what really happened."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 import pytest
@@ -28,31 +25,9 @@ from juki.mesh.tls import Peer, current_peer, secure_channel
 from tests.conftest import running, tls_for
 from tests.integration.lookup.conftest import Mesh, add_resident, fresh_code
 from tests.integration.lookup.test_lookup import PENSION
+from tests.loop_watch import loop_errors
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="session")]
-
-
-@contextlib.asynccontextmanager
-async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
-    """Everything reported to the running loop's exception handler meanwhile, garbage included.
-
-    An uncollected task exception is reported when the task is garbage-collected, so the block ends
-    with a collection. Earlier garbage is collected, and the loop given a few turns to finish what that
-    collection scheduled (asynchronous generators are closed in tasks of their own), before the handler
-    is installed: what other tests left behind is not this block's doing.
-    """
-    loop = asyncio.get_running_loop()
-    gc.collect()
-    for _ in range(3):
-        await asyncio.sleep(0)
-    seen: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _, context: seen.append(context))
-    try:
-        yield seen
-        gc.collect()
-    finally:
-        loop.set_exception_handler(previous)
 
 
 def _provision(code: str) -> bytes:

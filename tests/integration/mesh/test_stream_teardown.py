@@ -19,6 +19,7 @@ from juki.mesh.metrics import RpcMetrics
 from juki.mesh.server import ServiceBinding, start_server
 
 from tests.conftest import channel_as, make_settings
+from tests.loop_watch import loop_errors
 
 SERVICE = "juki.test.v1.FollowService"
 METHOD = f"/{SERVICE}/Follow"
@@ -71,24 +72,19 @@ async def test_an_abandoned_stream_still_records_its_metrics(ca: Any, database: 
     running = await start_server(settings, [ServiceBinding(SERVICE, add, None, {"Follow": frozenset({"*"})})])
     assert running.interceptor is not None
     metrics = running.interceptor.metrics = RecordedMetrics()
-    loop = asyncio.get_running_loop()
-    errors: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _, context: errors.append(context))
-    try:
-        async with channel_as(ca, "agency", "jps", running.address) as channel:
-            call = channel.unary_stream(METHOD, request_serializer=_identity, response_deserializer=_identity)(b"")
-            assert await call.read() == b"first"
-            call.cancel()
-            await follow.client_gone.wait()
-        # The call is over; the loop closes the abandoned generator in a task of its own.
-        while not metrics.recorded:
+    async with loop_errors() as errors:
+        try:
+            async with channel_as(ca, "agency", "jps", running.address) as channel:
+                call = channel.unary_stream(METHOD, request_serializer=_identity, response_deserializer=_identity)(b"")
+                assert await call.read() == b"first"
+                call.cancel()
+                await follow.client_gone.wait()
+        finally:
+            await running.stop(0.1)
+        # The call is over and the server stopped, so nothing holds the abandoned generator any more:
+        # the loop closes it in a task of its own.
+        while not metrics.recorded and not errors:
             gc.collect()
             await asyncio.sleep(0.01)
-            if errors:
-                break
-    finally:
-        loop.set_exception_handler(previous)
-        await running.stop(0.1)
     assert errors == []
     assert metrics.recorded == [(METHOD, "CANCELLED")]
