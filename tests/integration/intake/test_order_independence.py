@@ -4,6 +4,7 @@ is the same."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -85,3 +86,47 @@ async def test_arrival_order_does_not_change_the_national_row(mesh: Mesh, order:
     assert len(history.versions) == 5
     FINAL.append(comparable(record, code))
     assert len(set(FINAL)) == 1
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])
+async def test_two_national_replicas_applying_one_residents_events_at_once(
+        mesh: Mesh, ca: Any, database: Any, data_dir: Any, reverse: bool) -> None:
+    """Two national replicas on one database, the events of one resident sent to both at the same moment
+    (alternating, in life order and reversed): the per-resident locks serialise the folds, and the row is
+    the one a single replica makes."""
+    from juki._gen.juki.intake.v1 import intake_pb2_grpc
+    from juki.intake.app import create
+    from juki.mesh.supervisor import free_port
+
+    from tests.conftest import channel_as, make_settings, running
+
+    settings = make_settings(ca, database, data_dir, "intake", "intake-national", ("service", "intake-national"),
+                             tier="national", listen=f"127.0.0.1:{free_port()}")
+    async with running(settings, create(settings)) as second:
+        code = new_code()
+        events = life(code)
+        if reverse:
+            events.reverse()
+        addresses = [mesh.national, second]
+
+        async def send(index: int, event: intake_pb2.Notification) -> Any:
+            prefecture = "13" if event.municipality_code == NAKANO else "14"
+            async with channel_as(ca, "prefecture", prefecture, addresses[index % 2]) as channel:
+                stub = intake_pb2_grpc.IntakeServiceStub(channel)
+                return await stub.SubmitNotifications(intake_pb2.SubmitNotificationsRequest(notifications=[event]))
+
+        answers = await asyncio.gather(*(send(i, e) for i, e in enumerate(events)))
+        assert all(a.results[0].outcome == OUTCOME.NOTIFICATION_OUTCOME_ACCEPTED for a in answers), answers
+        reader = mesh.national_as("service", "lookup")
+        record = (await reader.GetResident(intake_pb2.GetResidentRequest(resident_code=code))).record
+    assert record.version == 5 and record.address.municipality_code == YOKOHAMA
+    history = await reader.ListResidentHistory(intake_pb2.ListResidentHistoryRequest(resident_code=code))
+    assert sorted(v.version for v in history.versions) == [1, 2, 3, 4, 5]
+    # The same life sent one by one to one replica gives the same row.
+    alone = new_code()
+    stubs = {NAKANO: mesh.national_as("prefecture", "13"), YOKOHAMA: mesh.national_as("prefecture", "14")}
+    for event in life(alone):
+        await stubs[event.municipality_code].SubmitNotifications(
+            intake_pb2.SubmitNotificationsRequest(notifications=[event]))
+    expected = (await reader.GetResident(intake_pb2.GetResidentRequest(resident_code=alone))).record
+    assert comparable(record, code) == comparable(expected, alone)
