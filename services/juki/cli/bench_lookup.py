@@ -616,15 +616,67 @@ async def _logged(env: Environment) -> tuple[int, int]:
         await conn.close()
 
 
+_STORE_IO = (
+    "SELECT coalesce(sum(heap_blks_hit), 0)::bigint AS heap_hit, coalesce(sum(heap_blks_read), 0)::bigint AS heap_read,"
+    " coalesce(sum(idx_blks_hit), 0)::bigint AS idx_hit, coalesce(sum(idx_blks_read), 0)::bigint AS idx_read"
+    " FROM pg_statio_all_tables WHERE schemaname = 'intake_national' AND relname = 'residents'"
+)
+
+
+async def _store_io(env: Environment) -> dict[str, int]:
+    import asyncpg
+
+    conn = await asyncpg.connect(env.pg.admin_url)
+    try:
+        return dict(await conn.fetchrow(_STORE_IO))
+    finally:
+        await conn.close()
+
+
+async def _store_facts(env: Environment, before: dict[str, int], codes: list[str]) -> dict[str, Any]:
+    """The identity store as the benchmark met it: sizes, PostgreSQL's cache, the hit ratio of the measured
+    runs (blocks of the residents table and its indexes found in shared buffers), and the plans of the two
+    hot queries with their buffer counts (one code; a 10,000-code VerifyBatch message)."""
+    import asyncpg
+
+    from juki.lookup.service import _FIELDS_BY_CODE, _FIELDS_BY_CODES
+
+    after = await _store_io(env)
+    delta = {k: after[k] - before[k] for k in after}
+    hits, reads = delta["heap_hit"] + delta["idx_hit"], delta["heap_read"] + delta["idx_read"]
+    conn = await asyncpg.connect(env.pg.admin_url)
+    try:
+        sizes = await conn.fetchrow(
+            "SELECT pg_table_size('intake_national.residents') AS heap,"
+            " pg_indexes_size('intake_national.residents') AS indexes, current_setting('shared_buffers') AS cache")
+        plans = {}
+        for name, query, argument in (("by_code", _FIELDS_BY_CODE, codes[0]),
+                                      ("by_10000_codes", _FIELDS_BY_CODES, codes[:10_000])):
+            rows = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF) {query}", argument)
+            plans[name] = [r[0].strip() for r in rows if "Buffers" in r[0] or "->" in r[0] or "Scan" in r[0]][:8]
+    finally:
+        await conn.close()
+    return {
+        "heap_mb": round(sizes["heap"] / 2**20), "indexes_mb": round(sizes["indexes"] / 2**20),
+        "shared_buffers": sizes["cache"],
+        "buffer_hit_ratio": round(hits / (hits + reads), 4) if hits + reads else None,
+        "blocks_read_from_disk_or_os_cache": reads,
+        "plans": plans,
+    }
+
+
 async def _run(args: argparse.Namespace, kind: str) -> int:
     env = Environment(args.residents, keep=args.keep, profile=args.profile,
                       processes=getattr(args, "processes", 1))
     try:
         await env.start()
+        before = await _store_io(env)
         if kind == "lookup":
             result = await bench_lookup(env, args.concurrency, args.seconds, args.runs)
         else:
             result = await bench_verify(env, args.codes, args.batch, args.runs)
+        sample = [resident_code(i) for i in random.Random(9).sample(range(args.residents), min(10_000, args.residents))]
+        result["store"] = await _store_facts(env, before, sample)
         result["residents"] = args.residents
         result["load_seconds"] = round(env.load_seconds, 1)
         result["access_log_records"], result["access_log_batches"] = await _logged(env)
