@@ -192,8 +192,13 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
                 if peer is None:  # refused before the peer was set (a revoked certificate): still name it
                     with contextlib.suppress(Exception):
                         peer = peer_from_auth_context(context.auth_context())
-                with contextlib.suppress(Exception):
+                try:
                     await self._on_refusal(peer, method, error)
+                except Exception as hook_error:
+                    # The caller still gets its refusal; the record of it is what failed, and that is said.
+                    log.error("could not record the refusal of %s to %s: %s", method,
+                              peer.spiffe_id if peer is not None else "an unknown peer", hook_error,
+                              exc_info=hook_error)
         await abort_with(context, error)
 
     async def intercept_service(
