@@ -1,4 +1,4 @@
-"""The AccessLogService servicer: proto <-> writer, listing, verification and checkpoints."""
+"""The AccessLogService servicer: proto <-> writer, listing, verification, checkpoints and proofs."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
 from juki._gen.juki.common.v1 import common_pb2
-from juki.accesslog import chain
+from juki.accesslog import chain, merkle, notes, tiles
 from juki.accesslog.verify import verify_log
 from juki.accesslog.writer import LogWriter, prepare
 from juki.domain import JAPAN_TIME, is_valid_resident_code
@@ -90,6 +90,15 @@ def decode_token(token: str) -> tuple[dt.datetime, int]:
         raise invalid("page_token", "not a token this service issued") from exc
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# Tree sizes beyond this cannot be stored (bigint) and are refused before any query.
+MAX_TREE_SIZE = (1 << 63) - 1
+
+
+def micros(value: dt.datetime) -> int:
+    return (value - _EPOCH) // dt.timedelta(microseconds=1)
+
+
 def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)
@@ -132,6 +141,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         self._pseudonymise = chain.Pseudonymiser(pseudonym_key)
         self._verifier = verifier
         self._checkpointer = checkpointer
+        self._note_verifier = verifier.note_verifier(checkpointer.origin)
         self._verify_lock = asyncio.Lock()
         self.last_verification: tuple[float, accesslog_pb2.VerifyLogResponse] | None = None
         self._reached: tuple[int, bytes] | None = None  # (sequence, chain hash) the last good verification reached
@@ -223,6 +233,9 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         end = date_bound(request.to_date, "to_date", end=True)
         if start and end and start >= end:
             raise invalid("to_date", "must not be before from_date")
+        proof_size = request.proof_tree_size
+        if proof_size:
+            await self._check_size("proof_tree_size", proof_size)
         if len(request.other_resident_codes) > MAX_OTHER_CODES:
             raise invalid("other_resident_codes", f"at most {MAX_OTHER_CODES} earlier codes")
         codes_by_subject = {chain.pseudonym(self._key, code): code}
@@ -243,25 +256,41 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             conditions.append(f"provided_at < ${len(args)}")
         if not request.include_refused:
             conditions.append(f"outcome = {accesslog_pb2.PROVISION_OUTCOME_PROVIDED}")
+        if proof_size:
+            args.append(proof_size)
+            conditions.append(f"sequence <= ${len(args)}")
         if request.page_token:
             after_time, after_sequence = decode_token(request.page_token)
             args += [after_time, after_sequence]
             conditions.append(f"(provided_at, sequence) < (${len(args) - 1}, ${len(args)})")
         args.append(size + 1)
         sql = (
-            "SELECT sequence, subject, provided_at, recorded_at, payload FROM records WHERE "
+            "SELECT sequence, subject, provided_at, recorded_at, outcome, payload FROM records WHERE "
             + " AND ".join(conditions)
             + f" ORDER BY provided_at DESC, sequence DESC LIMIT ${len(args)}"
         )
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(sql, *args)
+            proofs: list[list[bytes]] = []
+            if proof_size and rows:
+                # Every proof of the page from one read of the tiles they need.
+                indices = [int(row["sequence"]) - 1 for row in rows[:size]]
+                proofs = await tiles.compute(
+                    conn, lambda node: [merkle.inclusion_proof(i, proof_size, node) for i in indices])
         response = accesslog_pb2.ListProvisionsResponse()
-        for row in rows[:size]:
+        for position, row in enumerate(rows[:size]):
             record = accesslog_pb2.ProvisionRecord.FromString(row["payload"])
             record.resident_code = codes_by_subject.get(bytes(row["subject"]), code)
-            response.provisions.append(accesslog_pb2.LoggedProvision(
+            logged = accesslog_pb2.LoggedProvision(
                 sequence=row["sequence"], record=record, recorded_at=timestamp(row["recorded_at"])
-            ))
+            )
+            if proofs:
+                logged.leaf = chain.canonical_bytes(
+                    int(row["sequence"]), micros(row["provided_at"]), micros(row["recorded_at"]), int(row["outcome"]),
+                    bytes(row["subject"]), bytes(row["payload"]),
+                )
+                logged.inclusion_proof.extend(proofs[position])
+            response.provisions.append(logged)
         if len(rows) > size:
             last = rows[size - 1]
             response.next_page_token = encode_token(last["provided_at"], int(last["sequence"]))
@@ -314,10 +343,66 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             return await self.verify_now(full=False)
         return await self.verify_now()
 
+    async def _check_size(self, field: str, size: int) -> int:
+        """The log's current tree size, once ``size`` is shown to be a tree the log has (1..current)."""
+        if size < 1:
+            raise invalid(field, "a tree has at least one leaf")
+        if size > MAX_TREE_SIZE:
+            raise invalid(field, "larger than any tree this log can hold")
+        async with self._pool.acquire() as conn:
+            current = await tiles.tree_size(conn)
+        if size > current:
+            raise invalid(field, f"the log's tree holds {current} leaves")
+        return current
+
     async def GetCheckpoint(
         self, request: accesslog_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> accesslog_pb2.GetCheckpointResponse:
+        since: notes.Checkpoint | None = None
+        if request.since_checkpoint:
+            try:
+                since = self._note_verifier.verify_checkpoint(request.since_checkpoint)
+            except notes.NoteError as exc:
+                raise invalid("since_checkpoint", str(exc)) from exc
         latest = await self._checkpointer.latest(create=True)
-        if latest is None:
+        tree = await self._checkpointer.latest_tree(create=True)
+        if latest is None or tree is None:
             raise JukiError(Reason.FAILED_PRECONDITION, "the access log is empty: no checkpoint yet")
-        return accesslog_pb2.GetCheckpointResponse(checkpoint=checkpoint_message(latest))
+        response = accesslog_pb2.GetCheckpointResponse(
+            checkpoint=checkpoint_message(latest), tree_checkpoint=tree.note,
+            signing_certificate=self._verifier.certificate_pem,
+        )
+        if since is not None:
+            if since.tree_size > tree.tree_size:
+                raise invalid("since_checkpoint", f"larger than the log's latest checkpoint ({tree.tree_size})")
+            first, second = since.tree_size, tree.tree_size
+            async with self._pool.acquire() as conn:
+                response.consistency_proof.extend(
+                    await tiles.compute(conn, lambda node: merkle.consistency_proof(first, second, node)))
+        return response
+
+    async def GetInclusionProof(
+        self, request: accesslog_pb2.GetInclusionProofRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> accesslog_pb2.GetInclusionProofResponse:
+        size = request.tree_size
+        await self._check_size("tree_size", size)
+        index = request.leaf_index
+        if index >= size:
+            raise invalid("leaf_index", "must be less than tree_size")
+        async with self._pool.acquire() as conn:
+            leaf, proof = await tiles.compute(
+                conn, lambda node: (node(0, index), merkle.inclusion_proof(index, size, node)))
+        return accesslog_pb2.GetInclusionProofResponse(leaf_hash=leaf, inclusion_proof=proof)
+
+    async def GetConsistencyProof(
+        self, request: accesslog_pb2.GetConsistencyProofRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> accesslog_pb2.GetConsistencyProofResponse:
+        first, second = request.first_size, request.second_size
+        if first < 1:
+            raise invalid("first_size", "a tree has at least one leaf")
+        await self._check_size("second_size", second)
+        if first > second:
+            raise invalid("first_size", "must not be larger than second_size")
+        async with self._pool.acquire() as conn:
+            proof = await tiles.compute(conn, lambda node: merkle.consistency_proof(first, second, node))
+        return accesslog_pb2.GetConsistencyProofResponse(consistency_proof=proof)

@@ -140,8 +140,9 @@ async def writer_phase(env: BenchEnvironment, records: int, batch: int, producer
     elapsed = time.perf_counter() - started
     stats = app.writer.stats
     # Where the time goes: the service's Python work per record (parse, check, pseudonymise, serialise,
-    # chain) without the database, and the records per second of the commits themselves (lock, COPY,
-    # COMMIT; the next group is chained in Python meanwhile).
+    # chain, tree leaf and tile hashes) without the database, and the records per second of the commits
+    # themselves (lock, COPY, COMMIT; the next group is chained in Python meanwhile).
+    from juki.accesslog.merkle import Frontier
     from juki.accesslog.writer import _Pending
 
     sample = accesslog_pb2.AppendRequest(records=template[:50_000]).SerializeToString()
@@ -149,7 +150,7 @@ async def writer_phase(env: BenchEnvironment, records: int, batch: int, producer
     parsed = accesslog_pb2.AppendRequest.FromString(sample)
     prepared_sample = prepare(parsed.records, pseudonymise, time.time_ns() // 1000, valid_code)
     assert prepared_sample is not None
-    app.writer._build([_Pending("", prepared_sample, asyncio.get_running_loop().create_future())], (0, b"\0" * 32), {})
+    app.writer._build([_Pending("", prepared_sample, asyncio.get_running_loop().create_future())], (0, b"\0" * 32, Frontier()), {})
     python_us = (time.perf_counter() - started) / len(parsed.records) * 1e6
     await app.stop()
     commit_seconds = sum(stats.durations_ms) / 1000
