@@ -4,7 +4,8 @@ Settings (``JUKI_*``; see juki.mesh.settings):
   ACCESSLOG_SIGNING_KEY_FILE / ACCESSLOG_SIGNING_CERT_FILE  Ed25519 checkpoint key and its certificate
   PSEUDONYM_KEY_FILE              key of the HMAC pseudonym stored instead of the 住民票コード
   ACCESSLOG_CHECKPOINT_SECONDS    interval of signed checkpoints (default 10; also one on shutdown)
-  ACCESSLOG_VERIFY_SECONDS        interval of the background full verification (default 600; 0 = never)
+  ACCESSLOG_VERIFY_SECONDS        interval of the background verification (default 600; 0 = never):
+                                  the whole log at start, then incrementally
   ACCESSLOG_MAX_GROUP_RECORDS     records per group commit at most (default 100000)
   ACCESSLOG_ORIGIN                origin of the tree checkpoints and key name of their signature
                                   (default juki.local/accesslog); one per log, so verifiers tell logs apart
@@ -217,9 +218,11 @@ class AccessLogApp:
 
     async def _verify_periodically(self) -> None:
         assert self.servicer is not None
+        full = True  # the whole log once at start; then the records appended since, with the tree's checks
         while True:
             try:
-                result = await self.servicer.verify_now()
+                result = await self.servicer.verify_now(full=full)
+                full = not result.ok
                 if not result.ok:
                     log.error("access log verification FAILED at sequence %d: %s",
                               result.first_bad_sequence, result.problem)

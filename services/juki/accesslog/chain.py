@@ -24,6 +24,7 @@ import hmac
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -196,6 +197,7 @@ class VerifyResult:
     latest_checkpoint: StoredCheckpoint | None = None
     first_sequence: int = 0
     last_sequence: int = 0
+    tree: Any = None  # juki.accesslog.verify.TreeProgress: the Merkle tree side
 
     def fail(self, sequence: int, problem: str) -> None:
         if self.ok:

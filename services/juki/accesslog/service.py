@@ -19,7 +19,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
 from juki._gen.juki.common.v1 import common_pb2
 from juki.accesslog import chain, merkle, notes, tiles
-from juki.accesslog.verify import verify_log
+from juki.accesslog.verify import TreeState, verify_log
 from juki.accesslog.writer import LogWriter, prepare
 from juki.domain import JAPAN_TIME, is_valid_resident_code
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
@@ -116,8 +116,6 @@ def checkpoint_message(cp: chain.StoredCheckpoint | None) -> accesslog_pb2.Check
 
 
 _TRACER = trace.get_tracer("juki.accesslog")
-# An incremental verification trusts records verified before; the whole log is recomputed at least this often.
-FULL_VERIFY_INTERVAL_SECONDS = 600.0
 _TRACE_FORMAT = TraceContextTextMapPropagator()
 
 
@@ -144,7 +142,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         self._note_verifier = verifier.note_verifier(checkpointer.origin)
         self._verify_lock = asyncio.Lock()
         self.last_verification: tuple[float, accesslog_pb2.VerifyLogResponse] | None = None
-        self._reached: tuple[int, bytes] | None = None  # (sequence, chain hash) the last good verification reached
+        self._reached: TreeState | None = None  # what the last good verification reached (tree frontier included)
         self._full_at: tuple[float, Any] | None = None  # when the last full verification succeeded
 
     async def _append(self, records: Any, batch_id: str, prefix: str) -> tuple[int, int]:
@@ -297,14 +295,14 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         return response
 
     async def verify_now(self, *, full: bool = True) -> accesslog_pb2.VerifyLogResponse:
-        """Verify the log through its head: from the start when ``full`` (or when no recent full
-        verification succeeded), otherwise only the records appended since the last verification."""
+        """Verify the log through its head: from the start when ``full`` (or when nothing was verified
+        yet), otherwise only the records appended since the last verification, continuing its tree
+        frontier. No periodic whole-log recompute: the stored tree at the resumed size must still have
+        the root verified then, and the tiles' consistency proof to the latest checkpoint must verify;
+        a full recompute is what an auditor asks for (``juki audit verify --full``)."""
         async with self._verify_lock, self._pool.acquire() as conn:
-            resume = None
-            if not full and self._reached is not None and self._full_at is not None \
-                    and time.monotonic() - self._full_at[0] < FULL_VERIFY_INTERVAL_SECONDS:
-                resume = self._reached
-            result = await verify_log(conn, self._verifier, resume=resume)
+            resume = None if full else self._reached
+            result = await verify_log(conn, self._verifier, resume=resume, origin=self._checkpointer.origin)
         response = accesslog_pb2.VerifyLogResponse(
             ok=result.ok, records_checked=result.records_checked, checkpoints_checked=result.checkpoints_checked,
             first_bad_sequence=result.first_bad_sequence, problem=result.problem,
@@ -313,7 +311,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         )
         response.verified_at.GetCurrentTime()
         if result.ok and result.last_hash:
-            self._reached = (result.last_sequence, result.last_hash)
+            self._reached = result.tree.at_head
             if resume is None:
                 self._full_at = (time.monotonic(), response.verified_at)
         elif not result.ok:
