@@ -12,16 +12,22 @@ import asyncio
 import datetime as dt
 import json
 import random
+import statistics
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
 from juki import domain
+from juki._gen.juki.accesslog.v1 import accesslog_pb2
+from juki._gen.juki.card.v1 import card_pb2
+from juki._gen.juki.disclosure.v1 import disclosure_pb2
+from juki._gen.juki.intake.v1 import intake_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2, lookup_pb2_grpc
 from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
 
@@ -33,6 +39,7 @@ from tests.faults import (
     Mesh,
     Resident,
     birth,
+    call_raw,
     local_mesh,
     national_residents,
     provisions,
@@ -45,8 +52,11 @@ pytestmark = pytest.mark.chaos
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 # Order: the tiers a notification crosses, then the lookup path, then the rest, then the database.
+# "postgresql" is a crash-like immediate restart by pg_ctl; "postgresql-kill" SIGKILLs the postmaster and
+# leaves the restart to the supervisor, three times, for a median time to recovery.
 FAULTS = ("intake-prefecture-13", "intake-national", "lookup", "accesslog", "card", "disclosure",
-          f"municipal-{NAKANO}", "postgresql")
+          f"municipal-{NAKANO}", "postgresql", "postgresql-kill", "postgresql-kill", "postgresql-kill")
+RETRY_PAUSE = 0.05  # the clients' pause before a retry: fine enough to time a recovery
 
 
 @dataclass
@@ -62,6 +72,9 @@ class Load:
     unexpected: list[str] = field(default_factory=list)  # non-retryable failures and wrong data
     retries: int = 0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    ack_times: list[float] = field(default_factory=list)  # time.monotonic() of every acknowledgement
+    answer_times: list[float] = field(default_factory=list)  # time.monotonic() of every lookup answer
+    reads: Counter[str] = field(default_factory=Counter)  # "instance STATUS" of the reader's calls
 
     async def _notify_once(self, municipality: str, rng: random.Random, today: dt.date) -> None:
         parent = rng.choice(self.parents[municipality])
@@ -77,9 +90,9 @@ class Load:
                 reply = await stub.RecordChange(request, timeout=20)
             except grpc.aio.AioRpcError as error:
                 self.statuses[error.code().name] += 1
-                if error.code() in RETRYABLE and attempts < 200:
+                if error.code() in RETRYABLE and attempts < 2000:
                     self.retries += 1
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(RETRY_PAUSE)
                     continue
                 if attempts > 1 and error.code() is grpc.StatusCode.FAILED_PRECONDITION \
                         and "already registered" in (error.details() or ""):
@@ -92,6 +105,7 @@ class Load:
             if reply.resident_code != code:
                 self.unexpected.append(f"RecordChange {code} answered for {reply.resident_code}")
             self.acked[code] = reply.notification_id
+            self.ack_times.append(time.monotonic())
             return
 
     async def notifier(self, municipality: str, seed: int) -> None:
@@ -114,7 +128,7 @@ class Load:
                 self.statuses[error.code().name] += 1
                 if error.code() in RETRYABLE:
                     self.retries += 1
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(RETRY_PAUSE)
                 else:
                     self.unexpected.append(f"LookupByCode {resident.code}: {error.code().name} {error.details()}")
                 continue
@@ -124,6 +138,46 @@ class Load:
                 self.unexpected.append(f"LookupByCode {resident.code} answered {record.resident_code} "
                                        f"{record.name.family_name} {record.name.given_name}")
             self.answers[resident.code] += 1
+            self.answer_times.append(time.monotonic())
+
+    async def reader(self) -> None:
+        """Reads of every other service that has a database, so that each one meets every outage.
+
+        Any answer is fine (a resident found, a card not found) except INTERNAL/UNKNOWN: an outage must
+        reach callers as UNAVAILABLE. Each call is a fresh one (no retry), so every fault is seen.
+        """
+        mesh = self.mesh
+        n = 0
+        while not self.stop.is_set():
+            resident = self.residents[n % len(self.residents)]
+            n += 1
+            calls: list[tuple[str, str, tuple[str, str], Any]] = [
+                ("intake-national", "/juki.intake.v1.IntakeService/GetResident", ("operator", "demo-operator"),
+                 intake_pb2.GetResidentRequest(resident_code=resident.code)),
+                ("intake-prefecture-13", "/juki.intake.v1.IntakeService/GetIntakeStatus",
+                 ("operator", "demo-operator"), intake_pb2.GetIntakeStatusRequest()),
+                ("card", "/juki.card.v1.CardService/GetCardStatus", ("operator", "demo-operator"),
+                 card_pb2.GetCardStatusRequest(card_number=f"{n:016d}")),
+                ("accesslog", "/juki.accesslog.v1.AccessLogService/ListProvisions", ("service", "disclosure"),
+                 accesslog_pb2.ListProvisionsRequest(resident_code=resident.code, page_size=5)),
+                (f"municipal-{NAKANO}", "/juki.municipal.v1.MunicipalService/GetResidentEntry",
+                 ("operator", "demo-operator"),
+                 municipal_pb2.GetResidentEntryRequest(resident_code=resident.code,
+                                                       requesting_municipality_code=NAKANO)),
+            ]
+            disclosure = disclosure_pb2.GetDisclosureRequest(resident_code=resident.code)
+            mesh.sign(disclosure, "/juki.disclosure.v1.DisclosureService/GetDisclosure", "counter_operator")
+            calls.append(("disclosure", "/juki.disclosure.v1.DisclosureService/GetDisclosure",
+                          ("operator", "demo-operator"), disclosure))
+            for instance, method, identity, request in calls:
+                if "operator_proof" in request.DESCRIPTOR.fields_by_name:
+                    mesh.sign(request, method)
+                code, details = await call_raw(mesh.channel(instance, *identity), method,
+                                               request.SerializeToString(), timeout=20)
+                self.reads[f"{instance} {code.name}"] += 1
+                if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                    self.unexpected.append(f"{method} answered {code.name}: {details}")
+            await asyncio.sleep(0.05)
 
     def run(self) -> list[asyncio.Task[None]]:
         return [
@@ -131,6 +185,7 @@ class Load:
             asyncio.create_task(self.notifier(YOKOHAMA, 2)),
             asyncio.create_task(self.looker(0)),
             asyncio.create_task(self.looker(7)),
+            asyncio.create_task(self.reader()),
         ]
 
 
@@ -142,25 +197,35 @@ async def chaos_mesh() -> AsyncIterator[Mesh]:
 
 
 async def restart_postgresql(mesh: Mesh) -> None:
-    """An immediate (crash-like) restart of the embedded server, as embedded._tune restarts it."""
+    """An immediate (crash-like) restart of the embedded server: WAL recovery on the way back up."""
     embedded = mesh.supervisor.embedded
     assert embedded is not None, "the chaos suite runs on the embedded PostgreSQL"
-    handle = embedded.handle
-    from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
-
-    def restart() -> None:
-        pg_ctl(["-w", "-m", "immediate", "restart", "-o", f'-h "" -k {embedded.socket_dir}', "-l", str(handle.log)],
-               pgdata=handle.pgdata, user=handle.system_user, timeout=60)
-
-    await asyncio.to_thread(restart)
+    await asyncio.to_thread(embedded.restart, "immediate")
 
 
-async def inject(mesh: Mesh, fault: str) -> None:
+async def inject(mesh: Mesh, fault: str) -> float:
+    """Inject one fault and wait until the failed part is back; returns when it was ready (monotonic)."""
     if fault == "postgresql":
         await restart_postgresql(mesh)
-        return
+        return time.monotonic()
+    if fault == "postgresql-kill":
+        pid = await mesh.supervisor.kill_database()
+        await mesh.supervisor.wait_database_restarted(pid, timeout=90)
+        return time.monotonic()
     pid = await mesh.supervisor.kill(fault)
     await mesh.supervisor.wait_restarted(fault, pid, timeout=90)
+    return time.monotonic()
+
+
+async def first_success_after(times: list[float], since: float, timeout: float = 90) -> float | None:
+    """The first time in ``times`` (appended to as the load runs) after ``since``; None if none comes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        later = [t for t in times if t > since]
+        if later:
+            return min(later)
+        await asyncio.sleep(0.02)
+    return None
 
 
 async def until_delivered(mesh: Mesh, acked: dict[str, str], timeout: float = 120) -> dict[str, int]:
@@ -196,7 +261,12 @@ async def test_the_mesh_loses_nothing_when_each_process_and_the_database_fail(ch
         await asyncio.sleep(3)
         for fault in FAULTS:
             before = (len(load.acked), sum(load.answers.values()))
-            await inject(mesh, fault)
+            injected = time.monotonic()
+            ready = await inject(mesh, fault)
+            # Successes after the failed part is back (one already in flight at the fault does not count).
+            first_ack = await first_success_after(load.ack_times, ready)
+            first_answer = await first_success_after(load.answer_times, ready)
+            assert first_ack is not None and first_answer is not None, f"after {fault}: the load never recovered"
             await asyncio.sleep(2)  # the load runs on against the restarted process
             snapshot = dict(load.acked)
             counts = await until_delivered(mesh, snapshot)
@@ -209,7 +279,14 @@ async def test_the_mesh_loses_nothing_when_each_process_and_the_database_fail(ch
             assert not load.unexpected, f"after {fault}: {load.unexpected[:5]}"
             report.append({"fault": fault, "notifications_acked": len(snapshot) - before[0],
                            "lookups_answered": sum(load.answers.values()) - before[1],
-                           "restarts": dict(mesh.supervisor.restarts)})
+                           "restarts": dict(mesh.supervisor.restarts),
+                           # time to recovery: from the fault to the first acknowledgement / answer, and
+                           # from the failed part's readiness to the first success after it
+                           "fault_to_first_ack_s": round(first_ack - injected, 3),
+                           "fault_to_first_answer_s": round(first_answer - injected, 3),
+                           "ready_after_fault_s": round(ready - injected, 3),
+                           "ready_to_first_ack_s": round(first_ack - ready, 3),
+                           "ready_to_first_answer_s": round(first_answer - ready, 3)})
     finally:
         load.stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -224,13 +301,20 @@ async def test_the_mesh_loses_nothing_when_each_process_and_the_database_fail(ch
     assert len(load.acked) > len(FAULTS) and sum(load.answers.values()) > len(FAULTS)
     for instance in ("card", "disclosure", "lookup", "accesslog", "intake-national", f"municipal-{NAKANO}"):
         assert await serving(mesh.channel(instance, "operator", "demo-operator"))
-    assert all(mesh.supervisor.restarts.get(f, 0) >= 1 for f in FAULTS if f != "postgresql")
+    assert all(mesh.supervisor.restarts.get(f, 0) >= 1 for f in FAULTS if not f.startswith("postgresql"))
+    assert mesh.supervisor.restarts.get("postgresql", 0) == FAULTS.count("postgresql-kill")
 
     # The operator's verb agrees.
     verify = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "juki", "audit", "verify", "--data-dir", str(mesh.supervisor.data_dir),
                          "--json"], capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
-    summary = {"faults": report, "notifications_acked": len(load.acked), "lookups_answered": sum(load.answers.values()),
-               "client_statuses": dict(load.statuses), "retries": load.retries}
+    kills = [r for r in report if r["fault"] == "postgresql-kill"]
+    database_recovery = {
+        "kill_to_first_ack_p50_s": statistics.median(float(str(r["fault_to_first_ack_s"])) for r in kills),
+        "kill_to_first_answer_p50_s": statistics.median(float(str(r["fault_to_first_answer_s"])) for r in kills),
+    }
+    summary = {"faults": report, "database_recovery": database_recovery, "notifications_acked": len(load.acked), "lookups_answered": sum(load.answers.values()),
+               "client_statuses": dict(load.statuses), "retries": load.retries,
+               "reads": dict(sorted(load.reads.items()))}
     print("CHAOS " + json.dumps(summary, ensure_ascii=False))

@@ -14,6 +14,8 @@ import pytest
 from juki.mesh.supervisor import Supervisor
 from juki.mesh.tracesink import TraceSink
 
+from tests.faults import loop_errors
+
 POPULATION = 300
 
 
@@ -43,6 +45,9 @@ async def mesh(trace_sink: TraceSink) -> AsyncIterator[Supervisor]:
         await supervisor.start()
         await seed_population(supervisor, POPULATION, 1, echo=lambda line: None)
         yield supervisor
+        await supervisor.stop()
+        found = loop_errors(data_dir)
+        assert not found, "services left asyncio errors uncollected:\n" + "\n".join(found[:20])
     finally:
         await supervisor.stop()
         shutil.rmtree(data_dir, ignore_errors=True)

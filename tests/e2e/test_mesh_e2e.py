@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from juki._gen.juki.lookup.v1 import lookup_pb2, lookup_pb2_grpc
+from juki.mesh.metrics import LATENCY_BUCKETS_MS
 from juki.mesh.settings import TlsFiles
 from juki.mesh.supervisor import Supervisor, read_endpoints
 from juki.mesh.tls import secure_channel
@@ -163,8 +165,6 @@ async def test_a_second_up_on_the_same_data_dir_reuses_its_data() -> None:
 
 async def test_metrics_are_scrapeable_per_service(mesh: Supervisor) -> None:
     """Prometheus text on each service's /metrics: RPC requests and latency, pool saturation, batches."""
-    import urllib.request
-
     endpoints = read_endpoints(mesh.data_dir)
     code = await _some_resident(mesh)
     async with secure_channel(endpoints["services"]["lookup"]["address"], _agency_tls(endpoints)) as channel:
@@ -172,15 +172,7 @@ async def test_metrics_are_scrapeable_per_service(mesh: Supervisor) -> None:
         await stub.LookupByCode(lookup_pb2.LookupByCodeRequest(purpose="B1-PENSION-BENEFIT", resident_code=code))
 
     def scrape(instance: str) -> str:
-        with urllib.request.urlopen(endpoints["services"][instance]["metrics"], timeout=10) as response:
-            return str(response.read().decode())
-
-    def samples(text: str, name: str, **labels: str) -> list[float]:
-        found = []
-        for line in text.splitlines():
-            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                found.append(float(line.rsplit(" ", 1)[1]))
-        return found
+        return _scrape(endpoints, instance)
 
     lookup_text = await asyncio.to_thread(scrape, "lookup")
     served = samples(lookup_text, "juki_rpc_server_requests_total",
@@ -197,6 +189,90 @@ async def test_metrics_are_scrapeable_per_service(mesh: Supervisor) -> None:
     assert samples(prefecture_text, "juki_rpc_server_requests_total")
 
 
+def _scrape(endpoints: dict[str, Any], instance: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(endpoints["services"][instance]["metrics"], timeout=10) as response:
+        return str(response.read().decode())
+
+
+def samples(text: str, name: str, **labels: str) -> list[float]:
+    found = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            found.append(float(line.rsplit(" ", 1)[1]))
+    return found
+
+
+async def test_rpc_latency_buckets_run_from_a_quarter_millisecond_to_ten_seconds(mesh: Supervisor) -> None:
+    """Fine enough to check the goals: the p99 of a lookup can be compared with 10 ms from /metrics alone."""
+    endpoints = read_endpoints(mesh.data_dir)
+    code = await _some_resident(mesh)
+    async with secure_channel(endpoints["services"]["lookup"]["address"], _agency_tls(endpoints)) as channel:
+        stub = lookup_pb2_grpc.LookupServiceStub(channel)
+        for _ in range(20):
+            await stub.LookupByCode(lookup_pb2.LookupByCodeRequest(purpose="B1-PENSION-BENEFIT", resident_code=code))
+    text = await asyncio.to_thread(_scrape, endpoints, "lookup")
+    method = 'rpc_method="/juki.lookup.v1.LookupService/LookupByCode"'
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("juki_rpc_server_duration_milliseconds_bucket{") and method in line \
+                and 'rpc_grpc_status_code="OK"' in line:
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+    assert sorted(buckets) == [*LATENCY_BUCKETS_MS, math.inf], text[-3000:]
+    assert min(buckets) == 0.25 and max(b for b in buckets if b != math.inf) == 10_000
+    assert {10.0, 50.0, 1_000.0} <= set(buckets)  # the goals are boundaries
+    counts = [buckets[bound] for bound in sorted(buckets)]
+    assert counts == sorted(counts)  # cumulative
+    (total,) = samples(text, "juki_rpc_server_duration_milliseconds_count", rpc_grpc_status_code="OK",
+                       rpc_method="/juki.lookup.v1.LookupService/LookupByCode")
+    assert buckets[math.inf] == total >= 20
+
+
 def _agency_tls(endpoints: dict[str, Any]) -> TlsFiles:
     agency = endpoints["clients"]["agency"]
     return TlsFiles(ca=Path(endpoints["ca"]), cert=Path(agency["cert"]), key=Path(agency["key"]))
+
+
+async def test_grpcurl_describes_both_reflection_versions_on_every_service(mesh: Supervisor) -> None:
+    endpoints = read_endpoints(mesh.data_dir)
+    flags = _agency_flags(endpoints)
+    for instance, entry in endpoints["services"].items():
+        for service in ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"):
+            described = await asyncio.to_thread(
+                subprocess.run, [_grpcurl(), *flags, entry["address"], "describe", service],
+                capture_output=True, text=True, timeout=30,
+            )
+            assert described.returncode == 0, (instance, service, described.stderr)
+            assert f"{service} is a service:" in described.stdout
+
+
+async def test_juki_verify_on_a_file_with_bad_rows_against_the_running_mesh(mesh: Supervisor) -> None:
+    """The whole path of a pension file with typing errors: CLI, lookup, identity store, access log."""
+    import asyncpg
+
+    conn = await asyncpg.connect(mesh.admin_url)
+    try:
+        codes = [str(row["resident_code"]) for row in await conn.fetch(
+            "SELECT resident_code FROM intake_national.residents WHERE status = 1 LIMIT 3")]
+    finally:
+        await conn.close()
+    assert len(codes) == 3
+    wrong = codes[0][:10] + str((int(codes[0][10]) + 1) % 10)
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "pensioners.csv"
+        source.write_text(f"resident_code\n{codes[0]}\n{wrong}\n{codes[1]}\nABCDEFGHIJK\n{codes[2]}\n", encoding="utf-8")
+        results = Path(folder) / "results.csv"
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "juki", "verify", str(source), "--purpose", "B1-PENSION-BENEFIT",
+             "--out", str(results), "--batch", "2", "--data-dir", str(mesh.data_dir)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 3, done.stderr
+        answered = results.read_text(encoding="utf-8").splitlines()[1:]
+    assert [line.split(",")[1] for line in answered] == codes
+    reported = sorted(line for line in done.stderr.splitlines() if line.startswith("line "))
+    assert [line.split(":")[0] for line in reported] == ["line 3", "line 5"]
+    assert "CHECK_DIGIT_MISMATCH" in reported[0] and "INVALID_FIELD" in reported[1]

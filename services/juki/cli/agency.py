@@ -13,7 +13,7 @@ import argparse
 import csv
 import json
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -39,7 +39,8 @@ def register(sub: Any) -> None:
                         help="fields wanted (default: every field the 事務 grants)")
     lookup.set_defaults(func=cmd_lookup)
 
-    verify = sub.add_parser("verify", help="verify a CSV of resident codes in bulk (一括照会)")
+    verify = sub.add_parser("verify", help="verify a CSV of resident codes in bulk (一括照会)",
+                            epilog=VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("file", type=Path,
                         help="CSV with a resident_code column (or codes in the first column); optional"
                              " family_name, given_name and birth_date (YYYY-MM-DD) columns are compared")
@@ -91,7 +92,30 @@ async def cmd_purposes(args: argparse.Namespace) -> int:
 # -- bulk verification ------------------------------------------------------------------------------------
 
 RESULT_COLUMNS = ("row", "resident_code", "status", "new_resident_code", "death_date", "new_address",
-                  "mismatched_fields")
+                  "mismatched_fields", "line")
+
+# Exit codes of ``juki verify`` (also in its --help and the README).
+EXIT_VERIFIED = 0  # every row was answered
+EXIT_FAILED = 1  # the mesh refused or failed the stream (the error is printed); results may be partial
+EXIT_USAGE = 2  # bad arguments or settings (no such file, --batch out of range...); nothing was sent
+EXIT_BAD_ROWS = 3  # every well-formed row was answered; some rows were not, and are listed by line number
+VERIFY_EPILOG = f"""\
+Results go to --out (or standard output), one row per answered input row; its "row" column counts the
+data rows and "line" gives the row's line in the input file (the header is line 1). A row that cannot
+be verified - a resident code with a wrong check digit, the wrong length or other characters than
+0-9, or a birth_date that is not YYYY-MM-DD - gets no result row: it is reported on standard error as
+"line N: ..." with the reason, and every other row is still verified.
+
+exit codes:
+  {EXIT_VERIFIED}  every row was verified
+  {EXIT_FAILED}  the mesh refused or failed the stream (e.g. PERMISSION_DENIED for a 事務 not granted)
+  {EXIT_USAGE}  bad arguments or settings; nothing was sent
+  {EXIT_BAD_ROWS}  some rows were bad (listed by line number); every other row was verified
+"""
+
+
+class BadRow(Exception):
+    """A CSV row that cannot become a verification item; the message says why."""
 
 
 def _item(row_number: int, row: dict[str, str]) -> lookup_pb2.VerifyItem:
@@ -103,31 +127,46 @@ def _item(row_number: int, row: dict[str, str]) -> lookup_pb2.VerifyItem:
     birth = (row.get("birth_date") or "").strip()
     if birth:
         parts = birth.split("-")
-        if len(parts) != 3 or not all(p.isdigit() for p in parts):
-            raise SettingsError(f"row {row_number}: birth_date must be YYYY-MM-DD, got {birth!r}")
+        if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in parts):
+            raise BadRow(f"birth_date must be YYYY-MM-DD, got {birth!r}")
         item.expected_birth_date.year, item.expected_birth_date.month, item.expected_birth_date.day = map(int, parts)
     return item
 
 
-def read_items(path: Path) -> Iterator[lookup_pb2.VerifyItem]:
-    """Items of a CSV: a header naming ``resident_code`` or, without one, codes in the first column."""
-    with path.open(newline="", encoding="utf-8") as handle:
-        first = handle.readline()
-        header = [c.strip() for c in next(csv.reader([first]))] if first else []
-        if "resident_code" in header:
-            for number, row in enumerate(csv.DictReader(handle, fieldnames=header), start=1):
-                yield _item(number, row)
-        else:
-            handle.seek(0)
-            for number, cells in enumerate(csv.reader(handle), start=1):
-                if cells:
-                    yield _item(number, {"resident_code": cells[0]})
+def read_items(path: Path) -> Iterator[tuple[int, lookup_pb2.VerifyItem | BadRow]]:
+    """``(line, item)`` per data row of a CSV, or ``(line, BadRow)`` for a row that cannot become an item.
+
+    The CSV has a header naming ``resident_code`` or, without one, codes in the first column. ``line`` is
+    where the row starts in the file (the header is line 1), as an editor shows it, so that a reported
+    row can be found and fixed; items are numbered by data row (``item_id``), blank lines skipped.
+    """
+    # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark, which is not part of
+    # the first column's name.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header: list[str] | None = None
+        row_number = 0
+        next_line = 1
+        for cells in reader:
+            # A quoted cell may span lines, so a row starts right after the previous one ended.
+            line, next_line = next_line, reader.line_num + 1
+            if line == 1 and "resident_code" in (names := [cell.strip() for cell in cells]):
+                header = names
+                continue
+            if not cells:
+                continue
+            row_number += 1
+            row = dict(zip(header, cells, strict=False)) if header else {"resident_code": cells[0]}
+            try:
+                yield line, _item(row_number, row)
+            except BadRow as bad:
+                yield line, bad
 
 
 def _count_rows(path: Path) -> int:
     with path.open("rb") as handle:
         lines = sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         has_header = "resident_code" in handle.readline()
     return max(lines - (1 if has_header else 0), 0)
 
@@ -136,7 +175,7 @@ def _date(value: common_pb2.Date) -> str:
     return f"{value.year:04d}-{value.month:02d}-{value.day:02d}" if value.year else ""
 
 
-def _result_row(result: lookup_pb2.VerifyResult, code: str) -> list[str]:
+def _result_row(result: lookup_pb2.VerifyResult, code: str, line: int) -> list[str]:
     address = result.new_address
     return [
         str(result.item_id), code,
@@ -145,21 +184,45 @@ def _result_row(result: lookup_pb2.VerifyResult, code: str) -> list[str]:
         _date(result.death_date) if result.HasField("death_date") else "",
         f"{address.prefecture}{address.municipality}{address.street}" if result.HasField("new_address") else "",
         " ".join(common_pb2.Field.Name(f).removeprefix("FIELD_") for f in result.mismatched_fields),
+        str(line),
     ]
 
 
+def _rejection(result: lookup_pb2.VerifyResult, code: str) -> str:
+    """Why the service did not verify a row, for people: the field, the value, the reason and its code."""
+    violation = result.violation
+    reason = common_pb2.ErrorReason.Name(violation.reason).removeprefix("ERROR_REASON_")
+    return f"{violation.field or 'resident_code'} {code!r}: {violation.description} ({reason})"
+
+
 async def verify_file(
-    stub: lookup_pb2_grpc.LookupServiceStub, items: Iterator[lookup_pb2.VerifyItem], out: TextIO, purpose: str,
-    batch: int, progress: Progress | None = None, task: Any = None, sign: Any = None,
+    stub: lookup_pb2_grpc.LookupServiceStub, rows: Iterator[tuple[int, lookup_pb2.VerifyItem | BadRow]],
+    out: TextIO, purpose: str, batch: int, progress: Progress | None = None, task: Any = None, sign: Any = None,
+    report: Callable[[int, str], None] | None = None,
 ) -> dict[str, int]:
-    """Stream ``items`` through VerifyBatch (HTTP/2 flow control paces it); write results; count statuses."""
+    """Stream the rows' items through VerifyBatch (HTTP/2 flow control paces it); write one result row per
+    answered item; report each bad row with its line number (``report(line, why)``); count statuses, and
+    bad rows under ``"bad_rows"``."""
     counts: dict[str, int] = {}
+    # item_id -> (line in the file, resident code) of items sent and not yet answered.
+    sent: dict[int, tuple[int, str]] = {}
+
+    def bad(line: int, why: str) -> None:
+        counts["bad_rows"] = counts.get("bad_rows", 0) + 1
+        if report is not None:
+            report(line, why)
+        if progress is not None:
+            progress.advance(task, 1)
 
     async def requests() -> AsyncIterator[lookup_pb2.VerifyBatchRequest]:
         first = True
         chunk: list[lookup_pb2.VerifyItem] = []
-        for item in items:
-            chunk.append(item)
+        for line, entry in rows:
+            if isinstance(entry, BadRow):
+                bad(line, str(entry))
+                continue
+            sent[entry.item_id] = (line, entry.resident_code)
+            chunk.append(entry)
             if len(chunk) >= batch:
                 yield _message(chunk, first)
                 first = False
@@ -177,26 +240,21 @@ async def verify_file(
 
     writer = csv.writer(out)
     writer.writerow(RESULT_COLUMNS)
-    codes_by_item: dict[int, str] = {}
-    call = stub.VerifyBatch(_tracking(requests(), codes_by_item))
+    call = stub.VerifyBatch(requests())
     async for response in call:
+        answered = 0
         for result in response.results:
-            code = codes_by_item.pop(result.item_id, "")
-            row = _result_row(result, code)
+            line, code = sent.pop(result.item_id, (0, ""))
+            if result.status == lookup_pb2.VERIFY_STATUS_INVALID:
+                bad(line, _rejection(result, code))
+                continue
+            row = _result_row(result, code, line)
             counts[row[2]] = counts.get(row[2], 0) + 1
             writer.writerow(row)
+            answered += 1
         if progress is not None:
-            progress.advance(task, len(response.results))
+            progress.advance(task, answered)
     return counts
-
-
-async def _tracking(
-    requests: AsyncIterator[lookup_pb2.VerifyBatchRequest], codes_by_item: dict[int, str]
-) -> AsyncIterator[lookup_pb2.VerifyBatchRequest]:
-    async for request in requests:
-        for item in request.items:
-            codes_by_item[item.item_id] = item.resident_code
-        yield request
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
@@ -206,6 +264,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         raise SettingsError("--batch must be between 1 and 50000")
     total = _count_rows(args.file)
     out = args.out.open("w", newline="", encoding="utf-8") if args.out else sys.stdout
+    console = _stderr_console()
     try:
         async with MeshClient(args.data_dir, args.identity) as client:
             stub = lookup_pb2_grpc.LookupServiceStub(client.channel("lookup"))
@@ -213,16 +272,21 @@ async def cmd_verify(args: argparse.Namespace) -> int:
             def sign(request: lookup_pb2.VerifyBatchRequest) -> None:
                 _sign(client, request, "/juki.lookup.v1.LookupService/VerifyBatch", args.password)
 
+            def report(line: int, why: str) -> None:
+                console.print(f"line {line}: {why}", markup=False, highlight=False, soft_wrap=True)
+
             columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-            with Progress(*columns, console=_stderr_console(), transient=args.out is None) as progress:
+            with Progress(*columns, console=console, transient=args.out is None) as progress:
                 task = progress.add_task("verify", total=total)
                 counts = await verify_file(stub, read_items(args.file), out, args.purpose, args.batch,
-                                           progress, task, sign)
+                                           progress, task, sign, report)
     finally:
         if args.out:
             out.close()
-    print(json.dumps({"rows": sum(counts.values()), **counts}, ensure_ascii=False), file=sys.stderr)
-    return 0
+    bad_rows = counts.pop("bad_rows", 0)
+    print(json.dumps({"rows": sum(counts.values()) + bad_rows, **counts, "bad_rows": bad_rows}, ensure_ascii=False),
+          file=sys.stderr)
+    return EXIT_BAD_ROWS if bad_rows else EXIT_VERIFIED
 
 
 def _stderr_console() -> Any:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import random
 
 import asyncpg
 import grpc
@@ -19,6 +20,8 @@ import grpc
 from juki._gen.juki.intake.v1 import intake_pb2
 from juki.intake.store import Store
 from juki.mesh import metrics
+from juki.mesh.db import is_connection_loss
+from juki.mesh.outage import Outage
 from juki.mesh.settings import TlsFiles
 from juki.mesh.tls import secure_channel
 
@@ -62,6 +65,7 @@ class Relay:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._outage = Outage(f"the relay to the national intake {target}", log)
         meter = metrics.meter("juki.intake")
         self._lag = meter.create_histogram(
             "juki.intake.relay.lag", unit="ms",
@@ -89,19 +93,26 @@ class Relay:
         delay = 0.2
         while not self._stopping:
             try:
-                async with secure_channel(self._target, self._tls) as channel:
+                # No client interceptors: with one, grpc.aio feeds a READER_WRITER stream through a proxy
+                # async generator and a consumer task, which a cancelled stream leaves pending at shutdown
+                # ("Task was destroyed but it is pending", "aclose(): asynchronous generator is already
+                # running"). A relay stream lives for minutes; a client span over it would say nothing.
+                async with secure_channel(self._target, self._tls, interceptors=[]) as channel:
                     await self._pump(channel)
                 delay = 0.2
             except (grpc.aio.AioRpcError, asyncpg.PostgresError, OSError, ConnectionError) as exc:
-                log.warning("relay to %s interrupted: %s; retrying in %.1f s", self._target,
-                            exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            except Exception:
+                # An outage of the national intake or of the database: logged when it starts and ends.
+                self._outage.failed(exc)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 2.0)
+            except Exception as exc:
                 # The relay must outlive any fault: the outbox keeps everything until it is acknowledged.
-                log.exception("relay to %s failed; retrying in %.1f s", self._target, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                if is_connection_loss(exc):
+                    self._outage.failed(exc)
+                else:
+                    log.exception("relay to %s failed; retrying in %.1f s", self._target, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 2.0)
 
     async def _pump(self, channel: grpc.aio.Channel) -> None:
         """Stream outbox batches, up to IN_FLIGHT unanswered; unanswered ones are resent on reconnect."""
@@ -131,6 +142,7 @@ class Relay:
                 response = await call.read()
                 if response is grpc.aio.EOF:
                     raise ConnectionError("the national intake closed the relay stream")
+                self._outage.succeeded()
                 sent = pending.pop(response.batch_id, [])
                 now = dt.datetime.now(dt.UTC)
                 for result in response.results:

@@ -116,6 +116,33 @@ class _Batch:
 
 
 @dataclass
+class _Stream:
+    """One AppendStream call and what is in flight on it."""
+
+    call: grpc.aio.StreamStreamCall
+    in_flight: collections.deque[_Batch] = field(default_factory=collections.deque)
+    # Set by the watchdog before it cancels the call, so that the reader can say why the call ended.
+    timed_out: bool = False
+
+
+def _collect(task: asyncio.Task[None]) -> None:
+    """Done callback: retrieve a helper task's exception, so that none is left "never retrieved".
+
+    Where a helper's failure matters it has already been acted on (the sender re-raises the reader's
+    error from ``reader.result()``); what is left here are failures after the stream was given up.
+    """
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.debug("access log stream helper %s ended with %r", task.get_name(), error)
+
+
+def _describe(error: BaseException) -> str:
+    """A short, truthful account of why the stream ended, for the log."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"the access log ended the stream with {error.code().name}: {error.details()}"
+    return str(error) or type(error).__name__
+
+
+@dataclass
 class ProvisionLogStats:
     """Counters for metrics and benchmarks."""
 
@@ -167,8 +194,18 @@ class ProvisionLog:
         self._queued_records += len(records)
         self._wakeup.set()
         if self._task is None or self._task.done():
-            self._task = loop.create_task(self._run(), name="provision-log")
+            self._start_sender(loop)
         await future
+
+    def _start_sender(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._task = loop.create_task(self._run(), name="provision-log")
+        self._task.add_done_callback(self._sender_done)
+
+    @staticmethod
+    def _sender_done(task: asyncio.Task[None]) -> None:
+        # _run handles every failure of the stream itself; anything else is a fault of this module.
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("the provision log sender failed", exc_info=error)
 
     async def close(self) -> None:
         self._closed = True
@@ -199,12 +236,15 @@ class ProvisionLog:
     async def _run(self) -> None:
         """Open one stream and pump batches until it fails or stays idle."""
         loop = asyncio.get_running_loop()
-        in_flight: collections.deque[_Batch] = collections.deque()
-        call = self._append_stream(wait_for_ready=False)
-        reader = loop.create_task(self._read_acks(call, in_flight))
+        stream = _Stream(self._append_stream(wait_for_ready=False))
+        call, in_flight = stream.call, stream.in_flight
+        reader = loop.create_task(self._read_acks(stream), name="provision-log-acks")
+        reader.add_done_callback(_collect)
         reader.add_done_callback(lambda _: self._wakeup.set())
-        watching = loop.create_task(self._watchdog(call, in_flight, reader))
+        watching = loop.create_task(self._watchdog(stream, reader), name="provision-log-watchdog")
+        watching.add_done_callback(_collect)
         failed = False
+        idle = False
         try:
             while True:
                 if reader.done():
@@ -218,6 +258,7 @@ class ProvisionLog:
                     try:  # idle: keep the stream a while for the next burst, then end it
                         await asyncio.wait_for(self._wakeup.wait(), IDLE_SECONDS)
                     except TimeoutError:
+                        idle = True
                         break
                     continue
                 batch = self._take_batch()
@@ -237,16 +278,25 @@ class ProvisionLog:
                 self.stats.batches += 1
                 self.stats.records += batch.count
                 _BATCH_RECORDS.record(batch.count)
-            with contextlib.suppress(Exception):
-                await call.done_writing()
-            if in_flight:
-                await reader
+            if not reader.done():
+                # Half-close: the log acknowledges what is in flight, then ends its side. Waiting for
+                # that end closes the stream cleanly; cancelling it instead would look like a failure.
+                with contextlib.suppress(Exception):  # a call that already failed: the reader says why
+                    await call.done_writing()
+                if in_flight:
+                    await reader  # the watchdog bounds this wait
+                elif idle:
+                    await asyncio.wait({reader}, timeout=self._ack_timeout)
+                    if reader.done():
+                        reader.result()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the stream broke: everyone waiting fails, nothing is provided
             failed = True
             self.stats.failures += 1
-            log.warning("access log stream failed: %s", exc)
+            # The reader knows best why the stream ended (a write fails only because the call did).
+            cause = reader.exception() if reader.done() and not reader.cancelled() else None
+            log.warning("access log stream failed: %s", _describe(cause or exc))
         finally:
             watching.cancel()
             if not reader.done():
@@ -262,7 +312,7 @@ class ProvisionLog:
                     self._queued_records = 0
                 else:
                     # Requests that arrived while an idle stream was closing get a fresh stream.
-                    self._task = loop.create_task(self._run(), name="provision-log")
+                    self._start_sender(loop)
 
     def _ready_to_send(self, in_flight: collections.deque[_Batch]) -> bool:
         """Send now when nothing is in flight; otherwise only a large backlog overlaps round trips.
@@ -277,27 +327,33 @@ class ProvisionLog:
             return True
         return len(in_flight) < self._max_in_flight and self._queued_records >= PIPELINE_RECORDS
 
-    async def _watchdog(
-        self, call: grpc.aio.StreamStreamCall, in_flight: collections.deque[_Batch], reader: asyncio.Task[None]
-    ) -> None:
+    async def _watchdog(self, stream: _Stream, reader: asyncio.Task[None]) -> None:
         """One timer for the whole stream instead of one per waiter: a batch unacknowledged for longer
         than the timeout ends the stream, which fails every waiter."""
         loop = asyncio.get_running_loop()
         while not reader.done():
             await asyncio.sleep(self._ack_timeout / 4)
+            in_flight = stream.in_flight
             if in_flight and loop.time() - in_flight[0].sent_at > self._ack_timeout:
                 self.stats.timeouts += 1
-                call.cancel()
+                stream.timed_out = True
+                stream.call.cancel()
                 return
 
-    async def _read_acks(self, call: grpc.aio.StreamStreamCall, in_flight: collections.deque[_Batch]) -> None:
+    async def _read_acks(self, stream: _Stream) -> None:
+        call, in_flight = stream.call, stream.in_flight
         while True:
             try:
                 ack = await call.read()
             except asyncio.CancelledError:
-                if call.done():  # the watchdog cancelled the stream: a failure, not our own cancellation
-                    raise ConnectionError("the access log did not acknowledge in time") from None
-                raise
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this reader itself is being cancelled: the stream is being given up
+                # Otherwise the call was cancelled under the reader (grpc reports that as CancelledError).
+                if stream.timed_out:
+                    raise ConnectionError(
+                        f"the access log did not acknowledge within {self._ack_timeout:g} s") from None
+                raise ConnectionError("the access log stream was cancelled") from None
             if ack is grpc.aio.EOF:
                 if in_flight:
                     raise ConnectionError("the access log closed the stream with batches unacknowledged")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime as _dt
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+import logging
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,8 @@ from juki.lookup.records import RecordEncoder
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
 from juki.mesh.telemetry import current_trace_id
 from juki.mesh.tls import Peer, require_peer
+
+log = logging.getLogger(__name__)
 
 MAX_VERIFY_ITEMS = 50_000
 # Messages of one VerifyBatch stream being answered at once (see VerifyBatch).
@@ -106,13 +109,35 @@ def _policy_error(error: PolicyError) -> JukiError:
     return JukiError(Reason.PURPOSE_NOT_GRANTED, str(error))
 
 
-def _check_code(code: str, field: str) -> None:
+# What is wrong with a malformed resident code: the catalogued reason and a sentence for people. A whole
+# call is refused with them; a VerifyBatch item gets them in its own result (lookup_pb2.ItemViolation).
+_CODE_DEFECTS: dict[int, tuple[Reason, str]] = {
+    lookup_pb2.RESIDENT_CODE_DEFECT_MISSING: (Reason.INVALID_FIELD, "a resident code (住民票コード) is required"),
+    lookup_pb2.RESIDENT_CODE_DEFECT_CHARACTERS: (
+        Reason.INVALID_FIELD, "a resident code holds the ASCII digits 0-9 only"),
+    lookup_pb2.RESIDENT_CODE_DEFECT_LENGTH: (Reason.INVALID_FIELD, "a resident code has 11 digits"),
+    lookup_pb2.RESIDENT_CODE_DEFECT_CHECK_DIGIT: (Reason.CHECK_DIGIT_MISMATCH, "the check digit does not match"),
+}
+
+
+def code_defect(code: str) -> int:
+    """The ``ResidentCodeDefect`` of ``code``; RESIDENT_CODE_DEFECT_UNSPECIFIED (0) when it is well formed."""
     if not code:
-        raise invalid(field, "a resident code (住民票コード) is required")
-    if len(code) != 11 or not code.isascii() or not code.isdigit():
-        raise invalid(field, "a resident code has 11 digits")
+        return lookup_pb2.RESIDENT_CODE_DEFECT_MISSING
+    if not code.isascii() or not code.isdigit():
+        return lookup_pb2.RESIDENT_CODE_DEFECT_CHARACTERS
+    if len(code) != 11:
+        return lookup_pb2.RESIDENT_CODE_DEFECT_LENGTH
     if not is_valid_resident_code(code):
-        raise invalid(field, "the check digit does not match", Reason.CHECK_DIGIT_MISMATCH)
+        return lookup_pb2.RESIDENT_CODE_DEFECT_CHECK_DIGIT
+    return lookup_pb2.RESIDENT_CODE_DEFECT_UNSPECIFIED
+
+
+def _check_code(code: str, field: str) -> None:
+    defect = code_defect(code)
+    if defect:
+        reason, description = _CODE_DEFECTS[defect]
+        raise invalid(field, description, reason)
 
 
 def _code_violation(code: str, field: str) -> FieldViolation | None:
@@ -162,6 +187,19 @@ class Authorised:
         without_fields = stamped.SerializeToString()
         stamped.fields.extend(self.proto_fields)
         return stamped.SerializeToString(), without_fields
+
+    def refusal(self, reason: Reason) -> bytes:
+        """A serialised REFUSED provision record of this call, stamped now, naming no resident.
+
+        It is what a malformed item of a batch leaves in the access log: the attempt is on record, but a
+        code that is not a 住民票コード names nobody (and the log keeps only well-formed codes).
+        """
+        refused = accesslog_pb2.ProvisionRecord()
+        refused.CopyFrom(self.template)
+        refused.provided_at.GetCurrentTime()
+        refused.outcome = accesslog_pb2.PROVISION_OUTCOME_REFUSED
+        refused.refusal_reason = common_pb2.ErrorReason.Value(f"ERROR_REASON_{reason.name}")
+        return refused.SerializeToString()
 
     def provisions(self, items: Iterable[tuple[str, bool]]) -> list[bytes]:
         """Serialised provision records, one per (resident code, whether the granted fields were provided)."""
@@ -325,59 +363,92 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         # log's acknowledgement, the next is already being read and answered. Answers leave in order.
         answers: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(VERIFY_PIPELINE)
         loop = asyncio.get_running_loop()
+        # Every task this stream starts, until it is done: when the stream ends early (an error, or the
+        # client going away) each is cancelled, wherever it is - in the queue, awaited, or just created
+        # by the reader while the queue was full - and none is left running or holding an exception.
+        running: set[asyncio.Task[Any]] = set()
+
+        def start(work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+            task = loop.create_task(work)
+            running.add(task)
+            task.add_done_callback(_settled)
+            return task
+
+        def _settled(task: asyncio.Task[Any]) -> None:
+            running.discard(task)
+            # Collected here; the failure that matters reaches the caller through the answer loop.
+            if not task.cancelled():
+                task.exception()
 
         async def read() -> None:
+            # Items are numbered across the whole stream, so that a bad item's result can say where it
+            # stands in the caller's file and not only in its message.
+            offset = len(first.items)
+            torn_down = False
             try:
-                await answers.put(loop.create_task(self._verify(call, first.items)))
+                await answers.put(start(self._verify(call, first.items, 0)))
                 async for request in iterator:
                     if request.purpose and request.purpose != call.grant.purpose.code:
                         raise invalid("purpose", "the purpose of a VerifyBatch stream cannot change")
                     self._quotas.take(call.peer.spiffe_id, call.grant.agency.quota_per_second)
-                    await answers.put(loop.create_task(self._verify(call, request.items)))
+                    await answers.put(start(self._verify(call, request.items, offset)))
+                    offset += len(request.items)
+            except asyncio.CancelledError:
+                torn_down = True
+                raise
             finally:
-                await answers.put(None)
+                # The end marker, for the answer loop; a stream being torn down has no answer loop left,
+                # and waiting for room in a full queue would leave this task pending forever.
+                if not torn_down:
+                    await answers.put(None)
 
-        reader = loop.create_task(read())
-        started: list[asyncio.Task[bytes]] = []
+        reader = start(read())
         try:
             while (task := await answers.get()) is not None:
-                started.append(task)
                 yield await task
-                started.pop()
             await reader
         finally:
-            reader.cancel()
-            for task in started:
+            for task in list(running):
                 task.cancel()
-            while not answers.empty():
-                leftover = answers.get_nowait()
-                if leftover is not None:
-                    leftover.cancel()
 
-    async def _verify(self, call: Authorised, items: Sequence[lookup_pb2.VerifyItem]) -> bytes:
-        """One VerifyBatchResponse, serialised: records are written as bytes (``RecordEncoder``)."""
+    async def _verify(self, call: Authorised, items: Sequence[lookup_pb2.VerifyItem], offset: int) -> bytes:
+        """One VerifyBatchResponse, serialised: records are written as bytes (``RecordEncoder``).
+
+        A malformed item gets a VERIFY_STATUS_INVALID result and a REFUSED record in the access log (in
+        the same durable batch as the others' provisions); it does not end the stream, since one typing
+        error in a pension file of millions is not a reason to stop verifying the rest.
+        """
         if len(items) > MAX_VERIFY_ITEMS:
             raise invalid("items", f"at most {MAX_VERIFY_ITEMS} items per message")
-        codes = [item.resident_code for item in items]
+        # Only codes of the right shape reach the store: an item may hold anything, even a NUL byte that
+        # PostgreSQL cannot take as text and would fail the whole message with.
+        codes = [code for item in items if len(code := item.resident_code) == 11 and code.isdigit()]
         rows = {row["resident_code"]: row for row in await self._pool.fetch(_FIELDS_BY_CODES, codes)}
-        # Codes found in the store are valid by construction; only the others need the check digit.
-        violations = [
-            v for i, code in enumerate(codes)
-            if code not in rows and (v := _code_violation(code, f"items[{i}].resident_code"))
-        ]
-        if violations:
-            raise invalid_many(violations[:100])
         encoder = RecordEncoder(call.fields)
         with_fields, without_fields = call.record_templates()
+        refusals: dict[Reason, bytes] = {}
+        refused = 0
         parts: list[bytes] = []
         provided: list[bytes] = []
-        for item in items:
+        for index, item in enumerate(items):
             code = item.resident_code
             row = rows.get(code)
-            result = _verify_one(item, row, encoder)
+            # Codes found in the store are valid by construction; only the others need the check digit.
+            if row is None and (defect := code_defect(code)):
+                reason, description = _CODE_DEFECTS[defect]
+                result = _invalid_result(item, defect, reason, description, offset + index)
+                if reason not in refusals:
+                    refusals[reason] = call.refusal(reason)
+                provided.append(refusals[reason])
+                refused += 1
+            else:
+                result = _verify_one(item, row, encoder)
+                # Every item is logged; a code the store does not know was asked about but got no fields.
+                provided.append((with_fields if row is not None else without_fields) + code_field(code))
             parts.append(b"\x0a" + encode_varint(len(result)) + result)
-            # Every item is logged; a code the store does not know was asked about but got no fields.
-            provided.append((with_fields if row is not None else without_fields) + code_field(code))
+        if refused:
+            log.info("VerifyBatch from %s: %d of %d items refused as malformed", call.peer.spiffe_id, refused,
+                     len(items))
         await self._provisions.record(provided)
         return b"".join(parts)
 
@@ -506,6 +577,22 @@ def _address_matches(row: Mapping[str, Any], key: str) -> bool:
     street = row["street"]
     forms = (street, row["municipality"] + street, row["prefecture"] + row["municipality"] + street)
     return any(address_key(form) == key for form in forms if form)
+
+
+def _invalid_result(item: lookup_pb2.VerifyItem, defect: int, reason: Reason, description: str,
+                    stream_index: int) -> bytes:
+    """The serialised VerifyResult of a malformed item: why it was not verified, and where it stands."""
+    return lookup_pb2.VerifyResult(
+        item_id=item.item_id,
+        status=lookup_pb2.VERIFY_STATUS_INVALID,
+        violation=lookup_pb2.ItemViolation(
+            field="resident_code",
+            reason=common_pb2.ErrorReason.Value(f"ERROR_REASON_{reason.name}"),
+            defect=defect,  # type: ignore[arg-type]
+            description=description,
+            stream_index=stream_index,
+        ),
+    ).SerializeToString()
 
 
 def _verify_one(item: lookup_pb2.VerifyItem, row: Mapping[str, Any] | None, encoder: RecordEncoder) -> bytes:

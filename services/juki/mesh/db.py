@@ -28,6 +28,28 @@ class MigrationError(Exception):
     """A migration could not be applied, or an applied one was changed afterwards."""
 
 
+# SQLSTATE classes and codes that mean "the database is not there right now", not "the request is wrong":
+# 08 connection exception, 57P01-57P03 admin/crash shutdown and cannot-connect-now (starting up or in WAL
+# recovery), 53300 too many connections.
+_OUTAGE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def is_connection_loss(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database (or the connection to it) is gone, so the call may be retried.
+
+    asyncpg reports a lost server in several ways, depending on when in a call it is noticed: a refused or
+    reset socket (``OSError``/``ConnectionError``), ``ConnectionDoesNotExistError`` and other
+    ``InterfaceError``s, ``InternalClientError`` ("cannot switch to state N; another operation is in
+    progress": the protocol was torn down in the middle of an operation), a server error of the classes
+    above, or a pool acquire that timed out.
+    """
+    if isinstance(exc, (OSError, ConnectionError, TimeoutError, asyncpg.exceptions.InterfaceError,
+                        asyncpg.exceptions.InternalClientError)):
+        return True
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(state, str) and state.startswith(_OUTAGE_SQLSTATES)
+
+
 async def _noop_reset(connection: asyncpg.Connection) -> None:
     # The default reset (RESET ALL, UNLISTEN, close cursors) costs a round trip per release. Services
     # never change session state, so a pooled connection is clean already; measured more than 2x on

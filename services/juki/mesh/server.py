@@ -29,15 +29,16 @@ from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from juki.mesh import metrics, telemetry
+from juki.mesh.db import is_connection_loss
 from juki.mesh.errors import ERROR_DOMAIN, JukiError, Reason, invalid
 from juki.mesh.pki import load_revoked_serials
+from juki.mesh.reflection import V1_SERVICE, V1ALPHA_SERVICE, register_v1_descriptor
 from juki.mesh.settings import ServiceSettings, TlsFiles
 from juki.mesh.tls import SERVER_OPTIONS, Peer, current_peer, peer_from_auth_context, server_credentials
 
 log = logging.getLogger(__name__)
 
 ANY_PEER: frozenset[str] = frozenset({"*"})
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ class MeshService(Protocol):
 
 # -- errors -> status ------------------------------------------------------------------------------
 
+# The delay a caller is told to wait (RetryInfo) before retrying a retryable error, and after an outage of
+# the database or another service: short, because the supervisor or Kubernetes restarts it within seconds.
+DEFAULT_RETRY_SECONDS = 1.0
+OUTAGE_RETRY_SECONDS = 0.5
+
+
 def status_for(error: JukiError) -> status_pb2.Status:
     """The ``google.rpc.Status`` of an error: ErrorInfo always, BadRequest and RetryInfo when they apply."""
     details: list[any_pb2.Any] = []
@@ -73,8 +80,11 @@ def status_for(error: JukiError) -> status_pb2.Status:
         packed = any_pb2.Any()
         packed.Pack(bad)
         details.append(packed)
-    if error.retry_after_seconds is not None:
-        seconds = max(error.retry_after_seconds, 0.0)
+    # Every retryable reason says so on the wire (RetryInfo), with the error's own delay or a default one.
+    delay = error.retry_after_seconds if error.retry_after_seconds is not None else (
+        DEFAULT_RETRY_SECONDS if error.retryable else None)
+    if delay is not None:
+        seconds = max(delay, 0.0)
         retry = error_details_pb2.RetryInfo(
             retry_delay=duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
         )
@@ -95,11 +105,9 @@ def _classify(exc: BaseException) -> JukiError:
     """Turn an unexpected exception into a catalogued one (dependency faults are retryable)."""
     if isinstance(exc, JukiError):
         return exc
-    name = type(exc).__module__ + "." + type(exc).__name__
-    if isinstance(exc, (ConnectionError, OSError, asyncio.TimeoutError)) or name.startswith(
-        ("asyncpg.exceptions.ConnectionDoesNotExist", "asyncpg.exceptions._base.InterfaceError")
-    ) or "CannotConnectNow" in name or "AdminShutdown" in name or "ConnectionFailure" in name:
-        return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a dependency failed: {type(exc).__name__}")
+    if is_connection_loss(exc):
+        return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a dependency failed: {type(exc).__name__}",
+                         retry_after_seconds=OUTAGE_RETRY_SECONDS)
     if getattr(exc, "sqlstate", None) in ("22021", "22P05"):
         # Text PostgreSQL cannot store (a NUL byte) that a handler passed on unchecked: the caller's input.
         return invalid("request", "a text field holds a character that cannot be stored (NUL)")
@@ -266,14 +274,14 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
             return result
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the client went away or its deadline passed
+            raise
         except Exception as exc:
             code = _classify(exc).code.name
             await mesh._fail(context, method, exc)
         finally:
-            if token is not None:
-                current_peer.reset(token)
-            telemetry.end_server_span(span, span_token, code)
-            mesh.metrics.record(method, code, (time.perf_counter() - started) * 1000)
+            _finish(span, span_token, token, method, code, started)
 
     async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         token = None
@@ -291,14 +299,30 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
                 await result
         except grpc.aio.AbortError:
             raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: the generator is cancelled in the call's task, or - when grpc was
+            # sending rather than iterating at that moment - abandoned and closed later by the loop.
+            code = "CANCELLED"
+            raise
         except Exception as exc:
             code = _classify(exc).code.name
             await mesh._fail(context, method, exc)
         finally:
-            if token is not None:
-                current_peer.reset(token)
+            _finish(span, span_token, token, method, code, started)
+
+    def _finish(span: Any, span_token: Any, token: Any, method: str, code: str, started: float) -> None:
+        """End the span and record the metrics first: they must happen whatever the peer reset does."""
+        try:
             telemetry.end_server_span(span, span_token, code)
             mesh.metrics.record(method, code, (time.perf_counter() - started) * 1000)
+        finally:
+            if token is not None:
+                try:
+                    current_peer.reset(token)
+                except ValueError:
+                    # An abandoned stream is closed by the event loop in a Context of its own, where
+                    # this token cannot be reset; the call's own Context dies with its task anyway.
+                    pass
 
     behavior = stream_behavior if streaming_response else unary_behavior
     factory = {
@@ -317,11 +341,17 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
 # -- serving ------------------------------------------------------------------------------------------
 
 def _add_reflection(server: grpc.aio.Server, names: Sequence[str]) -> None:
-    """Server reflection under both v1alpha (grpcurl) and v1 (newer clients); same wire messages."""
-    service_names = [*names, reflection.SERVICE_NAME, REFLECTION_V1, health.SERVICE_NAME]
+    """Server reflection under both v1alpha (older clients, grpcurl 1.8) and v1 (newer clients).
+
+    One servicer answers both: the two versions have the same wire messages (see ``mesh.reflection``),
+    so v1 requests are parsed and answered with the v1alpha classes; the v1 descriptor is registered so
+    that the v1 service can be described and resolved like any other.
+    """
+    register_v1_descriptor()
+    service_names = [*names, V1ALPHA_SERVICE, V1_SERVICE, health.SERVICE_NAME]
     servicer = reflection_aio.ReflectionServicer(service_names)
     reflection.enable_server_reflection(service_names, server)
-    handler = grpc.method_handlers_generic_handler(REFLECTION_V1, {
+    handler = grpc.method_handlers_generic_handler(V1_SERVICE, {
         "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
             servicer.ServerReflectionInfo,
             request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
@@ -341,8 +371,8 @@ def _full_access(bindings: Sequence[ServiceBinding]) -> dict[str, frozenset[str]
     for open_method in (
         f"/{health.SERVICE_NAME}/Check",
         f"/{health.SERVICE_NAME}/Watch",
-        f"/{reflection.SERVICE_NAME}/ServerReflectionInfo",
-        f"/{REFLECTION_V1}/ServerReflectionInfo",
+        f"/{V1ALPHA_SERVICE}/ServerReflectionInfo",
+        f"/{V1_SERVICE}/ServerReflectionInfo",
     ):
         table[open_method] = ANY_PEER
     return table
@@ -358,6 +388,7 @@ class RunningServer:
     names: list[str]
     health_server: grpc.aio.Server | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    interceptor: MeshInterceptor | None = None  # its ``metrics`` are what /metrics reports per RPC
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
@@ -398,7 +429,7 @@ async def start_server(
         await health_server.start()
     for name in [*names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, address, health_servicer, names, health_server)
+    return RunningServer(server, address, health_servicer, names, health_server, interceptor=mesh)
 
 
 async def serve(settings: ServiceSettings, service: MeshService, *, ready_file: Path | None = None) -> None:

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from juki.mesh import db, pki
-from juki.mesh.embedded import EmbeddedPostgres, start_embedded
+from juki.mesh.embedded import EmbeddedDatabaseError, EmbeddedPostgres, start_embedded
 from juki.mesh.errors import SettingsError
 from juki.mesh.settings import role_name
 
 log = logging.getLogger(__name__)
 
 ENDPOINTS_FILE = "endpoints.json"
+DATABASE_INSTANCE = "postgresql"  # the embedded database's name in restart counts
 # The local mesh's demo operator signs with its key and this password (checked against a salted hash).
 DEMO_OPERATOR_PASSWORD = "demo-password"
 
@@ -276,6 +277,8 @@ class Supervisor:
             self.echo(f"  {spec.instance:<24} {self.address(spec.instance)}  pid {self.processes[spec.instance].pid}")
         self.write_endpoints()
         self._watchers = [asyncio.create_task(self._watch(spec)) for spec in self.specs]
+        if self.embedded is not None:
+            self._watchers.append(asyncio.create_task(self._watch_database(self.embedded)))
 
     async def _watch(self, spec: ChildSpec) -> None:
         """Restart a child that dies while the mesh is up, as Kubernetes would."""
@@ -295,6 +298,60 @@ class Supervisor:
                 backoff = 0.2
             except RuntimeError as exc:
                 log.error("restart of %s failed: %s", spec.instance, exc)
+
+    async def _watch_database(self, embedded: EmbeddedPostgres, interval: float = 0.25) -> None:
+        """Start the embedded PostgreSQL again when it dies, as the services' own restarts do for them.
+
+        The postmaster's pid is checked every ``interval``. After a crash the helper cleans the stale pid
+        state and starts the server, which replays its WAL before it accepts connections; while the old
+        server's children still hold its shared memory the start fails and is tried again with a capped
+        backoff. Services reconnect by themselves (their pools replace broken connections).
+        """
+        down_since: float | None = None
+        attempts = 0
+        backoff = 0.2
+        while not self._stopping:
+            if embedded.running():
+                await asyncio.sleep(interval)
+                continue
+            if down_since is None:
+                down_since = time.monotonic()
+                attempts = 0
+                log.warning("embedded PostgreSQL is down; restarting it")
+                self.echo("embedded PostgreSQL is down; restarting it")
+            attempts += 1
+            try:
+                await asyncio.to_thread(embedded.ensure_running)
+            except EmbeddedDatabaseError as error:
+                if self._stopping:
+                    return
+                log.info("embedded PostgreSQL restart attempt %d failed: %s", attempts, str(error)[-300:])
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            self.restarts[DATABASE_INSTANCE] = self.restarts.get(DATABASE_INSTANCE, 0) + 1
+            took = time.monotonic() - down_since
+            log.warning("embedded PostgreSQL back after %.1f s with %d attempts", took, attempts)
+            self.echo(f"embedded PostgreSQL back after {took:.1f} s with {attempts} attempt(s)")
+            down_since, backoff = None, 0.2
+
+    async def kill_database(self, sig: int = signal.SIGKILL) -> int:
+        """Signal the embedded postmaster (chaos tests); the database watcher restarts it. Returns its pid."""
+        assert self.embedded is not None, "only the embedded database can be killed"
+        pid = self.embedded.pid()
+        assert pid is not None, "the embedded database is not running"
+        os.kill(pid, sig)
+        return pid
+
+    async def wait_database_restarted(self, old_pid: int, timeout: float = 60) -> None:
+        assert self.embedded is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = self.embedded.pid()
+            if pid is not None and pid != old_pid:
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"the embedded database was not restarted within {timeout} s")
 
     async def kill(self, instance: str, sig: int = signal.SIGKILL) -> int:
         """Send a signal to one child (chaos tests); the watcher restarts it. Returns the old pid."""

@@ -18,6 +18,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
+from juki.mesh.db import is_connection_loss
+from juki.mesh.outage import Outage
 from juki.mesh.settings import TlsFiles
 from juki.mesh.tls import secure_channel
 from juki.municipal.registry import Registry
@@ -55,6 +57,8 @@ class OutboxSender:
         # Held while a batch is in flight; a resync holds it too, so the prefecture never applies the same
         # change through both paths at once.
         self.lock = asyncio.Lock()
+        self._prefecture = Outage(f"prefecture intake {self._address}", log)
+        self._database = Outage("the municipal database", log)
 
     def start(self) -> None:
         if self._address and self._task is None:
@@ -90,19 +94,24 @@ class OutboxSender:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                self._prefecture.succeeded()
+                self._database.succeeded()
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as error:
-                reason = error_reason(error)
-                log.info("outbox send failed: %s", reason)
+                self._prefecture.failed(f"{error.code().name} {error_reason(error)}")
                 self._synced = False
                 await self._safe_set_connected(False)
                 await asyncio.sleep(RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)])
                 failures += 1
-            except Exception:
-                log.exception("outbox sender fault")
+            except Exception as error:
+                if is_connection_loss(error):
+                    self._database.failed(error)  # logged once per outage, not per attempt
+                else:
+                    log.exception("outbox sender fault")
                 self._synced = False
-                await asyncio.sleep(RETRY_SECONDS[-1])
+                await asyncio.sleep(RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)])
+                failures += 1
 
     async def _safe_set_connected(self, connected: bool) -> None:
         with contextlib.suppress(Exception):

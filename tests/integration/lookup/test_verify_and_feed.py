@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import random
 
 import grpc
 import pytest
+from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2
 from juki.domain.policy import Policy
@@ -16,7 +18,7 @@ from juki.mesh.operator import sign_with_files
 
 from tests.conftest import running
 from tests.integration.lookup.conftest import Mesh, add_change, add_resident, fresh_code
-from tests.integration.lookup.test_lookup import PENSION, details
+from tests.integration.lookup.test_lookup import PASSPORT, PENSION, details
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="session")]
 
@@ -68,14 +70,86 @@ async def test_verify_batch_answers_every_status_in_order_and_logs_every_item(me
     assert list(not_found.record.fields) == []
 
 
-async def test_verify_batch_refuses_a_bad_code_naming_the_item(mesh: Mesh) -> None:
+def _with_wrong_check_digit(code: str) -> str:
+    return code[:10] + str((int(code[10]) + 1) % 10)
+
+
+async def _refused_in_trace(mesh: Mesh, trace_id: str) -> list[accesslog_pb2.ProvisionRecord]:
+    """REFUSED records of one trace, read as the administrator (they name no resident to list them by)."""
+    conn = await mesh.database.admin()
+    try:
+        rows = await conn.fetch("SELECT payload FROM accesslog.records WHERE outcome = $1 ORDER BY sequence",
+                                accesslog_pb2.PROVISION_OUTCOME_REFUSED)
+    finally:
+        await conn.close()
+    records = [accesslog_pb2.ProvisionRecord.FromString(bytes(row["payload"])) for row in rows]
+    return [record for record in records if record.trace_id == trace_id]
+
+
+async def test_verify_batch_answers_bad_items_with_their_reason_and_goes_on(mesh: Mesh) -> None:
+    first_good = await add_resident(mesh.database)
+    second_good = await add_resident(mesh.database, status=2, last_change_kind=6)
+    missing = fresh_code()
+    bad = {
+        3: (_with_wrong_check_digit(fresh_code()), lookup_pb2.RESIDENT_CODE_DEFECT_CHECK_DIGIT,
+            common_pb2.ERROR_REASON_CHECK_DIGIT_MISMATCH),
+        4: ("1234567890", lookup_pb2.RESIDENT_CODE_DEFECT_LENGTH, common_pb2.ERROR_REASON_INVALID_FIELD),
+        5: ("１２３４５６７８９０１", lookup_pb2.RESIDENT_CODE_DEFECT_CHARACTERS, common_pb2.ERROR_REASON_INVALID_FIELD),
+        7: ("", lookup_pb2.RESIDENT_CODE_DEFECT_MISSING, common_pb2.ERROR_REASON_INVALID_FIELD),
+        8: ("123\x004567890", lookup_pb2.RESIDENT_CODE_DEFECT_CHARACTERS, common_pb2.ERROR_REASON_INVALID_FIELD),
+    }
+    codes = {1: first_good, 2: second_good, 6: missing, **{item_id: entry[0] for item_id, entry in bad.items()}}
+    items = [lookup_pb2.VerifyItem(item_id=item_id, resident_code=codes[item_id]) for item_id in sorted(codes)]
+    trace_id = f"{random.getrandbits(128):032x}"
+    metadata = (("traceparent", f"00-{trace_id}-{random.getrandbits(64):016x}-01"),)
     stub = mesh.lookup_as("agency", "jps")
-    items = [lookup_pb2.VerifyItem(item_id=1, resident_code=fresh_code()),
-             lookup_pb2.VerifyItem(item_id=2, resident_code="24727059609")]
+    # Three messages of three items: the bad items sit at the end of one message, at the start of the
+    # next and alone, so that none of them can end the stream or take its neighbours with it.
+    call = stub.VerifyBatch(iter([
+        lookup_pb2.VerifyBatchRequest(purpose=PENSION, items=items[:3]),
+        lookup_pb2.VerifyBatchRequest(items=items[3:6]),
+        lookup_pb2.VerifyBatchRequest(items=items[6:]),
+    ]), metadata=metadata)
+    results = [result async for response in call for result in response.results]
+    assert await call.code() == grpc.StatusCode.OK
+    assert [r.item_id for r in results] == [1, 2, 3, 4, 5, 6, 7, 8]
+    by_id = {r.item_id: r for r in results}
+    assert by_id[1].status == lookup_pb2.VERIFY_STATUS_CURRENT and by_id[1].record.resident_code == first_good
+    assert by_id[2].status == lookup_pb2.VERIFY_STATUS_DECEASED
+    assert by_id[6].status == lookup_pb2.VERIFY_STATUS_NOT_FOUND
+    for item_id, (_, defect, reason) in bad.items():
+        result = by_id[item_id]
+        assert result.status == lookup_pb2.VERIFY_STATUS_INVALID, item_id
+        assert not result.HasField("record")
+        violation = result.violation
+        assert (violation.field, violation.defect, violation.reason) == ("resident_code", defect, reason)
+        assert violation.description
+        # The position counts every earlier message's items, not only this message's.
+        assert violation.stream_index == item_id - 1
+    # The good items were provided and logged as usual; every bad one left a REFUSED record, in this trace.
+    for code in (first_good, second_good):
+        (entry,) = await mesh.provisions(code)
+        assert entry.record.outcome == accesslog_pb2.PROVISION_OUTCOME_PROVIDED
+    refused = await _refused_in_trace(mesh, trace_id)
+    assert sorted(r.refusal_reason for r in refused) == sorted(reason for _, _, reason in bad.values())
+    for record in refused:
+        assert record.query_mode == common_pb2.QUERY_MODE_BATCH_VERIFY
+        assert (record.recipient, record.purpose) == ("spiffe://juki.local/agency/jps", PENSION)
+        assert record.resident_code == "" and list(record.fields) == []
+
+
+async def test_a_fault_of_the_stream_itself_still_ends_it_naming_the_field(mesh: Mesh) -> None:
+    stub = mesh.lookup_as("agency", "jps")
+    call = stub.VerifyBatch(iter([
+        lookup_pb2.VerifyBatchRequest(purpose=PENSION, items=[lookup_pb2.VerifyItem(item_id=1,
+                                                                                    resident_code=fresh_code())]),
+        lookup_pb2.VerifyBatchRequest(purpose=PASSPORT, items=[]),
+    ]))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await stub.VerifyBatch(iter([lookup_pb2.VerifyBatchRequest(purpose=PENSION, items=items)])).read()
+        async for _ in call:
+            pass
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert details(refused.value)[1] == ["items[1].resident_code"]
+    assert details(refused.value)[1] == ["purpose"]
 
 
 async def test_change_feed_lists_watched_changes_after_a_resumable_cursor(mesh: Mesh) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,9 +23,29 @@ import sys, time
 from pathlib import Path
 from juki.mesh.embedded import start_embedded
 pg = start_embedded(Path(sys.argv[1]))
-print(pg.handle.get_pid(), flush=True)
+print(pg.pid(), flush=True)
 time.sleep(600)
 """
+
+
+def _wait_gone(pid: int) -> None:
+    for _ in range(200):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+def _select_one(url: str) -> int:
+    async def query() -> int:
+        conn = await asyncpg.connect(url)
+        try:
+            return int(await conn.fetchval("SELECT 1"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(query())
 
 
 @pytest.mark.slow
@@ -37,25 +58,86 @@ def test_killed_owner_and_killed_server_are_recovered_from() -> None:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
         owner.stdout.close()
-        handles = json.loads((data / "pg" / ".handle_pids.json").read_text())
-        assert owner.pid in handles  # the dead owner is still listed: pgserver would never stop the server
+        assert owner.pid in json.loads((data / "pg.owners.json").read_text())  # listed, though dead now
         # Kill the server too, leaving a stale postmaster.pid behind.
         os.kill(postmaster_pid, signal.SIGKILL)
-        for _ in range(100):
-            try:
-                os.kill(postmaster_pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
+        _wait_gone(postmaster_pid)
         assert (data / "pg" / "postmaster.pid").exists()
         pg = start_embedded(data)
         try:
-            assert pg.handle.get_pid() != postmaster_pid
-            assert owner.pid not in json.loads((data / "pg" / ".handle_pids.json").read_text())
-            assert "(1 row)" in pg.handle.psql("SELECT 1;")
+            assert pg.pid() not in (None, postmaster_pid)
+            assert json.loads((data / "pg.owners.json").read_text()) == [os.getpid()]  # the dead owner is gone
+            assert _select_one(pg.admin_url) == 1
         finally:
             pg.stop()
         assert not (data / "pg" / "postmaster.pid").exists()  # the last owner stopped the server
+
+
+@pytest.mark.slow
+def test_a_joining_process_does_not_stop_the_server_of_another() -> None:
+    with tempfile.TemporaryDirectory(prefix="juki-join-") as tmp:
+        data = Path(tmp)
+        owner = subprocess.Popen([sys.executable, "-c", OWNER, str(data)], stdout=subprocess.PIPE, text=True)
+        assert owner.stdout is not None
+        try:
+            postmaster_pid = int(owner.stdout.readline())
+            joined = start_embedded(data)
+            joined.stop()  # as `juki migrate` does against a running mesh
+            assert joined.pid() == postmaster_pid
+            assert _select_one(joined.admin_url) == 1
+        finally:
+            owner.kill()
+            owner.wait()
+            owner.stdout.close()
+        last = start_embedded(data)
+        last.stop()
+        _wait_gone(postmaster_pid)
+        assert last.pid() is None
+
+
+GRPC_THEN_START = """
+import asyncio, sys, threading
+from pathlib import Path
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from juki.mesh.embedded import start_embedded
+
+async def main():
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    stop = asyncio.Event()
+
+    async def hammer():  # other threads keep calling into gRPC while the database starts
+        while not stop.is_set():
+            await stub.Check(health_pb2.HealthCheckRequest())
+
+    load = [asyncio.create_task(hammer()) for _ in range(8)]
+    pg = await asyncio.to_thread(start_embedded, Path(sys.argv[1]))
+    await asyncio.to_thread(pg.restart, "immediate")
+    stop.set()
+    await asyncio.gather(*load)
+    print(threading.active_count(), pg.pid(), flush=True)
+    await asyncio.to_thread(pg.stop)
+    await channel.close()
+    await server.stop(0)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_the_server_starts_from_a_process_busy_in_grpc() -> None:
+    """The database is started and restarted while gRPC threads are busy in the caller (fork safety)."""
+    with tempfile.TemporaryDirectory(prefix="juki-fork-") as tmp:
+        result = subprocess.run([sys.executable, "-c", GRPC_THEN_START, tmp], capture_output=True, text=True,
+                                timeout=240, env={**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "true"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        threads, pid = result.stdout.split()
+        assert int(threads) > 1 and int(pid) > 0
 
 
 def test_recover_ignores_live_owners(tmp_path: Path) -> None:

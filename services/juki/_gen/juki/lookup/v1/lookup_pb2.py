@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 from juki._gen.juki.common.v1 import common_pb2 as juki_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjuki/lookup/v1/lookup.proto\x12\x0ejuki.lookup.v1\x1a\x1bjuki/common/v1/common.proto\"\xa5\x01\n\x13LookupByCodeRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x15\n\rresident_code\x18\x02 \x01(\t\x12/\n\x10requested_fields\x18\x03 \x03(\x0e\x32\x15.juki.common.v1.Field\x12\x35\n\x0eoperator_proof\x18\x04 \x01(\x0b\x32\x1d.juki.common.v1.OperatorProof\"v\n\x14LookupByCodeResponse\x12.\n\x06record\x18\x01 \x01(\x0b\x32\x1e.juki.common.v1.IdentityRecord\x12.\n\x0fprovided_fields\x18\x02 \x03(\x0e\x32\x15.juki.common.v1.Field\"\xfe\x01\n\x18SearchByFourItemsRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\nbirth_date\x18\x03 \x01(\x0b\x32\x14.juki.common.v1.Date\x12 \n\x03sex\x18\x04 \x01(\x0e\x32\x13.juki.common.v1.Sex\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12/\n\x10requested_fields\x18\x06 \x03(\x0e\x32\x15.juki.common.v1.Field\x12\x35\n\x0eoperator_proof\x18\x07 \x01(\x0b\x32\x1d.juki.common.v1.OperatorProof\"\x7f\n\x19SearchByFourItemsResponse\x12\x32\n\ncandidates\x18\x01 \x03(\x0b\x32\x1e.juki.common.v1.IdentityRecord\x12.\n\x0fprovided_fields\x18\x02 \x03(\x0e\x32\x15.juki.common.v1.Field\"\x9a\x01\n\nVerifyItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\x15\n\rresident_code\x18\x02 \x01(\t\x12\x31\n\rexpected_name\x18\x03 \x01(\x0b\x32\x1a.juki.common.v1.PersonName\x12\x31\n\x13\x65xpected_birth_date\x18\x04 \x01(\x0b\x32\x14.juki.common.v1.Date\"\xb8\x01\n\x12VerifyBatchRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12)\n\x05items\x18\x02 \x03(\x0b\x32\x1a.juki.lookup.v1.VerifyItem\x12/\n\x10requested_fields\x18\x03 \x03(\x0e\x32\x15.juki.common.v1.Field\x12\x35\n\x0eoperator_proof\x18\x04 \x01(\x0b\x32\x1d.juki.common.v1.OperatorProof\"\xa2\x02\n\x0cVerifyResult\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.juki.lookup.v1.VerifyStatus\x12.\n\x06record\x18\x03 \x01(\x0b\x32\x1e.juki.common.v1.IdentityRecord\x12(\n\ndeath_date\x18\x04 \x01(\x0b\x32\x14.juki.common.v1.Date\x12,\n\x0bnew_address\x18\x05 \x01(\x0b\x32\x17.juki.common.v1.Address\x12\x19\n\x11new_resident_code\x18\x06 \x01(\t\x12\x30\n\x11mismatched_fields\x18\x07 \x03(\x0e\x32\x15.juki.common.v1.Field\"D\n\x13VerifyBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.juki.lookup.v1.VerifyResult\"v\n\x14RegisterWatchRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x16\n\x0eresident_codes\x18\x02 \x03(\t\x12\x35\n\x0eoperator_proof\x18\x03 \x01(\x0b\x32\x1d.juki.common.v1.OperatorProof\"H\n\x15RegisterWatchResponse\x12\x18\n\x10registered_count\x18\x01 \x01(\x04\x12\x15\n\rwatched_count\x18\x02 \x01(\x04\"\xeb\x01\n\x0b\x43hangeEvent\x12\x15\n\rresident_code\x18\x01 \x01(\t\x12/\n\x0b\x63hange_kind\x18\x02 \x01(\x0e\x32\x1a.juki.common.v1.ChangeKind\x12)\n\x0boccurred_on\x18\x03 \x01(\x0b\x32\x14.juki.common.v1.Date\x12.\n\x06record\x18\x04 \x01(\x0b\x32\x1e.juki.common.v1.IdentityRecord\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\t\x12)\n\x0bnotified_on\x18\x06 \x01(\x0b\x32\x14.juki.common.v1.Date\"\x81\x01\n\x12ListChangesRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x13\n\x0bmax_changes\x18\x03 \x01(\x05\x12\x35\n\x0eoperator_proof\x18\x04 \x01(\x0b\x32\x1d.juki.common.v1.OperatorProof\"X\n\x13ListChangesResponse\x12,\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1b.juki.lookup.v1.ChangeEvent\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"n\n\x14StreamChangesRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x35\n\x0eoperator_proof\x18\x03 \x01(\x0b\x32\x1d.juki.common.v1.OperatorProof\"Z\n\x15StreamChangesResponse\x12,\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1b.juki.lookup.v1.ChangeEvent\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\x15\n\x13ListPurposesRequest\"\x99\x01\n\x0cPurposeGrant\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0blegal_basis\x18\x03 \x01(\t\x12.\n\x0bquery_modes\x18\x04 \x03(\x0e\x32\x19.juki.common.v1.QueryMode\x12%\n\x06\x66ields\x18\x05 \x03(\x0e\x32\x15.juki.common.v1.Field\"o\n\x14ListPurposesResponse\x12\x11\n\trecipient\x18\x01 \x01(\t\x12\x16\n\x0erecipient_name\x18\x02 \x01(\t\x12,\n\x06grants\x18\x03 \x03(\x0b\x32\x1c.juki.lookup.v1.PurposeGrant*\xd6\x01\n\x0cVerifyStatus\x12\x1d\n\x19VERIFY_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15VERIFY_STATUS_CURRENT\x10\x01\x12\x1a\n\x16VERIFY_STATUS_DECEASED\x10\x02\x12\x17\n\x13VERIFY_STATUS_MOVED\x10\x03\x12\x1e\n\x1aVERIFY_STATUS_CODE_CHANGED\x10\x04\x12\x1b\n\x17VERIFY_STATUS_NOT_FOUND\x10\x05\x12\x1a\n\x16VERIFY_STATUS_MISMATCH\x10\x06\x32\xa1\x05\n\rLookupService\x12Y\n\x0cLookupByCode\x12#.juki.lookup.v1.LookupByCodeRequest\x1a$.juki.lookup.v1.LookupByCodeResponse\x12h\n\x11SearchByFourItems\x12(.juki.lookup.v1.SearchByFourItemsRequest\x1a).juki.lookup.v1.SearchByFourItemsResponse\x12Z\n\x0bVerifyBatch\x12\".juki.lookup.v1.VerifyBatchRequest\x1a#.juki.lookup.v1.VerifyBatchResponse(\x01\x30\x01\x12\\\n\rRegisterWatch\x12$.juki.lookup.v1.RegisterWatchRequest\x1a%.juki.lookup.v1.RegisterWatchResponse\x12V\n\x0bListChanges\x12\".juki.lookup.v1.ListChangesRequest\x1a#.juki.lookup.v1.ListChangesResponse\x12^\n\rStreamChanges\x12$.juki.lookup.v1.StreamChangesRequest\x1a%.juki.lookup.v1.StreamChangesResponse0\x01\x12Y\n\x0cListPurposes\x12#.juki.lookup.v1.ListPurposesRequest\x1a$.juki.lookup.v1.ListPurposesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bjuki/lookup/v1/lookup.proto\x12\x0ejuki.lookup.v1\x1a\x1bjuki/common/v1/common.proto\"\xa5\x01\n\x13LookupByCodeRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x15\n\rresident_code\x18\x02 \x01(\t\x12/\n\x10requested_fields\x18\x03 \x03(\x0e\x32\x15.juki.common.v1.Field\x12\x35\n\x0eoperator_proof\x18\x04 \x01(\x0b\x32\x1d.juki.common.v1.OperatorProof\"v\n\x14LookupByCodeResponse\x12.\n\x06record\x18\x01 \x01(\x0b\x32\x1e.juki.common.v1.IdentityRecord\x12.\n\x0fprovided_fields\x18\x02 \x03(\x0e\x32\x15.juki.common.v1.Field\"\xfe\x01\n\x18SearchByFourItemsRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\nbirth_date\x18\x03 \x01(\x0b\x32\x14.juki.common.v1.Date\x12 \n\x03sex\x18\x04 \x01(\x0e\x32\x13.juki.common.v1.Sex\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12/\n\x10requested_fields\x18\x06 \x03(\x0e\x32\x15.juki.common.v1.Field\x12\x35\n\x0eoperator_proof\x18\x07 \x01(\x0b\x32\x1d.juki.common.v1.OperatorProof\"\x7f\n\x19SearchByFourItemsResponse\x12\x32\n\ncandidates\x18\x01 \x03(\x0b\x32\x1e.juki.common.v1.IdentityRecord\x12.\n\x0fprovided_fields\x18\x02 \x03(\x0e\x32\x15.juki.common.v1.Field\"\x9a\x01\n\nVerifyItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12\x15\n\rresident_code\x18\x02 \x01(\t\x12\x31\n\rexpected_name\x18\x03 \x01(\x0b\x32\x1a.juki.common.v1.PersonName\x12\x31\n\x13\x65xpected_birth_date\x18\x04 \x01(\x0b\x32\x14.juki.common.v1.Date\"\xb8\x01\n\x12VerifyBatchRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12)\n\x05items\x18\x02 \x03(\x0b\x32\x1a.juki.lookup.v1.VerifyItem\x12/\n\x10requested_fields\x18\x03 \x03(\x0e\x32\x15.juki.common.v1.Field\x12\x35\n\x0eoperator_proof\x18\x04 \x01(\x0b\x32\x1d.juki.common.v1.OperatorProof\"\xaa\x01\n\rItemViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12+\n\x06reason\x18\x02 \x01(\x0e\x32\x1b.juki.common.v1.ErrorReason\x12\x32\n\x06\x64\x65\x66\x65\x63t\x18\x03 \x01(\x0e\x32\".juki.lookup.v1.ResidentCodeDefect\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x0cstream_index\x18\x05 \x01(\x04\"\xd4\x02\n\x0cVerifyResult\x12\x0f\n\x07item_id\x18\x01 \x01(\x04\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.juki.lookup.v1.VerifyStatus\x12.\n\x06record\x18\x03 \x01(\x0b\x32\x1e.juki.common.v1.IdentityRecord\x12(\n\ndeath_date\x18\x04 \x01(\x0b\x32\x14.juki.common.v1.Date\x12,\n\x0bnew_address\x18\x05 \x01(\x0b\x32\x17.juki.common.v1.Address\x12\x19\n\x11new_resident_code\x18\x06 \x01(\t\x12\x30\n\x11mismatched_fields\x18\x07 \x03(\x0e\x32\x15.juki.common.v1.Field\x12\x30\n\tviolation\x18\x08 \x01(\x0b\x32\x1d.juki.lookup.v1.ItemViolation\"D\n\x13VerifyBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.juki.lookup.v1.VerifyResult\"v\n\x14RegisterWatchRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x16\n\x0eresident_codes\x18\x02 \x03(\t\x12\x35\n\x0eoperator_proof\x18\x03 \x01(\x0b\x32\x1d.juki.common.v1.OperatorProof\"H\n\x15RegisterWatchResponse\x12\x18\n\x10registered_count\x18\x01 \x01(\x04\x12\x15\n\rwatched_count\x18\x02 \x01(\x04\"\xeb\x01\n\x0b\x43hangeEvent\x12\x15\n\rresident_code\x18\x01 \x01(\t\x12/\n\x0b\x63hange_kind\x18\x02 \x01(\x0e\x32\x1a.juki.common.v1.ChangeKind\x12)\n\x0boccurred_on\x18\x03 \x01(\x0b\x32\x14.juki.common.v1.Date\x12.\n\x06record\x18\x04 \x01(\x0b\x32\x1e.juki.common.v1.IdentityRecord\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\t\x12)\n\x0bnotified_on\x18\x06 \x01(\x0b\x32\x14.juki.common.v1.Date\"\x81\x01\n\x12ListChangesRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x13\n\x0bmax_changes\x18\x03 \x01(\x05\x12\x35\n\x0eoperator_proof\x18\x04 \x01(\x0b\x32\x1d.juki.common.v1.OperatorProof\"X\n\x13ListChangesResponse\x12,\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1b.juki.lookup.v1.ChangeEvent\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"n\n\x14StreamChangesRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x35\n\x0eoperator_proof\x18\x03 \x01(\x0b\x32\x1d.juki.common.v1.OperatorProof\"Z\n\x15StreamChangesResponse\x12,\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1b.juki.lookup.v1.ChangeEvent\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\x15\n\x13ListPurposesRequest\"\x99\x01\n\x0cPurposeGrant\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0blegal_basis\x18\x03 \x01(\t\x12.\n\x0bquery_modes\x18\x04 \x03(\x0e\x32\x19.juki.common.v1.QueryMode\x12%\n\x06\x66ields\x18\x05 \x03(\x0e\x32\x15.juki.common.v1.Field\"o\n\x14ListPurposesResponse\x12\x11\n\trecipient\x18\x01 \x01(\t\x12\x16\n\x0erecipient_name\x18\x02 \x01(\t\x12,\n\x06grants\x18\x03 \x03(\x0b\x32\x1c.juki.lookup.v1.PurposeGrant*\xf1\x01\n\x0cVerifyStatus\x12\x1d\n\x19VERIFY_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15VERIFY_STATUS_CURRENT\x10\x01\x12\x1a\n\x16VERIFY_STATUS_DECEASED\x10\x02\x12\x17\n\x13VERIFY_STATUS_MOVED\x10\x03\x12\x1e\n\x1aVERIFY_STATUS_CODE_CHANGED\x10\x04\x12\x1b\n\x17VERIFY_STATUS_NOT_FOUND\x10\x05\x12\x1a\n\x16VERIFY_STATUS_MISMATCH\x10\x06\x12\x19\n\x15VERIFY_STATUS_INVALID\x10\x07*\xc8\x01\n\x12ResidentCodeDefect\x12$\n RESIDENT_CODE_DEFECT_UNSPECIFIED\x10\x00\x12 \n\x1cRESIDENT_CODE_DEFECT_MISSING\x10\x01\x12#\n\x1fRESIDENT_CODE_DEFECT_CHARACTERS\x10\x02\x12\x1f\n\x1bRESIDENT_CODE_DEFECT_LENGTH\x10\x03\x12$\n RESIDENT_CODE_DEFECT_CHECK_DIGIT\x10\x04\x32\xa1\x05\n\rLookupService\x12Y\n\x0cLookupByCode\x12#.juki.lookup.v1.LookupByCodeRequest\x1a$.juki.lookup.v1.LookupByCodeResponse\x12h\n\x11SearchByFourItems\x12(.juki.lookup.v1.SearchByFourItemsRequest\x1a).juki.lookup.v1.SearchByFourItemsResponse\x12Z\n\x0bVerifyBatch\x12\".juki.lookup.v1.VerifyBatchRequest\x1a#.juki.lookup.v1.VerifyBatchResponse(\x01\x30\x01\x12\\\n\rRegisterWatch\x12$.juki.lookup.v1.RegisterWatchRequest\x1a%.juki.lookup.v1.RegisterWatchResponse\x12V\n\x0bListChanges\x12\".juki.lookup.v1.ListChangesRequest\x1a#.juki.lookup.v1.ListChangesResponse\x12^\n\rStreamChanges\x12$.juki.lookup.v1.StreamChangesRequest\x1a%.juki.lookup.v1.StreamChangesResponse0\x01\x12Y\n\x0cListPurposes\x12#.juki.lookup.v1.ListPurposesRequest\x1a$.juki.lookup.v1.ListPurposesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'juki._gen.juki.lookup.v1.lookup_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERIFYSTATUS']._serialized_start=2608
-  _globals['_VERIFYSTATUS']._serialized_end=2822
+  _globals['_VERIFYSTATUS']._serialized_start=2831
+  _globals['_VERIFYSTATUS']._serialized_end=3072
+  _globals['_RESIDENTCODEDEFECT']._serialized_start=3075
+  _globals['_RESIDENTCODEDEFECT']._serialized_end=3275
   _globals['_LOOKUPBYCODEREQUEST']._serialized_start=77
   _globals['_LOOKUPBYCODEREQUEST']._serialized_end=242
   _globals['_LOOKUPBYCODERESPONSE']._serialized_start=244
@@ -46,30 +48,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERIFYITEM']._serialized_end=905
   _globals['_VERIFYBATCHREQUEST']._serialized_start=908
   _globals['_VERIFYBATCHREQUEST']._serialized_end=1092
-  _globals['_VERIFYRESULT']._serialized_start=1095
-  _globals['_VERIFYRESULT']._serialized_end=1385
-  _globals['_VERIFYBATCHRESPONSE']._serialized_start=1387
-  _globals['_VERIFYBATCHRESPONSE']._serialized_end=1455
-  _globals['_REGISTERWATCHREQUEST']._serialized_start=1457
-  _globals['_REGISTERWATCHREQUEST']._serialized_end=1575
-  _globals['_REGISTERWATCHRESPONSE']._serialized_start=1577
-  _globals['_REGISTERWATCHRESPONSE']._serialized_end=1649
-  _globals['_CHANGEEVENT']._serialized_start=1652
-  _globals['_CHANGEEVENT']._serialized_end=1887
-  _globals['_LISTCHANGESREQUEST']._serialized_start=1890
-  _globals['_LISTCHANGESREQUEST']._serialized_end=2019
-  _globals['_LISTCHANGESRESPONSE']._serialized_start=2021
-  _globals['_LISTCHANGESRESPONSE']._serialized_end=2109
-  _globals['_STREAMCHANGESREQUEST']._serialized_start=2111
-  _globals['_STREAMCHANGESREQUEST']._serialized_end=2221
-  _globals['_STREAMCHANGESRESPONSE']._serialized_start=2223
-  _globals['_STREAMCHANGESRESPONSE']._serialized_end=2313
-  _globals['_LISTPURPOSESREQUEST']._serialized_start=2315
-  _globals['_LISTPURPOSESREQUEST']._serialized_end=2336
-  _globals['_PURPOSEGRANT']._serialized_start=2339
-  _globals['_PURPOSEGRANT']._serialized_end=2492
-  _globals['_LISTPURPOSESRESPONSE']._serialized_start=2494
-  _globals['_LISTPURPOSESRESPONSE']._serialized_end=2605
-  _globals['_LOOKUPSERVICE']._serialized_start=2825
-  _globals['_LOOKUPSERVICE']._serialized_end=3498
+  _globals['_ITEMVIOLATION']._serialized_start=1095
+  _globals['_ITEMVIOLATION']._serialized_end=1265
+  _globals['_VERIFYRESULT']._serialized_start=1268
+  _globals['_VERIFYRESULT']._serialized_end=1608
+  _globals['_VERIFYBATCHRESPONSE']._serialized_start=1610
+  _globals['_VERIFYBATCHRESPONSE']._serialized_end=1678
+  _globals['_REGISTERWATCHREQUEST']._serialized_start=1680
+  _globals['_REGISTERWATCHREQUEST']._serialized_end=1798
+  _globals['_REGISTERWATCHRESPONSE']._serialized_start=1800
+  _globals['_REGISTERWATCHRESPONSE']._serialized_end=1872
+  _globals['_CHANGEEVENT']._serialized_start=1875
+  _globals['_CHANGEEVENT']._serialized_end=2110
+  _globals['_LISTCHANGESREQUEST']._serialized_start=2113
+  _globals['_LISTCHANGESREQUEST']._serialized_end=2242
+  _globals['_LISTCHANGESRESPONSE']._serialized_start=2244
+  _globals['_LISTCHANGESRESPONSE']._serialized_end=2332
+  _globals['_STREAMCHANGESREQUEST']._serialized_start=2334
+  _globals['_STREAMCHANGESREQUEST']._serialized_end=2444
+  _globals['_STREAMCHANGESRESPONSE']._serialized_start=2446
+  _globals['_STREAMCHANGESRESPONSE']._serialized_end=2536
+  _globals['_LISTPURPOSESREQUEST']._serialized_start=2538
+  _globals['_LISTPURPOSESREQUEST']._serialized_end=2559
+  _globals['_PURPOSEGRANT']._serialized_start=2562
+  _globals['_PURPOSEGRANT']._serialized_end=2715
+  _globals['_LISTPURPOSESRESPONSE']._serialized_start=2717
+  _globals['_LISTPURPOSESRESPONSE']._serialized_end=2828
+  _globals['_LOOKUPSERVICE']._serialized_start=3278
+  _globals['_LOOKUPSERVICE']._serialized_end=3951
 # @@protoc_insertion_point(module_scope)

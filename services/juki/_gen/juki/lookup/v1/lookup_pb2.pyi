@@ -44,6 +44,10 @@ class _VerifyStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VerifySt
     """No resident has this code."""
     VERIFY_STATUS_MISMATCH: _VerifyStatus.ValueType  # 6
     """The resident exists but the expected name or birth date differ; see mismatched_fields."""
+    VERIFY_STATUS_INVALID: _VerifyStatus.ValueType  # 7
+    """The item was not verified because it is malformed; see violation. Nothing was looked up or
+    provided, and the attempt is logged as refused.
+    """
 
 class VerifyStatus(_VerifyStatus, metaclass=_VerifyStatusEnumTypeWrapper):
     """Result status of one verified resident."""
@@ -62,7 +66,43 @@ VERIFY_STATUS_NOT_FOUND: VerifyStatus.ValueType  # 5
 """No resident has this code."""
 VERIFY_STATUS_MISMATCH: VerifyStatus.ValueType  # 6
 """The resident exists but the expected name or birth date differ; see mismatched_fields."""
+VERIFY_STATUS_INVALID: VerifyStatus.ValueType  # 7
+"""The item was not verified because it is malformed; see violation. Nothing was looked up or
+provided, and the attempt is logged as refused.
+"""
 Global___VerifyStatus: _TypeAlias = VerifyStatus  # noqa: Y015
+
+class _ResidentCodeDefect:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResidentCodeDefectEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResidentCodeDefect.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESIDENT_CODE_DEFECT_UNSPECIFIED: _ResidentCodeDefect.ValueType  # 0
+    """Not set."""
+    RESIDENT_CODE_DEFECT_MISSING: _ResidentCodeDefect.ValueType  # 1
+    """The code is empty."""
+    RESIDENT_CODE_DEFECT_CHARACTERS: _ResidentCodeDefect.ValueType  # 2
+    """The code holds characters other than the ASCII digits 0-9 (full-width digits, letters, spaces...)."""
+    RESIDENT_CODE_DEFECT_LENGTH: _ResidentCodeDefect.ValueType  # 3
+    """The code has digits only, but not 11 of them."""
+    RESIDENT_CODE_DEFECT_CHECK_DIGIT: _ResidentCodeDefect.ValueType  # 4
+    """The code has 11 digits but its last digit is not the check digit of the first ten (a typing error)."""
+
+class ResidentCodeDefect(_ResidentCodeDefect, metaclass=_ResidentCodeDefectEnumTypeWrapper):
+    """What is wrong with a resident code (住民票コード) that could not be verified."""
+
+RESIDENT_CODE_DEFECT_UNSPECIFIED: ResidentCodeDefect.ValueType  # 0
+"""Not set."""
+RESIDENT_CODE_DEFECT_MISSING: ResidentCodeDefect.ValueType  # 1
+"""The code is empty."""
+RESIDENT_CODE_DEFECT_CHARACTERS: ResidentCodeDefect.ValueType  # 2
+"""The code holds characters other than the ASCII digits 0-9 (full-width digits, letters, spaces...)."""
+RESIDENT_CODE_DEFECT_LENGTH: ResidentCodeDefect.ValueType  # 3
+"""The code has digits only, but not 11 of them."""
+RESIDENT_CODE_DEFECT_CHECK_DIGIT: ResidentCodeDefect.ValueType  # 4
+"""The code has 11 digits but its last digit is not the check digit of the first ten (a typing error)."""
+Global___ResidentCodeDefect: _TypeAlias = ResidentCodeDefect  # noqa: Y015
 
 @_typing.final
 class LookupByCodeRequest(_message.Message):
@@ -295,6 +335,48 @@ class VerifyBatchRequest(_message.Message):
 Global___VerifyBatchRequest: _TypeAlias = VerifyBatchRequest  # noqa: Y015
 
 @_typing.final
+class ItemViolation(_message.Message):
+    """Why one item of a VerifyBatch stream was not verified (VERIFY_STATUS_INVALID)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DEFECT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    STREAM_INDEX_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """The offending field of the item, e.g. "resident_code"."""
+    reason: _common_pb2.ErrorReason.ValueType
+    """The catalogued reason, as a whole call would have been refused with it:
+    ERROR_REASON_CHECK_DIGIT_MISMATCH for a wrong check digit, ERROR_REASON_INVALID_FIELD otherwise.
+    """
+    defect: Global___ResidentCodeDefect.ValueType
+    """What is wrong with the resident code."""
+    description: _builtins.str
+    """A sentence for people, e.g. "the check digit does not match"."""
+    stream_index: _builtins.int
+    """Position of the item in the whole stream, from 0, counting the items of every earlier message
+    (so that a caller that sets no item_id can still find the item in its file).
+    """
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        reason: _common_pb2.ErrorReason.ValueType = ...,
+        defect: Global___ResidentCodeDefect.ValueType = ...,
+        description: _builtins.str = ...,
+        stream_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["defect", b"defect", "description", b"description", "field", b"field", "reason", b"reason", "stream_index", b"stream_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ItemViolation: _TypeAlias = ItemViolation  # noqa: Y015
+
+@_typing.final
 class VerifyResult(_message.Message):
     """Result of one verified resident."""
 
@@ -307,6 +389,7 @@ class VerifyResult(_message.Message):
     NEW_ADDRESS_FIELD_NUMBER: _builtins.int
     NEW_RESIDENT_CODE_FIELD_NUMBER: _builtins.int
     MISMATCHED_FIELDS_FIELD_NUMBER: _builtins.int
+    VIOLATION_FIELD_NUMBER: _builtins.int
     item_id: _builtins.int
     """The item_id of the verified item."""
     status: Global___VerifyStatus.ValueType
@@ -329,6 +412,10 @@ class VerifyResult(_message.Message):
     def mismatched_fields(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Field.ValueType]:
         """Expected items that differ; only for VERIFY_STATUS_MISMATCH."""
 
+    @_builtins.property
+    def violation(self) -> Global___ItemViolation:
+        """Why the item was not verified; only for VERIFY_STATUS_INVALID."""
+
     def __init__(
         self,
         *,
@@ -339,10 +426,11 @@ class VerifyResult(_message.Message):
         new_address: _common_pb2.Address | None = ...,
         new_resident_code: _builtins.str = ...,
         mismatched_fields: _abc.Iterable[_common_pb2.Field.ValueType] | None = ...,
+        violation: Global___ItemViolation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["death_date", b"death_date", "new_address", b"new_address", "record", b"record"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["death_date", b"death_date", "new_address", b"new_address", "record", b"record", "violation", b"violation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["death_date", b"death_date", "item_id", b"item_id", "mismatched_fields", b"mismatched_fields", "new_address", b"new_address", "new_resident_code", b"new_resident_code", "record", b"record", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["death_date", b"death_date", "item_id", b"item_id", "mismatched_fields", b"mismatched_fields", "new_address", b"new_address", "new_resident_code", b"new_resident_code", "record", b"record", "status", b"status", "violation", b"violation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

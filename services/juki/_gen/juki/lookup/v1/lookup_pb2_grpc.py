@@ -97,7 +97,10 @@ class LookupServiceServicer:
     def VerifyBatch(self, request_iterator, context):
         """Verifies residents in bulk (一括照会), e.g. pensioners' yearly status checks (現況確認). The first
         request names the purpose; every request carries a batch of items and is answered by one response
-        with one result per item, in order.
+        with one result per item, in order. An item whose resident code is malformed (length, characters,
+        check digit) gets its own VERIFY_STATUS_INVALID result saying why, is logged as a refused attempt,
+        and the other items and the stream go on; only faults of the stream itself (purpose, operator
+        proof, too many items in one message) end it with a status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

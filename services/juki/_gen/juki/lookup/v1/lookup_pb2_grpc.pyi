@@ -50,7 +50,10 @@ class LookupServiceStub:
     VerifyBatch: _grpc.StreamStreamMultiCallable[_lookup_pb2.VerifyBatchRequest, _lookup_pb2.VerifyBatchResponse]
     """Verifies residents in bulk (一括照会), e.g. pensioners' yearly status checks (現況確認). The first
     request names the purpose; every request carries a batch of items and is answered by one response
-    with one result per item, in order.
+    with one result per item, in order. An item whose resident code is malformed (length, characters,
+    check digit) gets its own VERIFY_STATUS_INVALID result saying why, is logged as a refused attempt,
+    and the other items and the stream go on; only faults of the stream itself (purpose, operator
+    proof, too many items in one message) end it with a status.
     """
     RegisterWatch: _grpc.UnaryUnaryMultiCallable[_lookup_pb2.RegisterWatchRequest, _lookup_pb2.RegisterWatchResponse]
     """Adds resident codes to the caller's watch list for the change feed, under a purpose."""
@@ -81,7 +84,10 @@ class LookupServiceAsyncStub(LookupServiceStub):
     VerifyBatch: _aio.StreamStreamMultiCallable[_lookup_pb2.VerifyBatchRequest, _lookup_pb2.VerifyBatchResponse]  # type: ignore[assignment]
     """Verifies residents in bulk (一括照会), e.g. pensioners' yearly status checks (現況確認). The first
     request names the purpose; every request carries a batch of items and is answered by one response
-    with one result per item, in order.
+    with one result per item, in order. An item whose resident code is malformed (length, characters,
+    check digit) gets its own VERIFY_STATUS_INVALID result saying why, is logged as a refused attempt,
+    and the other items and the stream go on; only faults of the stream itself (purpose, operator
+    proof, too many items in one message) end it with a status.
     """
     RegisterWatch: _aio.UnaryUnaryMultiCallable[_lookup_pb2.RegisterWatchRequest, _lookup_pb2.RegisterWatchResponse]  # type: ignore[assignment]
     """Adds resident codes to the caller's watch list for the change feed, under a purpose."""
@@ -127,7 +133,10 @@ class LookupServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_lookup_pb2.VerifyBatchResponse], _abc.AsyncIterator[_lookup_pb2.VerifyBatchResponse]]:
         """Verifies residents in bulk (一括照会), e.g. pensioners' yearly status checks (現況確認). The first
         request names the purpose; every request carries a batch of items and is answered by one response
-        with one result per item, in order.
+        with one result per item, in order. An item whose resident code is malformed (length, characters,
+        check digit) gets its own VERIFY_STATUS_INVALID result saying why, is logged as a refused attempt,
+        and the other items and the stream go on; only faults of the stream itself (purpose, operator
+        proof, too many items in one message) end it with a status.
         """
 
     @_abc_1.abstractmethod
