@@ -211,6 +211,10 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
                 reading.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reading
+            elif not reading.cancelled():
+                # The stream was closed while the reader had already ended (e.g. the server stopping under
+                # it): its outcome is collected here, not left for the loop to report as lost.
+                reading.exception()
             # Batches read but not acknowledged (the stream failed or was cancelled) may still commit; a
             # sender retries them with the same batch_id. Their outcome is collected, never left dangling.
             while not acks.empty():
