@@ -4,8 +4,11 @@ Settings (``JUKI_*``; see juki.mesh.settings):
   ACCESSLOG_SIGNING_KEY_FILE / ACCESSLOG_SIGNING_CERT_FILE  Ed25519 checkpoint key and its certificate
   PSEUDONYM_KEY_FILE              key of the HMAC pseudonym stored instead of the 住民票コード
   ACCESSLOG_CHECKPOINT_SECONDS    interval of signed checkpoints (default 10; also one on shutdown)
-  ACCESSLOG_VERIFY_SECONDS        interval of the background full verification (default 600; 0 = never)
+  ACCESSLOG_VERIFY_SECONDS        interval of the background verification (default 600; 0 = never):
+                                  the whole log at start, then incrementally
   ACCESSLOG_MAX_GROUP_RECORDS     records per group commit at most (default 100000)
+  ACCESSLOG_ORIGIN                origin of the tree checkpoints and key name of their signature
+                                  (default juki.local/accesslog); one per log, so verifiers tell logs apart
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2_grpc
-from juki.accesslog import chain
+from juki.accesslog import chain, notes, tiles
 from juki.accesslog.service import AccessLogServicer
 from juki.accesslog.verify import load_checkpoints
 from juki.accesslog.writer import LogWriter, micros_timestamps
@@ -38,8 +42,13 @@ ACCESS = {
     "AppendStream": frozenset({"service"}),
     "ListProvisions": frozenset({DISCLOSURE}),
     "VerifyLog": frozenset({"operator", "service"}),
+    # Checkpoints and proofs: the disclosure service (proofs shown to residents), other services, and
+    # operators auditing the log. They reveal hashes only, never a record.
     "GetCheckpoint": frozenset({"operator", "service"}),
+    "GetInclusionProof": frozenset({"operator", "service"}),
+    "GetConsistencyProof": frozenset({"operator", "service"}),
 }
+DEFAULT_ORIGIN = "juki.local/accesslog"
 
 
 def read_pseudonym_key(path: str | None) -> bytes:
@@ -58,20 +67,36 @@ def read_pseudonym_key(path: str | None) -> bytes:
     return key
 
 
-class Checkpointer:
-    """Signs (sequence, chain hash) of the committed head every few seconds and on shutdown."""
+@dataclass(frozen=True)
+class TreeCheckpoint:
+    note: str
+    tree_size: int
+    root_hash: bytes
 
-    def __init__(self, pool: asyncpg.Pool, writer: LogWriter, signer: chain.Signer, interval: float) -> None:
+
+class Checkpointer:
+    """Signs (sequence, chain hash) of the committed head every few seconds and on shutdown, and with
+    it a C2SP checkpoint of the Merkle tree as stored (so that it covers what every replica committed)."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, writer: LogWriter, signer: chain.Signer, interval: float,
+        origin: str = DEFAULT_ORIGIN,
+    ) -> None:
         self._pool = pool
         self._writer = writer
         self._signer = signer
+        self._note_signer = signer.note_signer(origin)
+        self.origin = origin
         self._interval = interval
         self._signed_sequence = -1
+        self._signed_tree_size = -1
+        self._tree_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         async with self._pool.acquire() as conn:
             existing = [cp for cp in await load_checkpoints(conn) if cp.kind != "purge"]
+            self._signed_tree_size = int(await conn.fetchval("SELECT coalesce(max(tree_size), 0) FROM tree_checkpoints"))
         self._signed_sequence = existing[-1].sequence if existing else 0
         if self._interval > 0:
             self._task = asyncio.create_task(self._run(), name="accesslog-checkpointer")
@@ -84,8 +109,35 @@ class Checkpointer:
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("checkpoint failed, will retry: %s", exc)
 
+    async def tree_checkpoint(self) -> TreeCheckpoint | None:
+        """Sign the stored tree's head, unless it is signed already (O(log n) tile reads)."""
+        async with self._tree_lock, self._pool.acquire() as conn, \
+                conn.transaction(isolation="repeatable_read", readonly=True):
+            size = await tiles.tree_size(conn)
+            if size == 0 or size <= self._signed_tree_size:
+                return None
+            root_hash = await tiles.root_at(conn, size)
+        signed_at_ns = time.time_ns()
+        note = self._note_signer.sign(notes.Checkpoint(self.origin, size, root_hash).body())
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO tree_checkpoints (tree_size, root_hash, signed_at_ns, note) VALUES ($1, $2, $3, $4)",
+                size, root_hash, signed_at_ns, note,
+            )
+        self._signed_tree_size = max(self._signed_tree_size, size)
+        return TreeCheckpoint(note, size, root_hash)
+
+    async def latest_tree(self, *, create: bool = False) -> TreeCheckpoint | None:
+        if create:
+            await self.tree_checkpoint()
+        row = await self._pool.fetchrow(
+            "SELECT note, tree_size, root_hash FROM tree_checkpoints ORDER BY tree_size DESC, signed_at_ns DESC LIMIT 1"
+        )
+        return None if row is None else TreeCheckpoint(row["note"], int(row["tree_size"]), bytes(row["root_hash"]))
+
     async def checkpoint(self, kind: str) -> chain.StoredCheckpoint | None:
-        """Sign the head this process committed, unless it is signed already."""
+        """Sign the head this process committed, unless it is signed already; and the tree's head."""
+        await self.tree_checkpoint()
         sequence, chain_hash = self._writer.head_sequence, self._writer.head_hash
         if sequence == 0 or sequence <= self._signed_sequence:
             return None
@@ -139,6 +191,11 @@ class AccessLogApp:
         self.checkpoint_seconds = float(extra.get("accesslog_checkpoint_seconds", "10"))
         self.verify_seconds = float(extra.get("accesslog_verify_seconds", "600"))
         self.max_group = int(extra.get("accesslog_max_group_records", "100000"))
+        self.origin = extra.get("accesslog_origin") or DEFAULT_ORIGIN
+        try:
+            self.note_verifier = self.verifier.note_verifier(self.origin)
+        except ValueError as exc:
+            raise SettingsError(f"JUKI_ACCESSLOG_ORIGIN: {exc}") from exc
         self.pool: asyncpg.Pool | None = None
         self.writer_pool: asyncpg.Pool | None = None
         self.writer: LogWriter | None = None
@@ -151,7 +208,7 @@ class AccessLogApp:
         self.writer_pool = await create_writer_pool(self.settings)
         self.writer = LogWriter(self.writer_pool, self.settings.database.schema, max_group_records=self.max_group)
         await self.writer.start()
-        self.checkpointer = Checkpointer(self.pool, self.writer, self.signer, self.checkpoint_seconds)
+        self.checkpointer = Checkpointer(self.pool, self.writer, self.signer, self.checkpoint_seconds, self.origin)
         await self.checkpointer.start()
         self.servicer = AccessLogServicer(self.pool, self.writer, self.pseudonym_key, self.verifier, self.checkpointer)
         if self.verify_seconds > 0:
@@ -161,9 +218,11 @@ class AccessLogApp:
 
     async def _verify_periodically(self) -> None:
         assert self.servicer is not None
+        full = True  # the whole log once at start; then the records appended since, with the tree's checks
         while True:
             try:
-                result = await self.servicer.verify_now()
+                result = await self.servicer.verify_now(full=full)
+                full = not result.ok
                 if not result.ok:
                     log.error("access log verification FAILED at sequence %d: %s",
                               result.first_bad_sequence, result.problem)

@@ -18,16 +18,20 @@ an ordinary checkpoint cannot stand in for it (else deleting a prefix up to any 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from juki.accesslog import notes
 
 GENESIS = bytes(32)
 CHECKPOINT_PREFIX = "juki-accesslog-checkpoint-v1"
@@ -88,6 +92,37 @@ def key_id(public_key: ed25519.Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+SIGNING_IDENTITY = "spiffe://juki.local/signing/accesslog"
+
+
+def signing_public_key(cert_pem: bytes, ca_pem: bytes, *, at: dt.datetime | None = None) -> ed25519.Ed25519PublicKey:
+    """The checkpoint key from its certificate, once the certificate is shown to be the mesh CA's
+    certificate for the access log's signing identity (any other Ed25519 certificate of the CA, e.g. a
+    witness's, must not pass for the log's). ValueError naming what failed otherwise."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError as exc:
+        raise ValueError("the certificate is not PEM") from exc
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ValueError("the signing certificate is not issued by the mesh CA") from exc
+    if at is not None and not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
+        raise ValueError("the signing certificate was not valid at that time")
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = names.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if SIGNING_IDENTITY not in uris:
+        raise ValueError(f"the signing certificate is not for {SIGNING_IDENTITY}")
+    public_key = cert.public_key()
+    if not isinstance(public_key, ed25519.Ed25519PublicKey):
+        raise ValueError("the signing certificate does not hold an Ed25519 key")
+    return public_key
+
+
 class Signer:
     """The checkpoint signing key (Ed25519, PKCS#8 PEM as issued by the mesh PKI)."""
 
@@ -97,6 +132,10 @@ class Signer:
             raise ValueError(f"{key_file}: the access-log signing key must be Ed25519")
         self._key = key
         self.key_id = key_id(key.public_key())
+
+    def note_signer(self, origin: str) -> notes.NoteSigner:
+        """The same key signing tree checkpoints as C2SP signed notes, under the log's origin."""
+        return notes.NoteSigner(origin, self._key)
 
     def sign(self, sequence: int, chain_hash: bytes, signed_at_ns: int, *, purge: bool = False) -> bytes:
         return self._key.sign(checkpoint_payload(sequence, chain_hash, signed_at_ns, purge=purge))
@@ -117,6 +156,10 @@ class CheckpointVerifier:
             raise ValueError(f"{signing_cert_file}: the signing certificate does not hold an Ed25519 key")
         self._public_key = public_key
         self.key_id = key_id(public_key)
+        self.certificate_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    def note_verifier(self, origin: str) -> notes.NoteVerifier:
+        return notes.NoteVerifier(origin, self._public_key)
 
     def verify(
         self, sequence: int, chain_hash: bytes, signed_at_ns: int, signature: bytes, signer_key_id: str,
@@ -154,6 +197,7 @@ class VerifyResult:
     latest_checkpoint: StoredCheckpoint | None = None
     first_sequence: int = 0
     last_sequence: int = 0
+    tree: Any = None  # juki.accesslog.verify.TreeProgress: the Merkle tree side
 
     def fail(self, sequence: int, problem: str) -> None:
         if self.ok:

@@ -1,4 +1,4 @@
-"""The AccessLogService servicer: proto <-> writer, listing, verification and checkpoints."""
+"""The AccessLogService servicer: proto <-> writer, listing, verification, checkpoints and proofs."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
 from juki._gen.juki.common.v1 import common_pb2
-from juki.accesslog import chain
-from juki.accesslog.verify import verify_log
+from juki.accesslog import chain, merkle, notes, tiles
+from juki.accesslog.verify import TreeState, verify_log
 from juki.accesslog.writer import LogWriter, prepare
 from juki.domain import JAPAN_TIME, is_valid_resident_code
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
@@ -90,6 +90,15 @@ def decode_token(token: str) -> tuple[dt.datetime, int]:
         raise invalid("page_token", "not a token this service issued") from exc
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# Tree sizes beyond this cannot be stored (bigint) and are refused before any query.
+MAX_TREE_SIZE = (1 << 63) - 1
+
+
+def micros(value: dt.datetime) -> int:
+    return (value - _EPOCH) // dt.timedelta(microseconds=1)
+
+
 def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)
@@ -107,8 +116,6 @@ def checkpoint_message(cp: chain.StoredCheckpoint | None) -> accesslog_pb2.Check
 
 
 _TRACER = trace.get_tracer("juki.accesslog")
-# An incremental verification trusts records verified before; the whole log is recomputed at least this often.
-FULL_VERIFY_INTERVAL_SECONDS = 600.0
 _TRACE_FORMAT = TraceContextTextMapPropagator()
 
 
@@ -132,9 +139,10 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         self._pseudonymise = chain.Pseudonymiser(pseudonym_key)
         self._verifier = verifier
         self._checkpointer = checkpointer
+        self._note_verifier = verifier.note_verifier(checkpointer.origin)
         self._verify_lock = asyncio.Lock()
         self.last_verification: tuple[float, accesslog_pb2.VerifyLogResponse] | None = None
-        self._reached: tuple[int, bytes] | None = None  # (sequence, chain hash) the last good verification reached
+        self._reached: TreeState | None = None  # what the last good verification reached (tree frontier included)
         self._full_at: tuple[float, Any] | None = None  # when the last full verification succeeded
 
     async def _append(self, records: Any, batch_id: str, prefix: str) -> tuple[int, int]:
@@ -203,6 +211,10 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
                 reading.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reading
+            elif not reading.cancelled():
+                # The stream was closed while the reader had already ended (e.g. the server stopping under
+                # it): its outcome is collected here, not left for the loop to report as lost.
+                reading.exception()
             # Batches read but not acknowledged (the stream failed or was cancelled) may still commit; a
             # sender retries them with the same batch_id. Their outcome is collected, never left dangling.
             while not acks.empty():
@@ -223,6 +235,9 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         end = date_bound(request.to_date, "to_date", end=True)
         if start and end and start >= end:
             raise invalid("to_date", "must not be before from_date")
+        proof_size = request.proof_tree_size
+        if proof_size:
+            await self._check_size("proof_tree_size", proof_size)
         if len(request.other_resident_codes) > MAX_OTHER_CODES:
             raise invalid("other_resident_codes", f"at most {MAX_OTHER_CODES} earlier codes")
         codes_by_subject = {chain.pseudonym(self._key, code): code}
@@ -243,39 +258,55 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             conditions.append(f"provided_at < ${len(args)}")
         if not request.include_refused:
             conditions.append(f"outcome = {accesslog_pb2.PROVISION_OUTCOME_PROVIDED}")
+        if proof_size:
+            args.append(proof_size)
+            conditions.append(f"sequence <= ${len(args)}")
         if request.page_token:
             after_time, after_sequence = decode_token(request.page_token)
             args += [after_time, after_sequence]
             conditions.append(f"(provided_at, sequence) < (${len(args) - 1}, ${len(args)})")
         args.append(size + 1)
         sql = (
-            "SELECT sequence, subject, provided_at, recorded_at, payload FROM records WHERE "
+            "SELECT sequence, subject, provided_at, recorded_at, outcome, payload FROM records WHERE "
             + " AND ".join(conditions)
             + f" ORDER BY provided_at DESC, sequence DESC LIMIT ${len(args)}"
         )
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(sql, *args)
+            proofs: list[list[bytes]] = []
+            if proof_size and rows:
+                # Every proof of the page from one read of the tiles they need.
+                indices = [int(row["sequence"]) - 1 for row in rows[:size]]
+                proofs = await tiles.compute(
+                    conn, lambda node: [merkle.inclusion_proof(i, proof_size, node) for i in indices])
         response = accesslog_pb2.ListProvisionsResponse()
-        for row in rows[:size]:
+        for position, row in enumerate(rows[:size]):
             record = accesslog_pb2.ProvisionRecord.FromString(row["payload"])
             record.resident_code = codes_by_subject.get(bytes(row["subject"]), code)
-            response.provisions.append(accesslog_pb2.LoggedProvision(
+            logged = accesslog_pb2.LoggedProvision(
                 sequence=row["sequence"], record=record, recorded_at=timestamp(row["recorded_at"])
-            ))
+            )
+            if proofs:
+                logged.leaf = chain.canonical_bytes(
+                    int(row["sequence"]), micros(row["provided_at"]), micros(row["recorded_at"]), int(row["outcome"]),
+                    bytes(row["subject"]), bytes(row["payload"]),
+                )
+                logged.inclusion_proof.extend(proofs[position])
+            response.provisions.append(logged)
         if len(rows) > size:
             last = rows[size - 1]
             response.next_page_token = encode_token(last["provided_at"], int(last["sequence"]))
         return response
 
     async def verify_now(self, *, full: bool = True) -> accesslog_pb2.VerifyLogResponse:
-        """Verify the log through its head: from the start when ``full`` (or when no recent full
-        verification succeeded), otherwise only the records appended since the last verification."""
+        """Verify the log through its head: from the start when ``full`` (or when nothing was verified
+        yet), otherwise only the records appended since the last verification, continuing its tree
+        frontier. No periodic whole-log recompute: the stored tree at the resumed size must still have
+        the root verified then, and the tiles' consistency proof to the latest checkpoint must verify;
+        a full recompute is what an auditor asks for (``juki audit verify --full``)."""
         async with self._verify_lock, self._pool.acquire() as conn:
-            resume = None
-            if not full and self._reached is not None and self._full_at is not None \
-                    and time.monotonic() - self._full_at[0] < FULL_VERIFY_INTERVAL_SECONDS:
-                resume = self._reached
-            result = await verify_log(conn, self._verifier, resume=resume)
+            resume = None if full else self._reached
+            result = await verify_log(conn, self._verifier, resume=resume, origin=self._checkpointer.origin)
         response = accesslog_pb2.VerifyLogResponse(
             ok=result.ok, records_checked=result.records_checked, checkpoints_checked=result.checkpoints_checked,
             first_bad_sequence=result.first_bad_sequence, problem=result.problem,
@@ -284,7 +315,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         )
         response.verified_at.GetCurrentTime()
         if result.ok and result.last_hash:
-            self._reached = (result.last_sequence, result.last_hash)
+            self._reached = result.tree.at_head
             if resume is None:
                 self._full_at = (time.monotonic(), response.verified_at)
         elif not result.ok:
@@ -314,10 +345,66 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             return await self.verify_now(full=False)
         return await self.verify_now()
 
+    async def _check_size(self, field: str, size: int) -> int:
+        """The log's current tree size, once ``size`` is shown to be a tree the log has (1..current)."""
+        if size < 1:
+            raise invalid(field, "a tree has at least one leaf")
+        if size > MAX_TREE_SIZE:
+            raise invalid(field, "larger than any tree this log can hold")
+        async with self._pool.acquire() as conn:
+            current = await tiles.tree_size(conn)
+        if size > current:
+            raise invalid(field, f"the log's tree holds {current} leaves")
+        return current
+
     async def GetCheckpoint(
         self, request: accesslog_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> accesslog_pb2.GetCheckpointResponse:
+        since: notes.Checkpoint | None = None
+        if request.since_checkpoint:
+            try:
+                since = self._note_verifier.verify_checkpoint(request.since_checkpoint)
+            except notes.NoteError as exc:
+                raise invalid("since_checkpoint", str(exc)) from exc
         latest = await self._checkpointer.latest(create=True)
-        if latest is None:
+        tree = await self._checkpointer.latest_tree(create=True)
+        if latest is None or tree is None:
             raise JukiError(Reason.FAILED_PRECONDITION, "the access log is empty: no checkpoint yet")
-        return accesslog_pb2.GetCheckpointResponse(checkpoint=checkpoint_message(latest))
+        response = accesslog_pb2.GetCheckpointResponse(
+            checkpoint=checkpoint_message(latest), tree_checkpoint=tree.note,
+            signing_certificate=self._verifier.certificate_pem,
+        )
+        if since is not None:
+            if since.tree_size > tree.tree_size:
+                raise invalid("since_checkpoint", f"larger than the log's latest checkpoint ({tree.tree_size})")
+            first, second = since.tree_size, tree.tree_size
+            async with self._pool.acquire() as conn:
+                response.consistency_proof.extend(
+                    await tiles.compute(conn, lambda node: merkle.consistency_proof(first, second, node)))
+        return response
+
+    async def GetInclusionProof(
+        self, request: accesslog_pb2.GetInclusionProofRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> accesslog_pb2.GetInclusionProofResponse:
+        size = request.tree_size
+        await self._check_size("tree_size", size)
+        index = request.leaf_index
+        if index >= size:
+            raise invalid("leaf_index", "must be less than tree_size")
+        async with self._pool.acquire() as conn:
+            leaf, proof = await tiles.compute(
+                conn, lambda node: (node(0, index), merkle.inclusion_proof(index, size, node)))
+        return accesslog_pb2.GetInclusionProofResponse(leaf_hash=leaf, inclusion_proof=proof)
+
+    async def GetConsistencyProof(
+        self, request: accesslog_pb2.GetConsistencyProofRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> accesslog_pb2.GetConsistencyProofResponse:
+        first, second = request.first_size, request.second_size
+        if first < 1:
+            raise invalid("first_size", "a tree has at least one leaf")
+        await self._check_size("second_size", second)
+        if first > second:
+            raise invalid("first_size", "must not be larger than second_size")
+        async with self._pool.acquire() as conn:
+            proof = await tiles.compute(conn, lambda node: merkle.consistency_proof(first, second, node))
+        return accesslog_pb2.GetConsistencyProofResponse(consistency_proof=proof)

@@ -1,22 +1,84 @@
-"""Verification of a stored access log: recompute the chain, check every checkpoint.
+"""Verification of a stored access log: recompute the chain and the Merkle tree, check every checkpoint.
 
 Used by the service (VerifyLog, with its own read-only role) and by ``juki audit verify`` straight
 against the database (with the administrative URL), so an auditor does not have to trust the service.
+
+The tree is checked with the chain, record by record: each record's leaf hash and every tile hash the
+stored tree completes must equal what the records give, and every signed tree checkpoint's root must
+equal the recomputed root at its size; two signed roots for one size are a fork. A verification can
+resume from a :class:`TreeState` an earlier one reached (the frontier of the tree at that size, checked
+against its root): only the newer records are hashed, the stored tree at that size must still have the
+same root, and the consistency proof the tiles give from it to the latest checkpoint must verify.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import asyncpg
 
-from juki.accesslog import chain
+from juki.accesslog import chain, merkle, notes, tiles
+
+DEFAULT_ORIGIN = "juki.local/accesslog"
 
 _ROWS_SQL = (
     "SELECT sequence, subject, (EXTRACT(EPOCH FROM provided_at) * 1000000)::bigint AS provided_us,"
     " (EXTRACT(EPOCH FROM recorded_at) * 1000000)::bigint AS recorded_us, outcome, payload, chain_hash"
     " FROM {table} WHERE sequence > $1 ORDER BY sequence LIMIT $2"
 )
+
+
+@dataclass(frozen=True)
+class TreeState:
+    """What a verification reached: records 1..size verified, the tree's frontier and root at that
+    size, and the chain hash of record ``size`` (to continue the chain)."""
+
+    size: int
+    root: bytes
+    frontier: tuple[bytes, ...]
+    chain_hash: bytes
+
+    def to_json(self) -> dict[str, object]:
+        return {"tree_size": self.size, "root": self.root.hex(), "frontier": [h.hex() for h in self.frontier],
+                "chain_hash": self.chain_hash.hex()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> TreeState:
+        frontier = data["frontier"]
+        assert isinstance(frontier, list)
+        state = cls(int(str(data["tree_size"])), bytes.fromhex(str(data["root"])),
+                    tuple(bytes.fromhex(str(h)) for h in frontier), bytes.fromhex(str(data["chain_hash"])))
+        if merkle.Frontier(state.size, state.frontier).root() != state.root:
+            raise ValueError("the saved frontier does not hash to the saved root")
+        return state
+
+
+@dataclass(frozen=True)
+class StoredTreeCheckpoint:
+    tree_size: int
+    root_hash: bytes
+    note: str
+
+
+@dataclass
+class TreeProgress:
+    """The tree side of a verification's result."""
+
+    checkpoints_checked: int = 0
+    latest: StoredTreeCheckpoint | None = None
+    records_hashed: int = 0  # leaves hashed in this run (the rest were verified before)
+    at_latest: TreeState | None = None  # state at the latest signed tree checkpoint, to resume from
+    at_head: TreeState | None = None  # state at the last record verified
+    resumed_from: int = 0
+    consistency_checked: bool = False
+    roots: dict[int, bytes] = field(default_factory=dict)
+
+
+async def load_tree_checkpoints(conn: asyncpg.Connection, schema: str | None = None) -> list[StoredTreeCheckpoint]:
+    table = f'"{schema}".tree_checkpoints' if schema else "tree_checkpoints"
+    rows = await conn.fetch(f"SELECT tree_size, root_hash, note FROM {table} ORDER BY tree_size, signed_at_ns")
+    return [StoredTreeCheckpoint(int(r["tree_size"]), bytes(r["root_hash"]), r["note"]) for r in rows]
 
 
 async def load_checkpoints(conn: asyncpg.Connection, schema: str | None = None) -> list[chain.StoredCheckpoint]:
@@ -39,26 +101,32 @@ async def verify_log(
     schema: str | None = None,
     chunk: int = 20_000,
     progress: Callable[[int, int], None] | None = None,
-    resume: tuple[int, bytes] | None = None,
+    resume: TreeState | None = None,
+    origin: str = DEFAULT_ORIGIN,
 ) -> chain.VerifyResult:
-    """Recompute every record's hash from its stored columns and check the checkpoints.
+    """Recompute every record's chain hash and leaf hash from its stored columns and check the checkpoints.
 
     The first problem found is reported with its sequence number: a record whose hash does not match
     (altered), a missing sequence (deleted), an unexpected one (inserted or reordered), a checkpoint
-    whose signature or chain hash does not match, or records a checkpoint covers that are gone.
+    whose signature, chain hash or root does not match, a stored tile hash that differs from the
+    records, two signed roots for one tree size, or records a checkpoint covers that are gone.
 
-    ``resume`` = (sequence, chain hash) of a record an earlier full verification reached: only the
-    records after it are recomputed, continuing from its hash (checkpoint signatures are all checked).
-    ``result.last_hash`` is the hash of the last record verified, to resume from next time.
+    ``resume``: what an earlier verification reached; only the records after it are recomputed.
+    ``result.tree`` tells where this one got to, to resume from next time.
     """
     result = chain.VerifyResult()
+    tree = TreeProgress()
+    result.tree = tree
     records_table = f'"{schema}".records' if schema else "records"
+    note_verifier = verifier.note_verifier(origin)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         checkpoints = await load_checkpoints(conn, schema)
+        tree_checkpoints = await load_tree_checkpoints(conn, schema)
         bounds = await conn.fetchrow(f"SELECT min(sequence) AS first, max(sequence) AS last FROM {records_table}")
         first = int(bounds["first"]) if bounds["first"] is not None else 0
         last = int(bounds["last"]) if bounds["last"] is not None else 0
         result.first_sequence, result.last_sequence = first, last
+        stored_size = await tiles.tree_size(conn, schema)
 
         # Signatures first: a forged checkpoint is a problem whatever the records say.
         by_sequence: dict[int, list[chain.StoredCheckpoint]] = {}
@@ -75,19 +143,54 @@ async def verify_log(
             else:
                 result.latest_checkpoint = cp
             by_sequence.setdefault(cp.sequence, []).append(cp)
+        # Tree checkpoints: each a note signed by the log's key whose body is its stored size and root;
+        # two roots for one size are a fork. Those a resumed verification already covered are skipped.
+        roots = tree.roots
+        for tcp in tree_checkpoints:
+            if resume is not None and tcp.tree_size < resume.size:
+                continue
+            try:
+                signed = note_verifier.verify_checkpoint(tcp.note)
+            except notes.NoteError as exc:
+                result.fail(tcp.tree_size, f"tree checkpoint of size {tcp.tree_size}: {exc}")
+                return result
+            if (signed.tree_size, signed.root_hash) != (tcp.tree_size, tcp.root_hash):
+                result.fail(tcp.tree_size, f"tree checkpoint of size {tcp.tree_size}: the stored size or root"
+                                           " is not the one signed")
+                return result
+            if roots.setdefault(tcp.tree_size, tcp.root_hash) != tcp.root_hash:
+                result.fail(tcp.tree_size, f"two signed tree roots for size {tcp.tree_size}: the log forked")
+                return result
+            tree.checkpoints_checked += 1
+            tree.latest = tcp
+        if resume is not None and roots.get(resume.size, resume.root) != resume.root:
+            result.fail(resume.size, f"the log signed another root for size {resume.size} than the one verified"
+                                     " before: the log forked")
+            return result
 
         # Where the chain starts: genesis, or the signed anchor of the latest purge.
         previous = chain.GENESIS
         expected = 1
         if purge_anchor is not None:
             previous, expected = purge_anchor.chain_hash, purge_anchor.sequence + 1
-        if resume is not None and resume[0] >= expected - 1 and first != 0 and first <= resume[0] + 1:
-            previous, expected = resume[1], resume[0] + 1
-            result.records_checked = resume[0] - first + 1
+        frontier: merkle.Frontier | None = None
+        if resume is not None and resume.size >= expected - 1 and first != 0 and first <= resume.size + 1:
+            # The stored tree must still have, at that size, the root verified then (a rewritten tile
+            # on the right edge of the old tree, or a forked history, changes it).
+            stored_root = await tiles.root_at(conn, resume.size, schema) if stored_size >= resume.size else b""
+            if stored_root != resume.root:
+                result.fail(resume.size, f"the stored tree no longer has, at size {resume.size}, the root verified"
+                                         " before (tiles rewritten or the log forked)")
+                return result
+            previous, expected = resume.chain_hash, resume.size + 1
+            result.records_checked = resume.size - first + 1
             first = expected
             result.last_hash = previous
+            frontier = merkle.Frontier(resume.size, resume.frontier)
+            tree.resumed_from = resume.size
         if first == 0:
             covered = max((cp.sequence for cp in checkpoints), default=0)
+            covered = max(covered, max(roots, default=0))
             if covered >= expected:
                 result.fail(expected, f"records {expected}..{covered} are covered by a checkpoint but missing")
             return result
@@ -97,23 +200,39 @@ async def verify_log(
             else:
                 result.fail(expected, f"record {expected} is missing (the log starts at {first} without a purge anchor)")
             return result
+        if frontier is None:
+            # From the start, or from a purge anchor: the purged leaves are gone, their tiles stay.
+            frontier = await tiles.load_frontier(conn, expected - 1, schema)
+            for size, root in roots.items():
+                if size < expected and await tiles.root_at(conn, size, schema) != root:
+                    result.fail(size, f"the stored tree's root at size {size} is not the signed one")
+                    return result
 
         next_hash = chain.next_hash
         canonical = chain.canonical_bytes
+        leaf_hash = merkle.leaf_hash
         cursor_after = expected - 1
+        completed: list[tuple[int, int, bytes]] = []  # nodes of tile levels the chunk completed
+
+        def keep(level: int, index: int, value: bytes) -> None:
+            if level % tiles.HEIGHT == 0:
+                completed.append((level, index, value))
+
         while True:
             rows = await conn.fetch(_ROWS_SQL.format(table=records_table), cursor_after, chunk)
             if not rows:
                 break
+            completed.clear()
             for row in rows:
                 sequence = int(row["sequence"])
                 if sequence != expected:
                     result.fail(expected, f"record {expected} is missing or out of order (found {sequence} next)")
                     return result
-                computed = next_hash(previous, canonical(
+                record_bytes = canonical(
                     sequence, int(row["provided_us"]), int(row["recorded_us"]), int(row["outcome"]),
                     bytes(row["subject"]), bytes(row["payload"]),
-                ))
+                )
+                computed = next_hash(previous, record_bytes)
                 if computed != bytes(row["chain_hash"]):
                     result.fail(sequence, f"record {sequence} does not match its chain hash (altered, inserted or moved)")
                     return result
@@ -121,14 +240,65 @@ async def verify_log(
                     if cp.chain_hash != computed:
                         result.fail(sequence, f"checkpoint at sequence {sequence} does not match the recomputed chain")
                         return result
+                frontier.append(leaf_hash(record_bytes), keep)
+                signed_root = roots.get(sequence)
+                if signed_root is not None and frontier.root() != signed_root:
+                    result.fail(sequence, f"the signed tree checkpoint of size {sequence} does not match the"
+                                          " recomputed tree")
+                    return result
                 previous = computed
                 expected += 1
                 result.records_checked += 1
+                tree.records_hashed += 1
                 result.last_hash = computed
+                if tree.latest is not None and sequence == tree.latest.tree_size:
+                    tree.at_latest = TreeState(sequence, frontier.root(), tuple(frontier.hashes), computed)
+            problem = await _compare_tiles(conn, completed, schema)
+            if problem:
+                result.fail(*problem)
+                return result
             cursor_after = int(rows[-1]["sequence"])
             if progress is not None:
                 progress(result.records_checked, last - first + 1)
         covered = max((cp.sequence for cp in checkpoints), default=0)
+        covered = max(covered, max(roots, default=0))
         if covered >= expected:
             result.fail(expected, f"records {expected}..{covered} are covered by a checkpoint but missing")
+            return result
+        tree.at_head = TreeState(frontier.size, frontier.root(), tuple(frontier.hashes), previous)
+        if tree.at_latest is None and resume is not None and tree.latest is not None \
+                and tree.latest.tree_size == resume.size:
+            tree.at_latest = resume
+        # What a witness or client does: the proof the stored tiles give, from what was verified before
+        # to the latest signed checkpoint, must verify against both signed roots.
+        if resume is not None and tree.latest is not None and tree.latest.tree_size > resume.size:
+            old, new, old_root, new_root = resume.size, tree.latest.tree_size, resume.root, tree.latest.root_hash
+            proof = await tiles.compute(conn, lambda node: merkle.consistency_proof(old, new, node), schema)
+            if not merkle.verify_consistency(old, new, old_root, new_root, proof):
+                result.fail(new, f"the consistency proof from size {old} to the checkpoint of size {new} does not"
+                                 " verify")
+                return result
+            tree.consistency_checked = True
     return result
+
+
+async def _compare_tiles(
+    conn: asyncpg.Connection, completed: list[tuple[int, int, bytes]], schema: str | None
+) -> tuple[int, str] | None:
+    """The first stored tile hash that differs from the recomputed node: (sequence, problem)."""
+    if not completed:
+        return None
+    stored = await tiles.read_tiles(conn, {(level // tiles.HEIGHT, index >> tiles.HEIGHT)
+                                           for level, index, _ in completed}, schema)
+    for level, index, value in completed:
+        hashes = stored.get((level // tiles.HEIGHT, index >> tiles.HEIGHT), [])
+        position = index & (tiles.WIDTH - 1)
+        found = hashes[position] if position < len(hashes) else None
+        if found != value:
+            last_sequence = (index + 1) << level  # the node's last leaf is the record with this sequence
+            what = "missing" if found is None else "does not match the records"
+            if level == 0:
+                return last_sequence, f"the stored tile hash of record {last_sequence} {what}"
+            return last_sequence, (f"the stored tile hash of tree node {level}/{index} (records up to"
+                                   f" {last_sequence}) {what}")
+    return None

@@ -1,4 +1,4 @@
-"""The single writer of the access log: group commit, sequence numbers and the hash chain.
+"""The single writer of the access log: group commit, sequence numbers, the hash chain and the Merkle tree.
 
 Every Append/AppendStream batch is handed to :meth:`LogWriter.append`, which queues it and waits. One
 writer task drains the queue: all batches waiting at that moment go into one transaction (one COPY of
@@ -8,6 +8,10 @@ answered only after COMMIT, so an acknowledgement means the records are durable.
 Sequence numbers and chain hashes are assigned inside the transaction, after an advisory lock that
 serialises writers of the same log across processes (several replicas may run); the head of the chain
 is read again under the lock, so a replica that lost the race continues from the real head.
+
+The same pass hashes each record as a leaf of the Merkle tree (juki.accesslog.merkle) onto the
+writer's frontier and collects the tile hashes the group completes; they are inserted in the group's
+transaction (juki.accesslog.tiles), so the stored tree always covers exactly the committed records.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
-from juki.accesslog import chain
+from juki.accesslog import chain, merkle, tiles
 from juki.mesh.errors import JukiError, Reason
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,11 @@ HEAD_SQL = (
     ") AS heads ORDER BY sequence DESC LIMIT 1"
 )
 RECORD_COLUMNS = ("sequence", "subject", "provided_at", "recorded_at", "outcome", "payload", "chain_hash")
+TILE_COLUMNS = ("level", "tile_index", "end_width", "hashes")
+TILES_INSERT = (
+    "INSERT INTO tiles (level, tile_index, end_width, hashes)"
+    " SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::smallint[], $4::bytea[])"
+)
 
 
 def micros_to_datetime(micros: int) -> dt.datetime:
@@ -127,6 +136,9 @@ class _Built:
     answers: dict[int, Ack] = field(default_factory=dict)
     end_sequence: int = 0
     end_hash: bytes = b""
+    base_frontier: merkle.Frontier = field(default_factory=merkle.Frontier)
+    end_frontier: merkle.Frontier = field(default_factory=merkle.Frontier)
+    tile_rows: list[tiles.TileRow] = field(default_factory=list)
 
 
 @dataclass
@@ -178,6 +190,7 @@ class LogWriter:
         self._closing = False
         self.head_sequence = 0
         self.head_hash = chain.GENESIS
+        self.frontier = merkle.Frontier()  # the tree over records 1..head_sequence
         self._respeculate = False
         self.stats = WriterStats()
         self._instruments = _Instruments(self)
@@ -185,9 +198,37 @@ class LogWriter:
     async def start(self) -> None:
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(HEAD_SQL)
-        if row is not None:
-            self.head_sequence, self.head_hash = int(row["sequence"]), bytes(row["chain_hash"])
+            if row is not None:
+                self.head_sequence, self.head_hash = int(row["sequence"]), bytes(row["chain_hash"])
+            self.frontier = await self._tree_through(conn, self.head_sequence)
         self._task = asyncio.create_task(self._run(), name=f"accesslog-writer-{self._schema}")
+
+    async def _tree_through(self, conn: asyncpg.Connection, sequence: int) -> merkle.Frontier:
+        """The tree's frontier over records 1..sequence, first adding the leaves of records the stored
+        tree lacks (a log written before the tree existed): under the writers' lock, in chunks."""
+        size = await tiles.tree_size(conn)  # more than ``sequence`` when another replica wrote since
+        while size < sequence:
+            async with conn.transaction():
+                await conn.execute(LOCK_SQL)
+                size = await tiles.tree_size(conn)
+                frontier = await tiles.load_frontier(conn, size)
+                rows = await conn.fetch(
+                    "SELECT sequence, subject, provided_at, recorded_at, outcome, payload FROM records"
+                    " WHERE sequence > $1 ORDER BY sequence LIMIT 50000", size,
+                )
+                if not rows or int(rows[0]["sequence"]) != size + 1:
+                    raise RuntimeError(f"cannot build the Merkle tree: record {size + 1} is missing (purged"
+                                       " before the tree existed?)")
+                fragments = tiles.Fragments()
+                for r in rows:
+                    frontier.append(merkle.leaf_hash(chain.canonical_bytes(
+                        int(r["sequence"]), r["provided_at"], r["recorded_at"], int(r["outcome"]),
+                        bytes(r["subject"]), bytes(r["payload"]))), fragments)
+                await conn.copy_records_to_table("tiles", records=fragments.rows(), columns=TILE_COLUMNS,
+                                                 schema_name=self._schema)
+                log.info("added %d records to the Merkle tree (now %d leaves)", len(rows), frontier.size)
+                size = frontier.size
+        return await tiles.load_frontier(conn, sequence)
 
     async def stop(self) -> None:
         """Write everything queued, then stop."""
@@ -211,7 +252,7 @@ class LogWriter:
         # that the head it was built on is the real one, and rebuilds it otherwise (after a failed commit,
         # or when another replica wrote in between), so speculation never breaks the chain.
         in_flight: list[asyncio.Task[None]] = []
-        speculative = (self.head_sequence, self.head_hash)
+        speculative = (self.head_sequence, self.head_hash, self.frontier)
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -232,10 +273,10 @@ class LogWriter:
                         with contextlib.suppress(Exception):
                             await task
                     in_flight.clear()
-                    speculative = (self.head_sequence, self.head_hash)
+                    speculative = (self.head_sequence, self.head_hash, self.frontier)
                     self._respeculate = False
                 built = self._build(group, speculative, {})
-                speculative = (built.end_sequence, built.end_hash)
+                speculative = (built.end_sequence, built.end_hash, built.end_frontier)
                 previous = in_flight[-1] if in_flight else None
                 in_flight.append(asyncio.create_task(self._commit_guarded(group, built, previous)))
             if self._closing and not self._pending:
@@ -261,12 +302,18 @@ class LogWriter:
                 if not item.future.done():
                     item.future.set_exception(error)
 
-    def _build(self, group: list[_Pending], head: tuple[int, bytes], known: dict[str, Ack]) -> _Built:
-        """Assign sequences and chain hashes to a group, starting after ``head``."""
+    def _build(
+        self, group: list[_Pending], head: tuple[int, bytes, merkle.Frontier], known: dict[str, Ack]
+    ) -> _Built:
+        """Assign sequences, chain hashes and tree leaves to a group, starting after ``head``."""
         recorded_us = time.time_ns() // 1000
-        built = _Built(head[0], head[1], recorded_us)
+        built = _Built(head[0], head[1], recorded_us, base_frontier=head[2])
         known = dict(known)
-        sequence, previous = head
+        sequence, previous = head[0], head[1]
+        frontier = head[2].copy()
+        fragments = tiles.Fragments()
+        append_leaf = frontier.append
+        leaf_hash = merkle.leaf_hash
         canonical = chain.canonical_bytes
         next_hash = chain.next_hash
         rows = built.rows
@@ -277,7 +324,9 @@ class LogWriter:
             first = sequence + 1
             for subject, provided_us, outcome, payload in item.records:
                 sequence += 1
-                previous = next_hash(previous, canonical(sequence, provided_us, recorded_us, outcome, subject, payload))
+                record_bytes = canonical(sequence, provided_us, recorded_us, outcome, subject, payload)
+                previous = next_hash(previous, record_bytes)
+                append_leaf(leaf_hash(record_bytes), fragments)
                 rows.append((sequence, subject, provided_us, recorded_us, outcome, payload, previous))
             ack = Ack(first, len(item.records))
             built.answers[index] = ack
@@ -285,6 +334,7 @@ class LogWriter:
                 known[item.batch_id] = ack
                 built.new_batches.append((item.batch_id, ack.first_sequence, ack.count, recorded_us))
         built.end_sequence, built.end_hash = sequence, previous
+        built.end_frontier, built.tile_rows = frontier, fragments.rows()
         return built
 
     async def _commit(self, group: list[_Pending], built: _Built) -> None:
@@ -292,7 +342,7 @@ class LogWriter:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(LOCK_SQL)
             row = await conn.fetchrow(HEAD_SQL)
-            head = (int(row["sequence"]), bytes(row["chain_hash"])) if row else (0, chain.GENESIS)
+            head_at = (int(row["sequence"]), bytes(row["chain_hash"])) if row else (0, chain.GENESIS)
             batch_ids = [item.batch_id for item in group if item.batch_id]
             known: dict[str, Ack] = {}
             if batch_ids:
@@ -300,15 +350,21 @@ class LogWriter:
                     "SELECT batch_id, first_sequence, count FROM batches WHERE batch_id = ANY($1::text[])", batch_ids
                 ):
                     known[found["batch_id"]] = Ack(int(found["first_sequence"]), int(found["count"]))
-            if head != (built.base_sequence, built.base_hash):
+            moved = head_at != (built.base_sequence, built.base_hash)
+            if moved:
                 self._respeculate = True
                 self.stats.rebuilds += 1
-            if known or head != (built.base_sequence, built.base_hash):
-                built = self._build(group, head, known)
+            if known or moved:
+                # Another writer moved the head: its tree is in the tiles it committed with its records.
+                frontier = await tiles.load_frontier(conn, head_at[0]) if moved else built.base_frontier
+                built = self._build(group, (*head_at, frontier), known)
             if built.rows:
                 await conn.copy_records_to_table(
                     "records", records=built.rows, columns=RECORD_COLUMNS, schema_name=self._schema
                 )
+            if built.tile_rows:
+                # A few rows per group (one fragment per tile touched): one INSERT of arrays, not a COPY.
+                await conn.execute(TILES_INSERT, *(list(column) for column in zip(*built.tile_rows, strict=True)))
             if built.new_batches:
                 await conn.copy_records_to_table(
                     "batches", records=built.new_batches,
@@ -316,6 +372,7 @@ class LogWriter:
                 )
         # Committed: from here on the records are durable.
         self.head_sequence, self.head_hash = built.end_sequence, built.end_hash
+        self.frontier = built.end_frontier
         count = len(built.rows)
         self.stats.groups += 1
         self.stats.records += count

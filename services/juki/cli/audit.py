@@ -1,5 +1,11 @@
-"""Audit verbs: ``juki audit verify`` (recompute the access log's chain and check its checkpoints) and
-``juki audit purge`` (the privileged retention purge).
+"""Audit verbs: ``juki audit verify`` (recompute the access log's chain and Merkle tree and check its
+checkpoints) and ``juki audit purge`` (the privileged retention purge).
+
+``verify`` is incremental: it keeps, in a state file of its own (``--state``, by default
+``<data dir>/audit/<schema>.json``), the tree state at the last signed checkpoint it verified, and the
+next run continues from there: the stored tree must still have that root at that size, the consistency
+proof from it to the latest checkpoint must verify, and only the records appended since are hashed.
+``--full`` recomputes the whole log (and every stored tile hash) from its first record.
 
 ``verify`` reads the database directly with the administrative URL of the local mesh (from
 ``endpoints.json``) or ``--database-url``, and checks checkpoint signatures against the signing
@@ -23,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from juki.accesslog import chain
 from juki.accesslog.retention import DEFAULT_RETENTION, purge
-from juki.accesslog.verify import verify_log
+from juki.accesslog.verify import DEFAULT_ORIGIN, TreeState, verify_log
 from juki.cli.main import add_data_dir
 from juki.mesh.errors import SettingsError
 from juki.mesh.settings import default_data_dir
@@ -40,6 +46,11 @@ def register(sub: Any) -> None:
     verify.add_argument("--via-service", action="store_true",
                         help="ask the running access-log service (VerifyLog) instead of reading the database")
     verify.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    verify.add_argument("--full", action="store_true",
+                        help="recompute the whole log instead of continuing from the last verified checkpoint")
+    verify.add_argument("--state", type=Path,
+                        help="the auditor's state file (default: <data dir>/audit/<schema>.json)")
+    verify.add_argument("--origin", default=DEFAULT_ORIGIN, help=f"the log's origin (default {DEFAULT_ORIGIN})")
     verify.set_defaults(func=cmd_verify)
 
     purge_parser = asub.add_parser(
@@ -78,11 +89,40 @@ def _resolve(args: argparse.Namespace) -> tuple[str, Path, Path]:
     return str(url), Path(ca), Path(cert)
 
 
+def _state_file(args: argparse.Namespace) -> Path:
+    if args.state is not None:
+        return Path(args.state)
+    return (args.data_dir or default_data_dir()).expanduser() / "audit" / f"{args.schema}.json"
+
+
+def _load_state(path: Path, origin: str) -> TreeState | None:
+    """The tree state of the last verified checkpoint; None (a full run) when absent or unusable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("origin") != origin:
+            return None
+        return TreeState.from_json(data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+        print(f"warning: ignoring the audit state {path} ({exc}); verifying the whole log", file=sys.stderr)
+        return None
+
+
+def _save_state(path: Path, origin: str, state: TreeState, note: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"origin": origin, "checkpoint": note, **state.to_json()}), encoding="utf-8")
+    temporary.replace(path)  # never a half-written state
+
+
 async def cmd_verify(args: argparse.Namespace) -> int:
     if args.via_service:
         return await _verify_via_service(args)
     url, ca, cert = _resolve(args)
     verifier = chain.CheckpointVerifier(cert, ca)
+    state_file = _state_file(args)
+    resume = None if args.full else _load_state(state_file, args.origin)
     conn = await asyncpg.connect(url)
     try:
         total = await conn.fetchval(f'SELECT count(*) FROM "{args.schema}".records')
@@ -92,13 +132,22 @@ async def cmd_verify(args: argparse.Namespace) -> int:
         ) as progress:
             task = progress.add_task("verify", total=total)
             result = await verify_log(
-                conn, verifier, schema=args.schema,
+                conn, verifier, schema=args.schema, resume=resume, origin=args.origin,
                 progress=lambda done, _total: progress.update(task, completed=done),
             )
     finally:
         await conn.close()
     latest = result.latest_checkpoint
+    tree = result.tree
+    if result.ok and tree is not None and tree.at_latest is not None and tree.latest is not None:
+        _save_state(state_file, args.origin, tree.at_latest, tree.latest.note)
     return _report(args, {
+        "mode": "incremental" if tree is not None and tree.resumed_from else "full",
+        "resumed_from_tree_size": tree.resumed_from if tree is not None else 0,
+        "records_hashed": tree.records_hashed if tree is not None else 0,
+        "tree_checkpoints_checked": tree.checkpoints_checked if tree is not None else 0,
+        "latest_tree_size": tree.latest.tree_size if tree is not None and tree.latest is not None else 0,
+        "consistency_proof_checked": bool(tree is not None and tree.consistency_checked),
         "ok": result.ok,
         "records_checked": result.records_checked,
         "checkpoints_checked": result.checkpoints_checked,
@@ -135,6 +184,13 @@ def _report(args: argparse.Namespace, figures: dict[str, Any]) -> int:
         print(f"access log intact: {figures['records_checked']} records chain, "
               f"{figures['checkpoints_checked']} checkpoint(s) verify "
               f"(latest covers sequence {figures['latest_checkpoint_sequence']})")
+        if figures.get("mode"):
+            print(f"Merkle tree: {figures['mode']} verification"
+                  + (f" from the checkpoint of size {figures['resumed_from_tree_size']}"
+                     if figures["resumed_from_tree_size"] else "")
+                  + f", {figures['records_hashed']} leaves hashed, {figures['tree_checkpoints_checked']} signed tree"
+                  f" checkpoint(s) verify (latest of size {figures['latest_tree_size']})"
+                  + (", consistency proof verified" if figures["consistency_proof_checked"] else ""))
     else:
         print(f"access log TAMPERED: first bad sequence {figures['first_bad_sequence']}: {figures['problem']}")
     return 0 if figures["ok"] else 1

@@ -3,11 +3,15 @@
 With ``--card N --pin P`` the resident proves identity with the 住基カード and PIN; without them the
 demo counter operator of the local mesh signs an operator proof (photo ID checked at the counter).
 The call is made as the mesh's ``operator`` client identity (a counter terminal).
+
+The JSON form carries, for each provision, its access-log leaf and inclusion proof, and the signed
+checkpoints and signing certificate they lead to: ``juki proof verify FILE`` checks it offline.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import html
 import json
@@ -90,6 +94,12 @@ class Document:
     proof: str
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(JAPAN_TIME))
     truncated: bool = False
+    # The access log's signed tree checkpoints (by tree size) the provisions' proofs lead to (each page
+    # is proven into the checkpoint taken for it), the tree size of each provision's proof, and the
+    # certificate of the signing key.
+    checkpoints: dict[int, str] = field(default_factory=dict)
+    proof_sizes: list[int] = field(default_factory=list)
+    signing_certificate: str = ""
 
 
 def _date(value: dt.date | None) -> common_pb2.Date | None:
@@ -124,6 +134,8 @@ async def fetch(args: argparse.Namespace) -> Document:
         token = ""
         reply: disclosure_pb2.GetDisclosureResponse | None = None
         truncated = False
+        checkpoints: dict[int, str] = {}
+        proof_sizes: list[int] = []
         while True:
             request = disclosure_pb2.GetDisclosureRequest(
                 resident_code=args.resident_code, page_size=args.page_size, page_token=token,
@@ -140,6 +152,11 @@ async def fetch(args: argparse.Namespace) -> Document:
             page = await stub.GetDisclosure(request, timeout=600)
             reply = reply or page
             provisions += list(page.provisions)
+            note = page.integrity.tree_checkpoint
+            size = int(note.split("\n")[1]) if note.count("\n") >= 2 and note.split("\n")[1].isdigit() else 0
+            if size:
+                checkpoints[size] = note
+            proof_sizes += [size] * len(page.provisions)
             token = page.next_page_token
             if not token:
                 break
@@ -149,7 +166,8 @@ async def fetch(args: argparse.Namespace) -> Document:
     assert reply is not None
     return Document(args.resident_code, reply.identity, list(reply.history), provisions, reply.integrity,
                     "住基カード及び暗証番号" if args.card else "窓口における本人確認（写真付き身分証明書）",
-                    truncated=truncated)
+                    truncated=truncated, checkpoints=checkpoints, proof_sizes=proof_sizes,
+                    signing_certificate=reply.integrity.signing_certificate)
 
 
 def integrity_statement(doc: Document) -> str:
@@ -167,8 +185,40 @@ def integrity_statement(doc: Document) -> str:
     return f"提供記録の完全性: 検証に失敗しました（{report.problem}）。この開示内容は改ざんされている可能性があります。"
 
 
+def provision_row(p: disclosure_pb2.Provision, resident_code: str) -> dict[str, Any]:
+    """One provision as the resident reads it (the same words in every format)."""
+    return {
+        "記録番号": p.sequence,
+        "提供年月日": _stamp(p.provided_at),
+        "機能区分": QUERY_MODE_LABELS.get(p.query_mode, "—"),
+        "利用事由": p.reason,
+        "提供事務区分": f"{p.purpose_name}（{p.purpose}）",
+        "提供元": PROVIDER_NAMES.get(p.provider, p.provider) + f"［{TIER_LABELS.get(p.provider_tier, '—')}］",
+        "提供先": p.recipient_name or p.recipient,
+        "提供した情報": "・".join(FIELD_LABELS.get(f, "?") for f in p.fields)
+        + (f"（旧住民票コード {p.resident_code} による提供）"
+           if p.resident_code and p.resident_code != resident_code else ""),
+    }
+
+
+PROOF_KEY = "透明性ログの証明"
+LOG_KEY = "透明性ログ"
+
+
+def _with_proof(row: dict[str, Any], p: disclosure_pb2.Provision, tree_size: int) -> dict[str, Any]:
+    if p.leaf and tree_size:
+        row[PROOF_KEY] = {
+            "leaf_index": p.sequence - 1,
+            "tree_size": tree_size,
+            "leaf": base64.b64encode(p.leaf).decode(),
+            "inclusion_proof": [base64.b64encode(h).decode() for h in p.inclusion_proof],
+        }
+    return row
+
+
 def as_dict(doc: Document) -> dict[str, Any]:
     identity = doc.identity
+    sizes = doc.proof_sizes or [0] * len(doc.provisions)
     return {
         "title": TITLE,
         "作成日時": doc.created_at.isoformat(),
@@ -189,19 +239,7 @@ def as_dict(doc: Document) -> dict[str, Any]:
             for h in doc.history
         ],
         "提供状況": [
-            {
-                "記録番号": p.sequence,
-                "提供年月日": _stamp(p.provided_at),
-                "機能区分": QUERY_MODE_LABELS.get(p.query_mode, "—"),
-                "利用事由": p.reason,
-                "提供事務区分": f"{p.purpose_name}（{p.purpose}）",
-                "提供元": PROVIDER_NAMES.get(p.provider, p.provider) + f"［{TIER_LABELS.get(p.provider_tier, '—')}］",
-                "提供先": p.recipient_name or p.recipient,
-                "提供した情報": "・".join(FIELD_LABELS.get(f, "?") for f in p.fields)
-                + (f"（旧住民票コード {p.resident_code} による提供）"
-                   if p.resident_code and p.resident_code != doc.resident_code else ""),
-            }
-            for p in doc.provisions
+            _with_proof(provision_row(p, doc.resident_code), p, size) for p, size in zip(doc.provisions, sizes, strict=True)
         ],
         "一部省略": doc.truncated,
         "完全性": {
@@ -209,6 +247,11 @@ def as_dict(doc: Document) -> dict[str, Any]:
             "説明": integrity_statement(doc),
             "検証した記録数": doc.integrity.records_checked,
             "最新チェックポイント": doc.integrity.checkpoint_sequence,
+        },
+        # What `juki proof verify` needs besides the CA certificate.
+        LOG_KEY: {
+            "checkpoints": [doc.checkpoints[size] for size in sorted(doc.checkpoints)],
+            "signing_certificate": doc.signing_certificate,
         },
     }
 

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "juki.cli.card",
     "juki.cli.disclose",
     "juki.cli.audit",
+    "juki.cli.proof",
     "juki.cli.bench",
     "juki.cli.traces",
 )

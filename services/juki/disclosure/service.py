@@ -8,7 +8,10 @@ Flow of GetDisclosure:
      information is returned, as every provision is;
   4. the current record and its history come from the national intake, the provisions from the
      access log (for this resident's code only: the log is keyed by its pseudonym), the integrity
-     report from the access log's verification and its latest signed checkpoint.
+     report from the access log's verification and its latest signed checkpoint;
+  5. each provision carries its Merkle tree leaf and inclusion proof in the tree of a signed checkpoint
+     taken after the disclosure's own record was durable, so the resident can check offline (with the
+     CA certificate alone) that what is shown is what the log holds (``juki proof verify``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,37 @@ T = TypeVar("T")
 
 # Refusals of the disclosure service's own identity by a peer; never passed on as the caller's.
 _NOT_THE_CALLERS = frozenset({Reason.PEER_NOT_AUTHORISED, Reason.UNAUTHENTICATED, Reason.CERTIFICATE_REVOKED})
+
+
+def checkpoint_tree_size(note: str) -> int:
+    """The tree size of a C2SP checkpoint note (its second line). The signature is the resident's to
+    check offline; the disclosure service needs the size only to ask for proofs into that tree."""
+    lines = note.split("\n")
+    if len(lines) < 3 or not lines[1].isascii() or not lines[1].isdigit():
+        raise JukiError(Reason.DEPENDENCY_UNAVAILABLE, "the access log sent a malformed checkpoint",
+                        retry_after_seconds=1)
+    return int(lines[1])
+
+
+def purpose_name(record: accesslog_pb2.ProvisionRecord, policy: Policy) -> str:
+    if record.purpose_name:
+        return record.purpose_name
+    agency = policy.agency(record.recipient)
+    purpose = agency.purposes.get(record.purpose) if agency is not None else None
+    return purpose.name if purpose is not None else record.purpose
+
+
+def shown_provision(record: accesslog_pb2.ProvisionRecord, sequence: int, policy: Policy) -> disclosure_pb2.Provision:
+    """A logged record as shown to the resident. Pure: ``juki proof verify`` applies it to the proven leaf
+    to check each shown field against the record the log holds."""
+    return disclosure_pb2.Provision(
+        provided_at=record.provided_at, query_mode=record.query_mode,
+        reason=record.reason or purpose_name(record, policy), purpose=record.purpose,
+        purpose_name=purpose_name(record, policy), provider=record.provider,
+        provider_tier=record.provider_tier, recipient=record.recipient,
+        recipient_name=record.recipient_name, fields=record.fields, sequence=sequence,
+        resident_code=record.resident_code,
+    )
 
 
 def forwarded(exc: grpc.aio.AioRpcError, service: str) -> JukiError:
@@ -166,13 +200,6 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
         except grpc.aio.AioRpcError as exc:  # the refusal stands whether or not it could be logged
             log.warning("could not log a refused disclosure: %s", exc.code().name)
 
-    def _purpose_name(self, provision: accesslog_pb2.ProvisionRecord) -> str:
-        if provision.purpose_name:
-            return provision.purpose_name
-        agency = self._policy.agency(provision.recipient)
-        purpose = agency.purposes.get(provision.purpose) if agency is not None else None
-        return purpose.name if purpose is not None else provision.purpose
-
     async def GetDisclosure(
         self, request: disclosure_pb2.GetDisclosureRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> disclosure_pb2.GetDisclosureResponse:
@@ -219,17 +246,17 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
         earlier.discard(request.resident_code)
         earlier.discard("")
         list_request.other_resident_codes.extend(sorted(earlier)[:16])
+        # The checkpoint is taken after the disclosure's own record was made durable, and the listing is
+        # cut at its tree size, so every provision shown comes with a proof into that signed tree.
+        tree = await call("access log", self._accesslog.GetCheckpoint(
+            accesslog_pb2.GetCheckpointRequest(), timeout=self._timeout))
+        list_request.proof_tree_size = checkpoint_tree_size(tree.tree_checkpoint)
         listed = await call("access log", self._accesslog.ListProvisions(list_request, timeout=self._timeout))
         for logged in listed.provisions:
-            record = logged.record
-            response.provisions.append(disclosure_pb2.Provision(
-                provided_at=record.provided_at, query_mode=record.query_mode,
-                reason=record.reason or self._purpose_name(record), purpose=record.purpose,
-                purpose_name=self._purpose_name(record), provider=record.provider,
-                provider_tier=record.provider_tier, recipient=record.recipient,
-                recipient_name=record.recipient_name, fields=record.fields, sequence=logged.sequence,
-                resident_code=record.resident_code,
-            ))
+            shown = shown_provision(logged.record, logged.sequence, self._policy)
+            shown.leaf = logged.leaf
+            shown.inclusion_proof.extend(logged.inclusion_proof)
+            response.provisions.append(shown)
         response.next_page_token = listed.next_page_token
 
         verified = await call("access log", self._accesslog.VerifyLog(
@@ -247,6 +274,8 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
         response.integrity.problem = verified.problem
         response.integrity.signing_key_id = checkpoint.key_id
         response.integrity.verified_through_sequence = verified.through_sequence
+        response.integrity.tree_checkpoint = tree.tree_checkpoint
+        response.integrity.signing_certificate = tree.signing_certificate
         if verified.HasField("full_verified_at"):
             response.integrity.full_verified_at.CopyFrom(verified.full_verified_at)
         newest = max((p.sequence for p in response.provisions), default=0)

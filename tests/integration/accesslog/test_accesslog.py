@@ -355,3 +355,70 @@ async def test_list_provisions_across_earlier_codes(live_log: LiveLog) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await reader.ListProvisions(accesslog_pb2.ListProvisionsRequest(resident_code=new, other_resident_codes=["1"]))
     assert _bad_fields(caught.value) == ["other_resident_codes[0]"]
+
+
+async def tree_from_records(database: Any, schema: str) -> tuple[int, bytes, bytes]:
+    """(size, root recomputed from every record, root computed from the stored tiles)."""
+    from juki.accesslog import merkle, tiles
+
+    admin = await database.admin()
+    try:
+        rows = await admin.fetch(
+            f'SELECT sequence, subject, (EXTRACT(EPOCH FROM provided_at) * 1000000)::bigint AS p,'
+            f' (EXTRACT(EPOCH FROM recorded_at) * 1000000)::bigint AS r, outcome, payload'
+            f' FROM "{schema}".records ORDER BY sequence'
+        )
+        frontier = merkle.Frontier()
+        for row in rows:
+            frontier.append(merkle.leaf_hash(chain.canonical_bytes(
+                row["sequence"], row["p"], row["r"], row["outcome"], bytes(row["subject"]), bytes(row["payload"]))))
+        size = await tiles.tree_size(admin, schema)
+        stored = await tiles.root_at(admin, size, schema)
+    finally:
+        await admin.close()
+    assert size == frontier.size
+    return size, frontier.root(), stored
+
+
+async def test_tiles_hold_the_tree_of_the_records_across_replicas_and_restarts(live_log: LiveLog, database: Any) -> None:
+    from juki.accesslog.app import create
+
+    from tests.conftest import running
+
+    stub = live_log.stub()
+    for count in (1, 255, 1, 300, 7):  # commits that straddle tile boundaries
+        await stub.Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(count, seed=count)]))
+    second = create(live_log.settings)
+    async with running(live_log.settings, second) as address:
+        other = LiveLog(live_log.settings, second, address, live_log.schema, live_log.ca)
+        stubs = [stub, other.stub()]
+        await asyncio.gather(*[
+            stubs[index % 2].Append(accesslog_pb2.AppendRequest(records=[provision(code)] * 9))
+            for index, code in enumerate(codes(30, seed=22))
+        ])
+        await other.close()
+    await stub.Append(accesslog_pb2.AppendRequest(records=[provision(codes(1, seed=23)[0])]))
+    size, recomputed, stored = await tree_from_records(database, live_log.schema)
+    assert size == 564 + 270 + 1
+    assert stored == recomputed
+    assert live_log.app.writer is not None and live_log.app.writer.frontier.root() == recomputed
+
+
+async def test_a_log_written_before_the_tree_existed_gets_its_tiles_at_start(live_log: LiveLog, database: Any) -> None:
+    from juki.accesslog.app import create
+
+    from tests.conftest import running
+
+    await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(300, seed=3)]))
+    admin = await database.admin()
+    try:
+        await admin.execute(f'DELETE FROM "{live_log.schema}".tiles')  # as before migration 0002
+    finally:
+        await admin.close()
+    restarted = create(live_log.settings)
+    async with running(live_log.settings, restarted) as address:
+        other = LiveLog(live_log.settings, restarted, address, live_log.schema, live_log.ca)
+        await other.stub().Append(accesslog_pb2.AppendRequest(records=[provision(codes(1, seed=4)[0])]))
+        await other.close()
+    size, recomputed, stored = await tree_from_records(database, live_log.schema)
+    assert size == 301 and stored == recomputed

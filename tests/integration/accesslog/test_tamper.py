@@ -6,6 +6,8 @@ import asyncio
 import datetime as dt
 import json
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,11 +21,13 @@ pytestmark = pytest.mark.timeout(120)
 
 
 async def audit(database: Any, ca: Any, schema: str, *extra: str) -> tuple[int, dict[str, Any]]:
-    """Run `juki audit verify --json` as a real process against the admin URL."""
+    """Run `juki audit verify --json` as a real process against the admin URL (its state file beside the
+    other tests' temporary files, one per log)."""
+    state = Path(tempfile.gettempdir()) / "juki-audit-state" / f"{schema}.json"
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "juki", "audit", "verify", "--json", "--database-url", database.admin_url,
         "--schema", schema, "--ca", str(ca.ca_cert_path), "--signing-cert", str(ca.paths("signing", "accesslog")[0]),
-        *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        "--state", str(state), *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await process.communicate()
     assert process.returncode is not None
@@ -198,3 +202,60 @@ async def test_juki_audit_purge_command(live_log: LiveLog, database: Any, ca: An
     assert reply.first_sequence == 11  # sequences continue after the purged ones, chained from the anchor
     code, report = await audit(database, ca, live_log.schema)
     assert code == 0 and report["first_sequence"] == 11 and report["records_checked"] == 1, report
+
+
+async def test_audit_continues_from_the_last_verified_checkpoint(live_log: LiveLog, database: Any, ca: Any) -> None:
+    auditor = live_log.stub("operator", "demo-operator")
+    await filled(live_log)  # records 1..20, tree checkpoint of size 20
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 0 and report["mode"] == "full" and report["records_hashed"] == 20, report
+    await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(300, seed=5)]))
+    await auditor.GetCheckpoint(accesslog_pb2.GetCheckpointRequest())  # tree checkpoint of size 320
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 0, report
+    assert (report["mode"], report["resumed_from_tree_size"], report["records_hashed"]) == ("incremental", 20, 300)
+    assert report["consistency_proof_checked"] and report["latest_tree_size"] == 320
+    # An old record altered after it was verified: an incremental run does not re-read it; --full does.
+    await admin_execute(database, f'UPDATE "{live_log.schema}".records SET outcome = 2 WHERE sequence = 5')
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 0 and report["records_hashed"] == 0, report
+    code, report = await audit(database, ca, live_log.schema, "--full")
+    assert code == 1 and report["first_bad_sequence"] == 5, report
+
+
+async def test_an_altered_stored_tile_hash_is_named(live_log: LiveLog, database: Any, ca: Any) -> None:
+    await filled(live_log)
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 0, report
+    # Leaf 7 (record 8) in the stored level-0 tile: the records are untouched, the tree is not. The
+    # records came in batches of 5, so the tile is stored as fragments of 5; leaf 7 is third in the second.
+    await admin_execute(
+        database,
+        f'UPDATE "{live_log.schema}".tiles SET hashes = overlay(hashes placing \'\\x{"ab" * 32}\'::bytea'
+        f" from 2 * 32 + 1 for 32) WHERE level = 0 AND tile_index = 0 AND end_width = 10",
+    )
+    code, report = await audit(database, ca, live_log.schema)  # incremental: the old root no longer holds
+    assert code == 1 and report["first_bad_sequence"] == 20 and "root verified before" in report["problem"], report
+    code, report = await audit(database, ca, live_log.schema, "--full")
+    assert code == 1 and report["first_bad_sequence"] == 8 and "tile hash of record 8" in report["problem"], report
+
+
+async def test_a_forked_tree_two_roots_for_one_size_is_detected(live_log: LiveLog, database: Any, ca: Any) -> None:
+    from juki.accesslog import notes
+
+    await filled(live_log)  # tree checkpoint of size 20
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 0, report
+    # The log (its key) signs a second, different root for size 20: a split view shown to someone else.
+    signer = chain.Signer(ca.paths("signing", "accesslog")[1]).note_signer("juki.local/accesslog")
+    forked = signer.sign(notes.Checkpoint("juki.local/accesslog", 20, bytes(32)).body())
+    conn = await database.admin()
+    try:
+        await conn.execute(
+            f'INSERT INTO "{live_log.schema}".tree_checkpoints (tree_size, root_hash, signed_at_ns, note)'
+            " VALUES (20, $1, 1, $2)", bytes(32), forked)
+    finally:
+        await conn.close()
+    for extra in ((), ("--full",)):
+        code, report = await audit(database, ca, live_log.schema, *extra)
+        assert code == 1 and report["first_bad_sequence"] == 20 and "forked" in report["problem"], report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import json
@@ -251,6 +252,73 @@ async def test_juki_disclose_documents(mesh: Mesh, database: Any, fmt: str, tmp_
         assert len(document["提供状況"]) == 3 and document["完全性"]["検証結果"] == "検証済み"
     else:
         assert "検証済み" in text and "チェックポイント" in text
+
+
+async def proof_verify(path: Path, ca: Path) -> tuple[int, str]:
+    """`juki proof verify FILE --ca CA` as a real process: offline, nothing but the file and the CA."""
+    import asyncio
+    import sys
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "juki", "proof", "verify", str(path), "--ca", str(ca),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None, err.decode()
+    return process.returncode, out.decode() + err.decode()
+
+
+async def test_disclosure_proofs_verify_offline_and_a_tampered_field_is_named(
+    mesh: Mesh, database: Any, tmp_path: Path
+) -> None:
+    from juki.cli.disclose import cmd_disclose
+    from juki.cli.main import build_parser
+
+    me = await seed_resident(database, random.Random("offline-proof"))
+    await mesh.log().Append(accesslog_pb2.AppendRequest(records=[
+        provision(me, purpose="B1-PENSION-BENEFIT", seconds=1_704_034_800 + i) for i in range(3)]))
+    await mesh.log().Append(accesslog_pb2.AppendRequest(records=[  # others' records grow the tree around mine
+        provision(code) for code in (generate_resident_code(random.Random(i)) for i in range(40))]))
+    out = tmp_path / "disclosure.json"
+    args = build_parser().parse_args(["disclose", me, "--data-dir", str(endpoints_for(tmp_path, mesh)),
+                                      "--format", "json", "--out", str(out), "--page-size", "2"])
+    assert await cmd_disclose(args) == 0
+    document = json.loads(out.read_text())
+    assert len(document["提供状況"]) == 4
+    assert len(document["透明性ログ"]["checkpoints"]) >= 2  # each page is proven into its own checkpoint
+    code, output = await proof_verify(out, mesh.ca.ca_cert_path)
+    assert code == 0, output
+    assert "4 provision(s)" in output
+
+    def tampered(change: Any) -> Path:
+        copy = json.loads(out.read_text())
+        change(copy)
+        path = tmp_path / f"tampered-{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(copy, ensure_ascii=False))
+        return path
+
+    def flip(text: str) -> str:
+        raw = bytearray(base64.b64decode(text))
+        raw[-1] ^= 1
+        return base64.b64encode(bytes(raw)).decode()
+
+    cases: list[tuple[Any, str]] = [
+        (lambda d: d["提供状況"][1].__setitem__("提供先", "株式会社どこか"), "提供状況[1].提供先"),
+        (lambda d: d["提供状況"][2].__setitem__("利用事由", "別の事由"), "提供状況[2].利用事由"),
+        (lambda d: d["提供状況"][3].__setitem__("記録番号", 999), "提供状況[3].記録番号"),
+        (lambda d: d["提供状況"][0]["透明性ログの証明"]["inclusion_proof"].__setitem__(
+            0, flip(d["提供状況"][0]["透明性ログの証明"]["inclusion_proof"][0])), "提供状況[0].透明性ログの証明"),
+        (lambda d: d["提供状況"][1]["透明性ログの証明"].__setitem__(
+            "leaf", flip(d["提供状況"][1]["透明性ログの証明"]["leaf"])), "提供状況[1]"),
+        (lambda d: d["透明性ログ"]["checkpoints"].__setitem__(
+            0, d["透明性ログ"]["checkpoints"][0].replace("\n", "\n1", 1)), "透明性ログ.checkpoints[0]"),
+        (lambda d: d["透明性ログ"].__setitem__(
+            "signing_certificate", mesh.ca.paths("operator", "demo-operator")[0].read_text()),
+         "透明性ログ.signing_certificate"),
+    ]
+    for change, named in cases:
+        code, output = await proof_verify(tampered(change), mesh.ca.ca_cert_path)
+        assert code == 1 and f"proof FAILED: {named}" in output, (named, output)
 
 
 @pytest.fixture

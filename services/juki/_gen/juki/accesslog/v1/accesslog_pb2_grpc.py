@@ -61,6 +61,16 @@ class AccessLogServiceStub:
                 request_serializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetCheckpointRequest.SerializeToString,
                 response_deserializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetCheckpointResponse.FromString,
                 _registered_method=True)
+        self.GetInclusionProof = channel.unary_unary(
+                '/juki.accesslog.v1.AccessLogService/GetInclusionProof',
+                request_serializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetInclusionProofRequest.SerializeToString,
+                response_deserializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetInclusionProofResponse.FromString,
+                _registered_method=True)
+        self.GetConsistencyProof = channel.unary_unary(
+                '/juki.accesslog.v1.AccessLogService/GetConsistencyProof',
+                request_serializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetConsistencyProofRequest.SerializeToString,
+                response_deserializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetConsistencyProofResponse.FromString,
+                _registered_method=True)
 
 
 class AccessLogServiceServicer:
@@ -99,7 +109,22 @@ class AccessLogServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetCheckpoint(self, request, context):
-        """Returns the latest signed checkpoint.
+        """Returns the latest signed checkpoint, signing one first when the log has grown since the last; with
+        since_checkpoint, also the consistency proof from that checkpoint to the returned one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInclusionProof(self, request, context):
+        """Returns the RFC 9162 inclusion proof of one leaf in the tree of a given size (O(log n) stored hashes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsistencyProof(self, request, context):
+        """Returns the RFC 9162 consistency proof between two tree sizes: the larger tree extends the smaller.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,6 +157,16 @@ def add_AccessLogServiceServicer_to_server(servicer, server):
                     servicer.GetCheckpoint,
                     request_deserializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetCheckpointRequest.FromString,
                     response_serializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetCheckpointResponse.SerializeToString,
+            ),
+            'GetInclusionProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInclusionProof,
+                    request_deserializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetInclusionProofRequest.FromString,
+                    response_serializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetInclusionProofResponse.SerializeToString,
+            ),
+            'GetConsistencyProof': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsistencyProof,
+                    request_deserializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetConsistencyProofRequest.FromString,
+                    response_serializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetConsistencyProofResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +306,60 @@ class AccessLogService:
             '/juki.accesslog.v1.AccessLogService/GetCheckpoint',
             juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetCheckpointRequest.SerializeToString,
             juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInclusionProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/juki.accesslog.v1.AccessLogService/GetInclusionProof',
+            juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetInclusionProofRequest.SerializeToString,
+            juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetInclusionProofResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsistencyProof(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/juki.accesslog.v1.AccessLogService/GetConsistencyProof',
+            juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetConsistencyProofRequest.SerializeToString,
+            juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetConsistencyProofResponse.FromString,
             options,
             channel_credentials,
             insecure,

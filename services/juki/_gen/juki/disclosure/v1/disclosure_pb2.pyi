@@ -96,6 +96,8 @@ class Provision(_message.Message):
     FIELDS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     RESIDENT_CODE_FIELD_NUMBER: _builtins.int
+    LEAF_FIELD_NUMBER: _builtins.int
+    INCLUSION_PROOF_FIELD_NUMBER: _builtins.int
     query_mode: _common_pb2.QueryMode.ValueType
     """Function (機能区分)."""
     reason: _builtins.str
@@ -118,6 +120,11 @@ class Provision(_message.Message):
     """Resident code the provision was made under: the requested one, or an earlier (retired) code of
     the same resident.
     """
+    leaf: _builtins.bytes
+    """The access log's Merkle tree leaf of this provision (the canonical bytes of its stored record) and
+    the leaf's inclusion proof in the tree of IntegrityReport.tree_checkpoint (leaf index sequence - 1):
+    with the CA certificate alone, anyone can check that the provision shown is the one logged.
+    """
     @_builtins.property
     def provided_at(self) -> _timestamp_pb2.Timestamp:
         """Date and time of provision (提供年月日)."""
@@ -125,6 +132,10 @@ class Provision(_message.Message):
     @_builtins.property
     def fields(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Field.ValueType]:
         """Information provided."""
+
+    @_builtins.property
+    def inclusion_proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Inclusion proof of leaf, nearest sibling first (RFC 9162)."""
 
     def __init__(
         self,
@@ -141,10 +152,12 @@ class Provision(_message.Message):
         fields: _abc.Iterable[_common_pb2.Field.ValueType] | None = ...,
         sequence: _builtins.int = ...,
         resident_code: _builtins.str = ...,
+        leaf: _builtins.bytes = ...,
+        inclusion_proof: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provided_at", b"provided_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "provided_at", b"provided_at", "provider", b"provider", "provider_tier", b"provider_tier", "purpose", b"purpose", "purpose_name", b"purpose_name", "query_mode", b"query_mode", "reason", b"reason", "recipient", b"recipient", "recipient_name", b"recipient_name", "resident_code", b"resident_code", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "inclusion_proof", b"inclusion_proof", "leaf", b"leaf", "provided_at", b"provided_at", "provider", b"provider", "provider_tier", b"provider_tier", "purpose", b"purpose", "purpose_name", b"purpose_name", "query_mode", b"query_mode", "reason", b"reason", "recipient", b"recipient", "recipient_name", b"recipient_name", "resident_code", b"resident_code", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -216,6 +229,8 @@ class IntegrityReport(_message.Message):
     SIGNING_KEY_ID_FIELD_NUMBER: _builtins.int
     VERIFIED_THROUGH_SEQUENCE_FIELD_NUMBER: _builtins.int
     FULL_VERIFIED_AT_FIELD_NUMBER: _builtins.int
+    TREE_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    SIGNING_CERTIFICATE_FIELD_NUMBER: _builtins.int
     chain_verified: _builtins.bool
     """True when the access log's hash chain verified up to the checkpoint."""
     checkpoint_sequence: _builtins.int
@@ -230,6 +245,12 @@ class IntegrityReport(_message.Message):
     """Id of the checkpoint signing key (hex SHA-256 of its Ed25519 public key)."""
     verified_through_sequence: _builtins.int
     """The highest access-log record the verification covered; every provision listed is at or below it."""
+    tree_checkpoint: _builtins.str
+    """The access log's signed tree checkpoint (C2SP tlog-checkpoint in a signed note) every listed
+    provision's inclusion proof leads to.
+    """
+    signing_certificate: _builtins.str
+    """PEM certificate of the checkpoint signing key, issued by the mesh CA."""
     @_builtins.property
     def checkpoint_signed_at(self) -> _timestamp_pb2.Timestamp:
         """When that checkpoint was signed."""
@@ -255,10 +276,12 @@ class IntegrityReport(_message.Message):
         signing_key_id: _builtins.str = ...,
         verified_through_sequence: _builtins.int = ...,
         full_verified_at: _timestamp_pb2.Timestamp | None = ...,
+        tree_checkpoint: _builtins.str = ...,
+        signing_certificate: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_signed_at", b"checkpoint_signed_at", "full_verified_at", b"full_verified_at", "verified_at", b"verified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_verified", b"chain_verified", "checkpoint_sequence", b"checkpoint_sequence", "checkpoint_signed_at", b"checkpoint_signed_at", "checkpoints_checked", b"checkpoints_checked", "full_verified_at", b"full_verified_at", "problem", b"problem", "records_checked", b"records_checked", "signing_key_id", b"signing_key_id", "verified_at", b"verified_at", "verified_through_sequence", b"verified_through_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_verified", b"chain_verified", "checkpoint_sequence", b"checkpoint_sequence", "checkpoint_signed_at", b"checkpoint_signed_at", "checkpoints_checked", b"checkpoints_checked", "full_verified_at", b"full_verified_at", "problem", b"problem", "records_checked", b"records_checked", "signing_certificate", b"signing_certificate", "signing_key_id", b"signing_key_id", "tree_checkpoint", b"tree_checkpoint", "verified_at", b"verified_at", "verified_through_sequence", b"verified_through_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

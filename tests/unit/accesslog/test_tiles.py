@@ -1,0 +1,48 @@
+"""Tile fragments written commit by commit hold the same tree as the leaves, at every level."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from juki.accesslog import merkle, tiles
+
+
+def test_fragments_of_uneven_commits_rebuild_every_root_and_proof() -> None:
+    rng = random.Random(5)
+    frontier = merkle.Frontier()
+    stored: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+    leaves: list[bytes] = []
+    roots = {0: merkle.EMPTY_ROOT}
+    while frontier.size < 70_000:  # past one level-2 tile entry (65,536 leaves)
+        fragments = tiles.Fragments()
+        for _ in range(rng.choice((1, 3, 255, 256, 700, 5000))):
+            leaves.append(merkle.leaf_hash(len(leaves).to_bytes(8, "big")))
+            frontier.append(leaves[-1], fragments)
+        roots[frontier.size] = frontier.root()
+        for level, tile_index, end_width, hashes in fragments.rows():
+            stored.setdefault((level, tile_index), []).append((end_width, hashes))
+    assert (2, 0) in stored
+    assembled = {key: tiles.assemble(key[0], key[1], sorted(parts)) for key, parts in stored.items()}
+    node = tiles.oracle(assembled)
+    for size, expected in roots.items():
+        assert merkle.root(size, node) == expected
+        assert merkle.Frontier.load(size, node).root() == expected
+    size = frontier.size
+    for index in (0, 255, 256, 65_535, 65_536, size - 1):
+        proof = merkle.inclusion_proof(index, size, node)
+        assert merkle.verify_inclusion(leaves[index], index, size, proof, roots[size])
+    first = next(s for s in roots if s > 66_000)
+    proof = merkle.consistency_proof(first, size, node)
+    assert merkle.verify_consistency(first, size, roots[first], roots[size], proof)
+
+
+def test_a_gap_or_an_overlap_in_fragments_is_a_tile_error() -> None:
+    h = bytes(32)
+    assert len(tiles.assemble(0, 0, [(2, h * 2), (3, h)])) == 3
+    with pytest.raises(tiles.TileError):
+        tiles.assemble(0, 0, [(2, h * 2), (4, h)])
+    with pytest.raises(tiles.TileError):
+        tiles.assemble(0, 0, [(2, h * 2), (3, h * 2)])
+    with pytest.raises(tiles.TileError):
+        tiles.oracle({(0, 0): [h]})(1, 0)
