@@ -8,6 +8,8 @@ load is durable at both tiers; a repeated load id is answered from the first loa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -89,7 +91,18 @@ async def bulk_load(
     peer = require_peer()
     store = servicer.store
     summary = intake_pb2.BulkLoadResponse()
-    forwarded: list[intake_pb2.BulkLoadRequest] = []
+    target = servicer.settings.peers.national_intake if not servicer.national else None
+    forwarder = _Forwarder(target, servicer.settings.tls) if target else None
+    try:
+        return await _load(servicer, peer, store, summary, requests, forwarder)
+    finally:
+        if forwarder is not None:
+            await forwarder.close()
+
+
+async def _load(servicer: IntakeServicer, peer: Any, store: Any, summary: intake_pb2.BulkLoadResponse,
+                requests: AsyncIterator[intake_pb2.BulkLoadRequest], forwarder: _Forwarder | None,
+                ) -> intake_pb2.BulkLoadResponse:
     through = 0
     replay = False
     async for request in requests:
@@ -111,15 +124,15 @@ async def bulk_load(
         if replay:
             summary.records_unchanged += len(request.records)
             continue
-        if not servicer.national:
-            forwarded.append(request)
         await _apply_batch(servicer, request, summary)
+        if forwarder is not None:
+            await forwarder.put(request)  # passed on as applied: memory holds a few batches, not the load
     if not summary.load_id:
         raise invalid("load_id", "a load needs at least one batch")
     if replay:
         return summary
-    if forwarded and servicer.settings.peers.national_intake:
-        await _forward(servicer, forwarded)
+    if forwarder is not None:
+        await forwarder.finish()
     async with store.pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "INSERT INTO municipalities AS m (municipality_code, loaded_through) VALUES ($1, $2)"
@@ -198,17 +211,62 @@ async def _apply_batch(
             )
 
 
-async def _forward(servicer: IntakeServicer, requests: list[intake_pb2.BulkLoadRequest]) -> None:
-    target = servicer.settings.peers.national_intake
-    assert target is not None
+FORWARD_WINDOW = 4  # batches applied here and not yet taken by the national intake's stream
 
-    async def batches() -> AsyncIterator[intake_pb2.BulkLoadRequest]:
-        for request in requests:
+
+class _Forwarder:
+    """A prefecture's load passed on to the national intake batch by batch, on one stream, as it is applied.
+
+    The queue between the two is bounded, so a load of millions of records holds at most FORWARD_WINDOW
+    batches in memory (it used to hold the whole load until the end); a slow national intake slows the
+    load down instead. The answer waits for the national intake's own answer, so an answered load is
+    durable at both tiers; a load that failed on the way can be sent again (nothing changes twice).
+    """
+
+    def __init__(self, target: str, tls: Any) -> None:
+        self._target = target
+        self._tls = tls
+        self._queue: asyncio.Queue[intake_pb2.BulkLoadRequest | None] = asyncio.Queue(maxsize=FORWARD_WINDOW)
+        self._task: asyncio.Task[intake_pb2.BulkLoadResponse] | None = None
+        self._channel: grpc.aio.Channel | None = None
+
+    async def _batches(self) -> AsyncIterator[intake_pb2.BulkLoadRequest]:
+        while (request := await self._queue.get()) is not None:
             yield request
 
+    async def put(self, request: intake_pb2.BulkLoadRequest) -> None:
+        if self._task is None:
+            self._channel = secure_channel(self._target, self._tls)
+            stub = intake_pb2_grpc.IntakeServiceStub(self._channel)
+            self._task = asyncio.create_task(_national(stub.BulkLoad(self._batches(), timeout=3600)))
+        put = asyncio.create_task(self._queue.put(request))
+        # Wait for room in the queue, or for the national stream to end early (its failure is the answer).
+        await asyncio.wait({put, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            await self._task  # raises what ended it
+            raise JukiError(Reason.DEPENDENCY_UNAVAILABLE, "the national intake ended the load early; send it again")
+
+    async def finish(self) -> None:
+        if self._task is None:
+            return
+        await self._queue.put(None)
+        await self._task
+
+    async def close(self) -> None:
+        if self._task is not None:
+            if not self._task.done():
+                self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task  # collects its outcome, whatever it was (never left unretrieved)
+        if self._channel is not None:
+            await self._channel.close()
+
+
+async def _national(call: Any) -> intake_pb2.BulkLoadResponse:
     try:
-        async with secure_channel(target, servicer.settings.tls) as channel:
-            await intake_pb2_grpc.IntakeServiceStub(channel).BulkLoad(batches(), timeout=600)
+        response: intake_pb2.BulkLoadResponse = await call
+        return response
     except grpc.aio.AioRpcError as exc:
         raise JukiError(Reason.DEPENDENCY_UNAVAILABLE,
                         f"loaded here, but the national intake did not take the load: {exc.details()}; "

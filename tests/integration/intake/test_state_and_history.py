@@ -130,3 +130,33 @@ async def test_bulk_load_reaches_national_and_is_idempotent(mesh: Mesh) -> None:
         assert found.name.given_name == record.name.given_name
     again = await stub.BulkLoad(batches())
     assert (again.records_applied, again.records_unchanged) == (0, 4)
+
+
+async def test_a_prefecture_passes_a_load_on_while_it_is_still_arriving(mesh: Mesh) -> None:
+    """The national intake holds the first batches before the load's last batch has been sent: the
+    prefecture streams the load on as it applies it instead of holding the whole load in memory."""
+    place = common_pb2.Address(municipality_code=YOKOHAMA, prefecture="神奈川県", municipality="横浜市",
+                               street="中区本町6丁目50番地の10")
+
+    def record(i: int) -> common_pb2.IdentityRecord:
+        return common_pb2.IdentityRecord(
+            resident_code=new_code(), resident_kind=common_pb2.RESIDENT_KIND_JAPANESE,
+            name=common_pb2.PersonName(family_name="流", given_name=f"次郎{i}"),
+            birth_date=date(dt.date(1980, 1, 1 + i)), sex=common_pb2.SEX_MALE, address=place,
+            status=common_pb2.RESIDENT_STATUS_CURRENT, last_changed_on=date(dt.date(2003, 8, 14)),
+        )
+
+    first, last = [record(0), record(1)], [record(2)]
+    load_id = f"stream-{first[0].resident_code}"
+    reached: list[common_pb2.IdentityRecord] = []
+
+    async def batches() -> Any:
+        yield intake_pb2.BulkLoadRequest(load_id=load_id, municipality_code=YOKOHAMA, records=first)
+        # The last batch is held back until the national intake has the first one.
+        reached.append(await national_record(mesh, first[1].resident_code))
+        yield intake_pb2.BulkLoadRequest(load_id=load_id, municipality_code=YOKOHAMA, records=last)
+
+    summary = await mesh.as_municipality(YOKOHAMA).BulkLoad(batches())
+    assert summary.records_applied == 3
+    assert reached and reached[0].name.given_name == "次郎1"
+    assert (await national_record(mesh, last[0].resident_code)).name.given_name == "次郎2"
