@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -107,10 +108,31 @@ def migration_targets(layout: MeshLayout) -> list[db.MigrationTarget]:
     return [db.MigrationTarget(spec.package, spec.instance) for spec in _first_replicas(layout)]
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port for a service to listen on later, below the kernel's ephemeral range.
+
+    A port taken by binding port 0 comes from the ephemeral range, and between here and the moment the
+    child binds it, any outgoing connection on this machine (a gRPC client, a test) may be given the same
+    port as its local end: the child then fails with "Address already in use". Ports below that range are
+    never given to outgoing connections; each is handed out once per process.
+    """
+    high = max(_ephemeral_low() - 1, 20_000)
+    for _ in range(1000):
+        port = random.randint(15_000, high)
+        if port not in _HANDED_OUT and _port_free(port):
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def _port_free(port: int) -> bool:
