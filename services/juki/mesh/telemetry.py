@@ -137,6 +137,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def route_native_stderr(path: str) -> None:
+    """Send what gRPC's C core writes to file descriptor 2 into ``path``; Python keeps the old stderr.
+
+    The C core logs straight to fd 2 (``I1202 ... Handshake failed ...``), bypassing Python's logging,
+    and under ``juki up`` fd 2 is the service's JSON log. Python's own stderr (the JSON handler, an
+    uncaught traceback) moves to a duplicate of the original descriptor, so the service log keeps only
+    JSON lines and the C core's lines land in their own file. Call it before logging is configured.
+    """
+    original = os.dup(2)
+    native = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(native, 2)
+    os.close(native)
+    sys.stderr = open(original, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+
+
 def configure_logging(service: str, level: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
