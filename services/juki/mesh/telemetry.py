@@ -49,9 +49,15 @@ def _choose_exporter() -> SpanExporter | None:
 
 def setup(service_name: str) -> None:
     """Configure tracing and logging once per process."""
+    if setup_tracing(service_name):
+        configure_logging(service_name)
+
+
+def setup_tracing(service_name: str) -> bool:
+    """Configure the tracer provider once per process; False if it was already configured."""
     global _configured
     if _configured:
-        return
+        return False
     _configured = True
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name),
                                 "service.namespace": "juki"})
@@ -60,7 +66,28 @@ def setup(service_name: str) -> None:
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    configure_logging(service_name)
+    return True
+
+
+def export_requested() -> bool:
+    """Whether the standard ``OTEL_*`` variables ask for spans to be exported from this process."""
+    choice = os.environ.get("OTEL_TRACES_EXPORTER", "").split(",")[0].strip().lower()
+    if choice:
+        return choice != "none"
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def setup_client(spiffe_id: str) -> None:
+    """Make a command-line client a traced client when the ``OTEL_*`` variables ask for export.
+
+    Its calls then start CLIENT spans (the channels' interceptors) that the services' spans join, so a
+    trace begins at the caller. The service name is the caller's identity (``agency-jps-client`` for
+    ``spiffe://juki.local/agency/jps``) unless ``OTEL_SERVICE_NAME`` says otherwise. Logging is left as the
+    command set it: a CLI prints for people, not JSON lines.
+    """
+    if export_requested():
+        identity = spiffe_id.removeprefix("spiffe://").split("/", 1)[-1].replace("/", "-")
+        setup_tracing(f"{identity}-client")
 
 
 def shutdown() -> None:
