@@ -3,7 +3,7 @@
 kubernetes-validate ships schemas for built-in kinds only; for an unknown kind it reports "couldn't
 find schema" and its CLI still exits 0. So the CRD kinds are checked here instead, against a
 hand-written subset of the upstream CRDs (cert-manager.io/v1 Certificate and Issuer,
-postgresql.cnpg.io/v1 Cluster): exactly the fields these manifests use, with their types and enums,
+postgresql.cnpg.io/v1 Cluster, monitoring.coreos.com/v1 PrometheusRule): exactly the fields these manifests use, with their types and enums,
 and ``additionalProperties: false`` so that a misspelt or invented field fails. It is narrower than
 the real CRD (a valid upstream field we do not use is also refused): widen it when a manifest needs one.
 """
@@ -170,8 +170,45 @@ CLUSTER = resource(
     ),
 )
 
+# A rule records or alerts, never both; PromQL itself is checked by promtool (tests/k8s/test_alerts.py).
+_RULE_COMMON: dict[str, Schema] = {"expr": STRING, "labels": LABELS}
+PROMETHEUS_RULE = resource(
+    "monitoring.coreos.com/v1",
+    "PrometheusRule",
+    obj(
+        {
+            "groups": {
+                "type": "array",
+                "minItems": 1,
+                "items": obj(
+                    {
+                        "name": STRING,
+                        "interval": DURATION,
+                        "rules": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "oneOf": [
+                                    obj({"record": STRING, **_RULE_COMMON}, ["record", "expr"]),
+                                    obj(
+                                        {"alert": STRING, "for": DURATION, "annotations": LABELS, **_RULE_COMMON},
+                                        ["alert", "expr"],
+                                    ),
+                                ]
+                            },
+                        },
+                    },
+                    ["name", "rules"],
+                ),
+            }
+        },
+        ["groups"],
+    ),
+)
+
 SCHEMAS: dict[tuple[str, str], Schema] = {
     ("cert-manager.io/v1", "Certificate"): CERTIFICATE,
     ("cert-manager.io/v1", "Issuer"): ISSUER,
     ("postgresql.cnpg.io/v1", "Cluster"): CLUSTER,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
 }

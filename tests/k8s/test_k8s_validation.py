@@ -103,7 +103,8 @@ def test_cli_strict_passes_and_warns_only_for_the_crd_kinds(overlay: str, tmp_pa
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert not [line for line in lines if not line.startswith("WARN")], result.stdout
     unschemed = {line.split("kind ")[1].split(" ")[0] for line in lines}
-    assert unschemed == {"Certificate", "Issuer", "Cluster"}
+    # The alert rules (components/monitoring) are in prod only: dev clusters need no Prometheus Operator.
+    assert unschemed == {"Certificate", "Issuer", "Cluster"} | ({"PrometheusRule"} if overlay == "prod" else set())
 
 
 # --- the validators can fail -----------------------------------------------------------------------
@@ -126,10 +127,13 @@ def test_strict_validation_refuses_an_unknown_field_in_a_builtin_kind(render_ove
             "passwordSecrets",
         ),
         ("Cluster", lambda d: d["spec"].update(instances="three"), "three"),
+        ("PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].update(alert="Both"), "Both"),
+        ("PrometheusRule", lambda d: d["spec"]["groups"][-1]["rules"][0].update(For="5m"), "For"),
+        ("PrometheusRule", lambda d: d["spec"]["groups"][-1]["rules"][-1].update({"for": "ten minutes"}), "ten minutes"),
     ],
 )
 def test_crd_schemas_refuse_broken_custom_resources(render_overlay, kind, mutate, expected) -> None:  # type: ignore[no-untyped-def]
-    doc = next(d for d in render_overlay("dev") if d["kind"] == kind)
+    doc = next(d for d in render_overlay("prod") if d["kind"] == kind)
     assert not strict_errors(doc)
     mutate(doc)
     errors = strict_errors(doc)

@@ -164,6 +164,9 @@ class _Instruments:
             "juki.accesslog.group_commit.records", unit="{record}", description="records per group commit")
         self.commit_ms = meter.create_histogram(
             "juki.accesslog.group_commit.duration", unit="ms", description="lock, COPY and COMMIT of one group")
+        self.failed_records = meter.create_counter(
+            "juki.accesslog.append.failed_records", unit="{record}",
+            description="records of group commits that failed (their callers were refused)")
 
         def backlog(options: CallbackOptions) -> list[Observation]:
             return [Observation(sum(len(item.records) for item in writer._pending))]
@@ -294,6 +297,7 @@ class LogWriter:
         except Exception as exc:  # every waiter learns that nothing of its batch is durable
             self._respeculate = True
             log.error("access-log group commit failed: %s", exc)
+            self._instruments.failed_records.add(sum(len(item.records) for item in group))
             error = exc if isinstance(exc, JukiError) else JukiError(
                 Reason.ACCESS_LOG_UNAVAILABLE, f"the access log could not commit: {type(exc).__name__}",
                 retry_after_seconds=0.5,

@@ -100,7 +100,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         print(f"endpoints: {supervisor.data_dir / 'endpoints.json'}")
         samples = await _sample_codes(supervisor.admin_url)
         if samples:
-            print(f"try: juki lookup {samples[0]} --purpose B1-PENSION-BENEFIT"
+            print(f"try: {juki_command()} lookup {samples[0]} --purpose B1-PENSION-BENEFIT"
                   f"   (other residents: {', '.join(samples[1:])})")
         print("mesh is up; press Ctrl-C to stop")
         await stop.wait()
@@ -109,6 +109,32 @@ async def cmd_up(args: argparse.Namespace) -> int:
         await supervisor.stop()
         print("mesh stopped")
     return 0
+
+
+def juki_command() -> str:
+    """How to run ``juki`` from the current directory: a bare ``juki`` only if it is this one on PATH.
+
+    ``tools/up`` installs into ``.venv`` without activating it, so ``juki`` is usually not on PATH; the
+    script beside this interpreter is (``.venv/bin/juki``), shown relative to the current directory
+    when it lies inside it.
+    """
+    import os
+    import shlex
+    import shutil
+    import sys
+
+    script = Path(sys.executable).parent / "juki"
+    if not script.is_file():
+        return "juki"
+    found = shutil.which("juki")
+    if found and Path(found).resolve() == script.resolve():
+        return "juki"
+    try:
+        shown = str(script.relative_to(Path.cwd()))
+        shown = shown if os.sep in shown else "." + os.sep + shown
+    except ValueError:
+        shown = str(script)
+    return shlex.quote(shown)
 
 
 async def _sample_codes(admin_url: str, count: int = 4) -> list[str]:
@@ -129,7 +155,14 @@ async def _sample_codes(admin_url: str, count: int = 4) -> list[str]:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from juki.mesh import telemetry
     from juki.mesh.server import serve
+
+    native_log = os.environ.get("JUKI_NATIVE_LOG_FILE")
+    if native_log:
+        telemetry.route_native_stderr(native_log)
 
     settings = load_service_settings(
         args.service, tier=args.tier, prefecture=args.prefecture, municipality=args.municipality, listen=args.listen

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import random
+import sys
 import uuid
 from typing import Any
 
@@ -59,6 +61,7 @@ def register(sub: Any) -> None:
     status = verbs.add_parser("status", help="per municipality: sequence, connection state, relay lag")
     add_data_dir(status)
     status.add_argument("municipalities", nargs="*", help="only these (6 digits)")
+    status.add_argument("--json", action="store_true", help="one JSON object per line (a row), for scripts")
     status.set_defaults(func=cmd_status)
     for verb, connected in (("disconnect", False), ("connect", True)):
         parser = verbs.add_parser(verb, help=f"mark a municipality {'dis' if not connected else ''}connected")
@@ -130,12 +133,12 @@ def _instances(client: MeshClient) -> list[str]:
     return [name for name in sorted(services) if name.startswith("intake-")]
 
 
+def _timestamp(message: Any, field: str) -> str:
+    return getattr(message, field).ToDatetime().isoformat() + "Z" if message.HasField(field) else ""
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
-    console = Console()
-    table = Table(title="notification intake")
-    for column in ("tier", "municipality", "last seq", "connected", "since", "reason", "backlog", "relay lag ms",
-                   "last accepted"):
-        table.add_column(column)
+    rows: list[dict[str, Any]] = []
     async with MeshClient(args.data_dir, identity="operator") as client:
         for instance in _instances(client):
             stub = intake_pb2_grpc.IntakeServiceStub(client.channel(instance))
@@ -144,14 +147,38 @@ async def cmd_status(args: argparse.Namespace) -> int:
             tier = instance.removeprefix("intake-")
             for row in status.municipalities:
                 place = domain.municipality(row.municipality_code)
-                table.add_row(
-                    tier, f"{row.municipality_code} {place.city_name if place else ''}", str(row.last_sequence),
-                    "yes" if row.connected else "NO", row.connection_since.ToDatetime().strftime("%Y-%m-%d %H:%M"),
-                    row.connection_reason, str(row.outbox_backlog), str(row.relay_lag_ms),
-                    row.last_accepted_at.ToDatetime().strftime("%H:%M:%S") if row.HasField("last_accepted_at") else "",
-                )
+                rows.append({
+                    "tier": tier, "municipality_code": row.municipality_code,
+                    "municipality": place.city_name if place else "", "last_sequence": row.last_sequence,
+                    "connected": row.connected, "connection_since": _timestamp(row, "connection_since"),
+                    "connection_reason": row.connection_reason, "outbox_backlog": row.outbox_backlog,
+                    "relay_lag_ms": row.relay_lag_ms, "last_accepted_at": _timestamp(row, "last_accepted_at"),
+                })
             if not status.municipalities:
-                table.add_row(tier, "-", "", "", "", "", str(status.outbox_backlog), str(status.relay_lag_ms), "")
+                rows.append({"tier": tier, "municipality_code": "", "outbox_backlog": status.outbox_backlog,
+                             "relay_lag_ms": status.relay_lag_ms})
+    if args.json:
+        for entry in rows:
+            print(json.dumps(entry, ensure_ascii=False))
+        return 0
+    # Piped or redirected, rich would wrap the table to 80 columns and cut the cells; a reader of a file
+    # or of `grep` wants whole rows, so only a terminal's own width limits the table.
+    console = Console() if sys.stdout.isatty() else Console(width=1_000, soft_wrap=True)
+    table = Table(title="notification intake")
+    for column in ("tier", "municipality", "last seq", "connected", "since", "reason", "backlog", "relay lag ms",
+                   "last accepted"):
+        table.add_column(column, overflow="fold")
+    for entry in rows:
+        if not entry["municipality_code"]:
+            table.add_row(entry["tier"], "-", "", "", "", "", str(entry["outbox_backlog"]),
+                          str(entry["relay_lag_ms"]), "")
+            continue
+        table.add_row(
+            entry["tier"], f"{entry['municipality_code']} {entry['municipality']}", str(entry["last_sequence"]),
+            "yes" if entry["connected"] else "NO", entry["connection_since"][:16].replace("T", " "),
+            entry["connection_reason"], str(entry["outbox_backlog"]), str(entry["relay_lag_ms"]),
+            entry["last_accepted_at"][11:19],
+        )
     console.print(table)
     return 0
 

@@ -98,6 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        # Spans are exported in batches from a background thread: flush them before the process exits.
+        from juki.mesh import telemetry
+
+        telemetry.shutdown()
 
 
 if __name__ == "__main__":

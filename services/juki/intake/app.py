@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from juki._gen.juki.intake.v1 import intake_pb2_grpc
+from juki.intake.gauges import IntakeGauges
 from juki.intake.relay import Relay
 from juki.intake.service import IntakeServicer
 from juki.intake.store import Store
@@ -53,6 +54,7 @@ class IntakeApp:
         self.settings = settings
         self.pool: asyncpg.Pool | None = None
         self.relay: Relay | None = None
+        self.gauges: IntakeGauges | None = None
         self.servicer: IntakeServicer | None = None
 
     async def start(self) -> Sequence[ServiceBinding]:
@@ -62,8 +64,12 @@ class IntakeApp:
         store = Store(self.pool, relay=prefecture)
         if prefecture:
             target = settings.peers.require("national_intake")
-            self.relay = Relay(store, target, settings.tls, LeaderLease(settings.database, f"{settings.instance}:relay"))
+            self.relay = Relay(store, target, settings.tls, LeaderLease(settings.database, f"{settings.instance}:relay"),
+                               prefecture=settings.prefecture or "")
             self.relay.start()
+            # Connection state and relay backlog are a prefecture's (municipalities connect to it).
+            self.gauges = IntakeGauges(store, settings.prefecture or "")
+            self.gauges.start()
         self.servicer = IntakeServicer(
             settings, store, OperatorVerifier(
                 settings.tls, self.pool, passwords=load_passwords(settings.extra.get("operator_passwords_file"))
@@ -80,6 +86,8 @@ class IntakeApp:
         ]
 
     async def stop(self) -> None:
+        if self.gauges is not None:
+            await self.gauges.stop()
         if self.relay is not None:
             await self.relay.stop()
         if self.pool is not None:

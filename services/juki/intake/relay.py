@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 2000
 IN_FLIGHT = 4
 STREAM_METHOD = "/juki.intake.v1.IntakeService/StreamNotifications"
+# Relay lag boundaries (ms): the SDK's default stop at 10 s, but a relay that falls minutes behind (an
+# outage of the national node, a large catch-up) is exactly what the on-call alert must see, so they run to
+# 10 minutes; 1 s and 5 s are boundaries so the alert thresholds (k8s/alerts) are read off exactly.
+RELAY_LAG_BUCKETS_MS: tuple[float, ...] = (
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000, 600_000,
+)
 
 
 def _varint(value: int) -> bytes:
@@ -59,8 +65,11 @@ def encode_request(batch_id: int, payloads: list[bytes]) -> bytes:
 class Relay:
     """Background task of a prefecture intake."""
 
-    def __init__(self, store: Store, target: str, tls: TlsFiles, lease: LeaderLease) -> None:
+    def __init__(self, store: Store, target: str, tls: TlsFiles, lease: LeaderLease, *, prefecture: str = "") -> None:
         self._store = store
+        # Every relay instrument carries the prefecture, so lag is told apart per prefecture however the
+        # scraper labels its targets.
+        self._attributes = {"prefecture": prefecture}
         self._target = target
         self._tls = tls
         # Replicas of one prefecture share its outbox: only the lease holder relays (mesh/leader.py).
@@ -73,6 +82,7 @@ class Relay:
         self._lag = meter.create_histogram(
             "juki.intake.relay.lag", unit="ms",
             description="time from outbox enqueue to acknowledgement by the national intake, per notification",
+            explicit_bucket_boundaries_advisory=RELAY_LAG_BUCKETS_MS,
         )
         self._relayed = meter.create_counter("juki.intake.relay.notifications",
                                              description="notifications acknowledged upstream")
@@ -159,9 +169,9 @@ class Relay:
                                   "; ".join(f"{v.field}: {v.description}" for v in result.violations))
                 lags = [(now - enqueued).total_seconds() * 1000 for _, enqueued in sent]
                 for lag in lags:
-                    self._lag.record(lag)
-                self._relayed.add(len(lags))
-                self._batch.record(len(lags))
+                    self._lag.record(lag, self._attributes)
+                self._relayed.add(len(lags), self._attributes)
+                self._batch.record(len(lags), self._attributes)
                 await self._store.outbox_acknowledged([outbox_id for outbox_id, _ in sent], lags)
         finally:
             call.cancel()

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from juki.mesh import telemetry
 from juki.mesh.errors import SettingsError
 from juki.mesh.settings import TlsFiles, default_data_dir
 from juki.mesh.supervisor import read_endpoints
@@ -24,6 +25,8 @@ class MeshClient:
             raise SettingsError(f"unknown client identity {identity!r}; one of {', '.join(sorted(clients))}")
         entry = clients[identity]
         self.identity = entry["spiffe_id"]
+        # Before the first channel: its interceptors take the tracer provider set here.
+        telemetry.setup_client(self.identity)
         # The demo operator's password (the PIN of its operator card) for the local mesh; empty elsewhere.
         self.password: str = str(entry.get("password", ""))
         self.tls = TlsFiles(ca=Path(self.endpoints["ca"]), cert=Path(entry["cert"]), key=Path(entry["key"]))

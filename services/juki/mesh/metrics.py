@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 _configured = False
 _pools: dict[str, Any] = {}
+# The certificate each server of this process serves with: SPIFFE id -> not-after (Unix seconds).
+_certificates: dict[str, float] = {}
 
 
 def setup(service_name: str) -> None:
@@ -53,6 +55,12 @@ def setup(service_name: str) -> None:
         "juki.db.pool.connections", callbacks=[_pool_callback], unit="{connection}",
         description="database pool connections by state (in use, idle, max)",
     )
+    # Exported from the service itself, not from cert-manager: what matters to callers is the certificate
+    # the process actually serves, and a renewed Secret is only used after the pod restarts (k8s/README.md).
+    meter("juki.mesh").create_observable_gauge(
+        "juki.tls.certificate.not_after", callbacks=[_certificate_callback], unit="s",
+        description="expiry (Unix time) of the certificate this service serves with, by SPIFFE id",
+    )
 
 
 def meter(name: str) -> metrics.Meter:
@@ -62,6 +70,25 @@ def meter(name: str) -> metrics.Meter:
 def observe_pool(name: str, pool: Any) -> None:
     """Report an asyncpg pool's saturation (in use / idle / max) as a gauge."""
     _pools[name] = pool
+
+
+def observe_certificate(certificate_pem: bytes) -> None:
+    """Export the not-after of the certificate a server serves with (read once, at start)."""
+    from cryptography import x509
+
+    certificate = x509.load_pem_x509_certificate(certificate_pem)
+    try:
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    identity = uris[0] if uris else certificate.subject.rfc4514_string()
+    _certificates[identity] = certificate.not_valid_after_utc.timestamp()
+
+
+def _certificate_callback(options: CallbackOptions) -> Iterable[Observation]:
+    for identity, not_after in list(_certificates.items()):
+        yield Observation(not_after, {"spiffe_id": identity})
 
 
 def _pool_callback(options: CallbackOptions) -> Iterable[Observation]:

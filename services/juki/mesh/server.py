@@ -425,6 +425,8 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _add_reflection(server, names)
     port = server.add_secure_port(settings.listen, server_credentials(settings.tls))
+    # The same file the credentials were just built from: the gauge shows what this server presents.
+    metrics.observe_certificate(settings.tls.cert.read_bytes())
     host = settings.listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     await server.start()

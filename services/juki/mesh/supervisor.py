@@ -279,6 +279,13 @@ class Supervisor:
             "OTEL_SERVICE_NAME": f"juki-{spec.instance}",
             "OTEL_RESOURCE_ATTRIBUTES": f"service.instance.id={spec.key}",
             "PYTHONUNBUFFERED": "1",
+            # gRPC's C core logs to fd 2 in its own format; run/<instance>.log is JSON lines only. The
+            # child moves the C core's output to run/<instance>.grpc.log, and only its errors are kept
+            # (at INFO it writes a line for every refused TLS handshake, e.g. a client without a
+            # certificate). GRPC_VERBOSITY or GRPC_TRACE set by the caller still apply: their output goes
+            # to that file too.
+            "JUKI_NATIVE_LOG_FILE": str(self.data_dir / "run" / f"{spec.key}.grpc.log"),
+            "GRPC_VERBOSITY": env.get("GRPC_VERBOSITY", "ERROR"),
         })
         if prefecture:
             env["JUKI_PREFECTURE_INTAKE_ADDRESS"] = self.address(f"intake-prefecture-{prefecture}")

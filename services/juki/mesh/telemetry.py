@@ -49,9 +49,15 @@ def _choose_exporter() -> SpanExporter | None:
 
 def setup(service_name: str) -> None:
     """Configure tracing and logging once per process."""
+    if setup_tracing(service_name):
+        configure_logging(service_name)
+
+
+def setup_tracing(service_name: str) -> bool:
+    """Configure the tracer provider once per process; False if it was already configured."""
     global _configured
     if _configured:
-        return
+        return False
     _configured = True
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name),
                                 "service.namespace": "juki"})
@@ -60,7 +66,28 @@ def setup(service_name: str) -> None:
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    configure_logging(service_name)
+    return True
+
+
+def export_requested() -> bool:
+    """Whether the standard ``OTEL_*`` variables ask for spans to be exported from this process."""
+    choice = os.environ.get("OTEL_TRACES_EXPORTER", "").split(",")[0].strip().lower()
+    if choice:
+        return choice != "none"
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def setup_client(spiffe_id: str) -> None:
+    """Make a command-line client a traced client when the ``OTEL_*`` variables ask for export.
+
+    Its calls then start CLIENT spans (the channels' interceptors) that the services' spans join, so a
+    trace begins at the caller. The service name is the caller's identity (``agency-jps-client`` for
+    ``spiffe://juki.local/agency/jps``) unless ``OTEL_SERVICE_NAME`` says otherwise. Logging is left as the
+    command set it: a CLI prints for people, not JSON lines.
+    """
+    if export_requested():
+        identity = spiffe_id.removeprefix("spiffe://").split("/", 1)[-1].replace("/", "-")
+        setup_tracing(f"{identity}-client")
 
 
 def shutdown() -> None:
@@ -135,6 +162,21 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+def route_native_stderr(path: str) -> None:
+    """Send what gRPC's C core writes to file descriptor 2 into ``path``; Python keeps the old stderr.
+
+    The C core logs straight to fd 2 (``I1202 ... Handshake failed ...``), bypassing Python's logging,
+    and under ``juki up`` fd 2 is the service's JSON log. Python's own stderr (the JSON handler, an
+    uncaught traceback) moves to a duplicate of the original descriptor, so the service log keeps only
+    JSON lines and the C core's lines land in their own file. Call it before logging is configured.
+    """
+    original = os.dup(2)
+    native = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(native, 2)
+    os.close(native)
+    sys.stderr = open(original, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
 
 
 def configure_logging(service: str, level: str | None = None) -> None:

@@ -71,9 +71,20 @@ async def _scenario(mesh: Mesh, folder: str, capsys: pytest.CaptureFixture[str])
                      "--resident-code", "24727059607", "--occurred-on", "2022-04-02") == 1
     assert "resident_code" in capsys.readouterr().out
 
-    assert await run("intake", "disconnect", MUNICIPALITY, "--data-dir", folder, "--reason", "test cut") == 0
+    reason = "line cut by the prefecture for a security review of the municipal CS"
+    assert await run("intake", "disconnect", MUNICIPALITY, "--data-dir", folder, "--reason", reason) == 0
+    capsys.readouterr()
     assert await run("intake", "status", MUNICIPALITY, "--data-dir", folder) == 0
     table = capsys.readouterr().out
     assert MUNICIPALITY in table and "NO" in table
+    # Not a terminal: whole rows, however wide, never folded to 80 columns.
+    (line,) = [line for line in table.splitlines() if "prefecture-13" in line]
+    assert reason in line and len(line) > 80, table
+    assert await run("intake", "status", MUNICIPALITY, "--data-dir", folder, "--json") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    (prefecture,) = [row for row in rows if row["tier"] == "prefecture-13"]
+    assert prefecture["municipality_code"] == MUNICIPALITY and prefecture["connected"] is False
+    assert prefecture["connection_reason"] == reason and prefecture["municipality"] == "渋谷区"
+    assert prefecture["last_sequence"] >= 1 and prefecture["connection_since"].endswith("Z")
     assert await run("intake", "connect", MUNICIPALITY, "--data-dir", folder, "--reason", "back") == 0
     assert "connected" in capsys.readouterr().out
