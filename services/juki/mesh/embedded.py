@@ -28,9 +28,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -123,6 +124,9 @@ class EmbeddedPostgres:
     pgdata: Path
     socket_dir: str
     port: int
+    # Starts, restarts and stops from this process one at a time: a watcher that finds the server down in
+    # the middle of a restart must not start a second postmaster on the same data directory.
+    _lifecycle: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def url(self, role: str = "postgres", database: str = DATABASE) -> str:
         return f"postgresql://{quote(role)}@/{database}?host={quote(self.socket_dir)}&port={self.port}"
@@ -149,14 +153,16 @@ class EmbeddedPostgres:
         Returns True when it had to be started. The socket directory and port do not change, so URLs that
         services hold stay valid.
         """
-        if self.running():
-            return False
-        _run_helper("start", self.pgdata)
-        return True
+        with self._lifecycle:
+            if self.running():
+                return False  # running again (a restart in progress has finished)
+            _run_helper("start", self.pgdata)
+            return True
 
     def restart(self, mode: str = "fast") -> None:
         """Restart the server; ``mode="immediate"`` is a crash-like restart (WAL recovery on start)."""
-        _run_helper("restart", self.pgdata, "--mode", mode)
+        with self._lifecycle:
+            _run_helper("restart", self.pgdata, "--mode", mode)
 
     def stop(self) -> None:
         """Leave the server; stop it when no other live process still uses it."""
@@ -165,7 +171,8 @@ class EmbeddedPostgres:
                 owners.remove(os.getpid())
             last = not owners
         if last:
-            _run_helper("stop", self.pgdata)
+            with self._lifecycle:
+                _run_helper("stop", self.pgdata)
 
 
 def start_embedded(data_dir: Path) -> EmbeddedPostgres:

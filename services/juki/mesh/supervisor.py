@@ -380,11 +380,10 @@ class Supervisor:
             if down_since is None:
                 down_since = time.monotonic()
                 attempts = 0
-                log.warning("embedded PostgreSQL is down; restarting it")
-                self.echo("embedded PostgreSQL is down; restarting it")
+                log.warning("embedded PostgreSQL is not running; starting it unless it comes back")
             attempts += 1
             try:
-                await asyncio.to_thread(embedded.ensure_running)
+                started = await asyncio.to_thread(embedded.ensure_running)
             except EmbeddedDatabaseError as error:
                 if self._stopping:
                     return
@@ -392,8 +391,12 @@ class Supervisor:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            self.restarts[DATABASE_INSTANCE] = self.restarts.get(DATABASE_INSTANCE, 0) + 1
             took = time.monotonic() - down_since
+            if not started:  # it was down only for a restart made by someone else (pg_ctl restart)
+                log.info("embedded PostgreSQL is running again after %.1f s (restarted, not by this watcher)", took)
+                down_since, backoff = None, 0.2
+                continue
+            self.restarts[DATABASE_INSTANCE] = self.restarts.get(DATABASE_INSTANCE, 0) + 1
             log.warning("embedded PostgreSQL back after %.1f s with %d attempts", took, attempts)
             self.echo(f"embedded PostgreSQL back after {took:.1f} s with {attempts} attempt(s)")
             down_since, backoff = None, 0.2
