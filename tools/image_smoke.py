@@ -168,12 +168,13 @@ class ImageSupervisor(Supervisor):
         ready = Path(env["JUKI_READY_FILE"])
         ready.unlink(missing_ok=True)
         read_end, write_end = os.pipe()
-        argv = self.image.sandbox(
+        sandbox = self.image.sandbox(
             env=env,
             ro_binds=self._mounted_files(env),
             rw_binds=[str(self.data_dir / "run"), self.socket_dir],
             info_fd=write_end,
-        ) + [*self.image.entrypoint, *spec.args]
+        )
+        argv = [*sandbox, *self.image.entrypoint, *spec.args]
         logfile = open(self.data_dir / "run" / f"{spec.instance}.log", "ab")
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -250,7 +251,7 @@ print(json.dumps({
 
 async def probe_container(image: Image) -> None:
     """What a process of the image sees: its user, a read-only root, a writable /tmp, loopback only."""
-    argv = image.sandbox(env=image.env, ro_binds=[], rw_binds=[]) + ["python", "-c", PROBE]
+    argv = [*image.sandbox(env=image.env, ro_binds=[], rw_binds=[]), "python", "-c", PROBE]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     seen = json.loads(out)
@@ -265,8 +266,10 @@ async def probe_container(image: Image) -> None:
 async def probe_health(supervisor: ImageSupervisor) -> None:
     """Every container answers grpc.health.v1 on its plaintext health port, as a kubelet probe asks."""
     for spec in supervisor.specs:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{supervisor.health_ports[spec.instance]}") as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        address = f"127.0.0.1:{supervisor.health_ports[spec.instance]}"
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise SmokeFailure(f"{spec.instance}'s health port says {reply.status}")
     print(f"    ✓ {len(supervisor.specs)} containers SERVING on their health ports", flush=True)
@@ -282,9 +285,8 @@ def host_uid(pid: int) -> int:
 async def migrate_from_image(image: Image, database: EmbeddedPostgres) -> None:
     """`juki migrate` from the image against the outside database (a Kubernetes Job's work)."""
     env = dict(image.env)
-    argv = image.sandbox(env=env, ro_binds=[], rw_binds=[database.socket_dir]) + [
-        "juki", "migrate", "--database-url", database.admin_url,
-    ]
+    sandbox = image.sandbox(env=env, ro_binds=[], rw_binds=[database.socket_dir])
+    argv = [*sandbox, "juki", "migrate", "--database-url", database.admin_url]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()
@@ -292,7 +294,10 @@ async def migrate_from_image(image: Image, database: EmbeddedPostgres) -> None:
     if proc.returncode != 0:
         raise SmokeFailure(f"juki migrate from the image exited {proc.returncode}:\n{text[-3000:]}")
     applied = [line.split()[0] for line in text.splitlines() if " applied " in f" {line} "]
-    check(len(applied) >= 9, f"juki migrate (from the image) applied the migrations of {len(applied)} instances")
+    check(
+        len(applied) >= 9,
+        f"juki migrate (from the image) applied the migrations of {len(applied)} instances",
+    )
 
 
 async def run(bundle: Path, population: int) -> None:
@@ -315,7 +320,8 @@ async def run(bundle: Path, population: int) -> None:
 
         print("\n[c] one container per service", flush=True)
         supervisor = ImageSupervisor(
-            data_dir / "mesh", MeshLayout(prefectures=("13", "14"), municipalities=(demo.NAKANO, demo.YOKOHAMA)),
+            data_dir / "mesh",
+            MeshLayout(prefectures=("13", "14"), municipalities=(demo.NAKANO, demo.YOKOHAMA)),
             image, database, extra_env={"JUKI_CLOCK": demo.DEMO_DAY.isoformat()},
         )
         await supervisor.prepare()
@@ -359,7 +365,9 @@ async def run(bundle: Path, population: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bundle", type=Path, required=True, help="the unpacked image (tools/image build)")
     parser.add_argument("--population", type=int, default=600, help="seeded residents (as `juki demo`)")
     args = parser.parse_args()
