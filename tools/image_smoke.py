@@ -344,6 +344,9 @@ async def run(bundle: Path, population: int) -> None:
             await agency.close()
             await operator.close()
 
+        # The supervisor restarts a container that dies, as Kubernetes would; in the smoke run none may.
+        check(not supervisor.restarts, f"no container died during the story (restarts: {supervisor.restarts})")
+
         print("\n[e] stop: SIGTERM to every server", flush=True)
         await supervisor.stop()
         codes = {spec.instance: supervisor.processes[spec.instance].returncode for spec in supervisor.specs}

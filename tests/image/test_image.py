@@ -120,6 +120,7 @@ def test_every_service_runs_from_the_image_and_the_demo_story_holds(image: Path)
         "9 containers SERVING on their health ports",
         "✓ 59 pensioners answered",
         "records, 1 checkpoints: intact",
+        "no container died during the story",
         "every container exited 0 after SIGTERM",
         "✓ the image's smoke run held",
     ):
