@@ -37,7 +37,8 @@ def test_the_copy_prints_as_pdf(tmp_path: Path) -> None:
     out = tmp_path / "copy.pdf"
     write_pdf(out, _copy(False))
     data = out.read_bytes()
-    assert data.startswith(b"%PDF-") and b"HeiseiMin-W3" in data and data.rstrip().endswith(b"%%EOF")
+    assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
+    assert b"/FontFile2" in data and b"IPAexGothic" in data and b"Heisei" not in data  # the font is embedded
 
 
 def test_card_and_copy_verbs_parse() -> None:

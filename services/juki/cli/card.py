@@ -268,26 +268,26 @@ def certificate_lines(response: card_pb2.RequestWideAreaCopyResponse) -> list[tu
 
 
 def write_pdf(path: Path, response: card_pb2.RequestWideAreaCopyResponse) -> None:
-    """Print the copy as an A4 PDF with a built-in Japanese CID font (nothing embedded, nothing downloaded)."""
+    """Print the copy as an A4 PDF with an embedded Japanese font (IPAex Gothic, shipped with the package)."""
     from reportlab.lib.pagesizes import A4
-    from reportlab.pdfbase import pdfmetrics
-    from reportlab.pdfbase.cidfonts import UnicodeCIDFont
     from reportlab.pdfgen import canvas
 
-    pdfmetrics.registerFont(UnicodeCIDFont("HeiseiMin-W3"))
+    from juki.cli.fonts import japanese_font
+
+    font = japanese_font()
     pdf = canvas.Canvas(str(path), pagesize=A4)
     width, height = A4
     pdf.setTitle("住民票の写し")
-    pdf.setFont("HeiseiMin-W3", 20)
+    pdf.setFont(font, 20)
     pdf.drawCentredString(width / 2, height - 72, "住民票の写し（広域交付）")
-    pdf.setFont("HeiseiMin-W3", 11)
+    pdf.setFont(font, 11)
     y = height - 120
     for label, value in certificate_lines(response):
         pdf.drawString(60, y, label)
         pdf.drawString(200, y, value)
         pdf.line(56, y - 6, width - 56, y - 6)
         y -= 24
-    pdf.setFont("HeiseiMin-W3", 9)
+    pdf.setFont(font, 9)
     pdf.drawString(60, y - 20, "この写しは、住民基本台帳ネットワークシステムにより住所地市町村から取得した内容に相違ありません。")
     pdf.drawString(60, y - 34, "本籍・筆頭者は記載しない。世帯主・続柄、個人番号、住民票コードは請求があった場合のみ記載する。")
     pdf.showPage()

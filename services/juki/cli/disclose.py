@@ -311,18 +311,16 @@ def render_pdf(doc: Document, out: Path) -> None:
     from reportlab.lib.pagesizes import A4, landscape
     from reportlab.lib.styles import ParagraphStyle
     from reportlab.lib.units import mm
-    from reportlab.pdfbase import pdfmetrics
-    from reportlab.pdfbase.cidfonts import UnicodeCIDFont
     from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
-    # Built-in CID fonts: Japanese text without any font file on the machine.
-    for name in ("HeiseiMin-W3", "HeiseiKakuGo-W5"):
-        if name not in pdfmetrics.getRegisteredFontNames():
-            pdfmetrics.registerFont(UnicodeCIDFont(name))
-    body = ParagraphStyle("body", fontName="HeiseiMin-W3", fontSize=8.5, leading=11)
+    from juki.cli.fonts import japanese_font
+
+    # An embedded TrueType font (IPAex Gothic): the PDF prints the same on a machine without Japanese fonts.
+    font = japanese_font()
+    body = ParagraphStyle("body", fontName=font, fontSize=8.5, leading=11)
     small = ParagraphStyle("small", parent=body, fontSize=7.5, leading=9.5)
-    heading = ParagraphStyle("heading", fontName="HeiseiKakuGo-W5", fontSize=12, leading=16, spaceBefore=6)
-    title = ParagraphStyle("title", fontName="HeiseiKakuGo-W5", fontSize=16, leading=22)
+    heading = ParagraphStyle("heading", fontName=font, fontSize=12, leading=16, spaceBefore=6)
+    title = ParagraphStyle("title", fontName=font, fontSize=16, leading=22)
     data = as_dict(doc)
     grid = TableStyle([
         ("GRID", (0, 0), (-1, -1), 0.4, colors.black),
