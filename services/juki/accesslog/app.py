@@ -14,7 +14,6 @@ Settings (``JUKI_*``; see juki.mesh.settings):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from juki.mesh import db
 from juki.mesh.errors import SettingsError
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import ServiceSettings
+from juki.mesh.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +167,8 @@ class Checkpointer:
                                       bytes(row["signature"]), row["key_id"], row["kind"])
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.checkpoint("shutdown")
 
 
@@ -231,10 +228,7 @@ class AccessLogApp:
             await asyncio.sleep(self.verify_seconds)
 
     async def stop(self) -> None:
-        if self._verifier_task is not None:
-            self._verifier_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._verifier_task
+        await cancel_and_wait(self._verifier_task)
         if self.writer is not None:
             await self.writer.stop()
         if self.checkpointer is not None:

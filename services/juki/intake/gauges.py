@@ -19,7 +19,6 @@ Exported (Prometheus names):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from juki.intake.store import Store
 from juki.mesh import metrics
 from juki.mesh.outage import Outage
+from juki.mesh.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,8 @@ class IntakeGauges:
         self._task = asyncio.create_task(self._run(), name="intake-gauges")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -27,6 +27,7 @@ from opentelemetry import trace
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki.mesh import metrics
 from juki.mesh.errors import JukiError, Reason
+from juki.mesh.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +210,7 @@ class ProvisionLog:
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         self._fail_all(self._queue, "the lookup service is stopping")
         self._queue.clear()
         self._queued_records = 0

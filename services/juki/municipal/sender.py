@@ -23,6 +23,7 @@ from juki.mesh.db import is_connection_loss
 from juki.mesh.leader import LeaderLease
 from juki.mesh.outage import Outage
 from juki.mesh.settings import TlsFiles
+from juki.mesh.tasks import cancel_and_wait
 from juki.mesh.tls import secure_channel
 from juki.municipal.registry import Registry
 
@@ -71,11 +72,8 @@ class OutboxSender:
             self._task = asyncio.create_task(self._run(), name="municipal-outbox-sender")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._lease is not None:
             await self._lease.release()
         if self._channel is not None:
