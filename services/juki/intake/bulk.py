@@ -163,12 +163,12 @@ async def _apply_batch(
         valid[record.resident_code] = record
     if not valid:
         return
-    from juki.intake.store import _LOCK, _lock_key
+    from juki.intake.store import lock_residents
 
     async with servicer.store.pool.acquire() as conn, conn.transaction():
         # The same per-resident locks as a notification batch (store.apply) takes: a load and a relayed
         # notification for one new resident must not both create its version 1.
-        await conn.execute(_LOCK, sorted({_lock_key("r:" + code) for code in valid}))
+        await lock_residents(conn, valid)
         now: dt.datetime = await conn.fetchval("SELECT now()")
         existing = {
             r["resident_code"]: r

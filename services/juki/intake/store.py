@@ -77,6 +77,12 @@ class Item:
         self.outcome = Outcome.REJECTED
 
 
+async def lock_residents(conn: asyncpg.Connection, codes: Iterable[str]) -> None:
+    """Take the per-resident advisory locks (sorted, for the rest of the transaction) that every write of
+    a resident's row takes first: notification batches here, bulk loads in bulk.py."""
+    await conn.execute(_LOCK, sorted({_lock_key("r:" + code) for code in codes}))
+
+
 def _lock_key(text: str) -> int:
     return int(struct.unpack(">q", hashlib.blake2b(text.encode(), digest_size=8).digest())[0])
 
