@@ -239,11 +239,6 @@ class Supervisor:
         found = self.addresses(instance)
         return found[0] if len(found) == 1 else "ipv4:" + ",".join(found)
 
-    def spec(self, key: str) -> ChildSpec:
-        for spec in self.specs:
-            if spec.key == key:
-                return spec
-        raise KeyError(key)
 
     def _env_for(self, spec: ChildSpec) -> dict[str, str]:
         assert self.ca is not None
