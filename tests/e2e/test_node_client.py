@@ -67,7 +67,6 @@ async def test_the_node_example_looks_up_verifies_a_stream_and_decodes_a_refusal
         await conn.close()
     assert row is not None
     code = str(row["resident_code"])
-    wrong = code[:10] + str((int(code[10]) + 1) % 10)
 
     steps = {line["step"]: line for line in await _run(node, mesh, code)}
 
