@@ -1,12 +1,14 @@
-"""How the disclosure service passes on its peers' refusals."""
+"""How the disclosure service passes on its peers' refusals: by the mesh's one rule (mesh/errors.passed_on)."""
 
 from __future__ import annotations
+
+from typing import NoReturn
 
 import grpc
 import pytest
 from grpc.aio import Metadata
-from juki.disclosure.service import forwarded
-from juki.mesh.errors import JukiError, Reason
+from juki.disclosure.service import call
+from juki.mesh.errors import JukiError, Reason, invalid
 from juki.mesh.server import status_for
 
 
@@ -16,19 +18,37 @@ def _rpc_error(error: JukiError) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(error.code, Metadata(), trailing, details=error.message)
 
 
+async def _through_call(error: grpc.aio.AioRpcError, service: str = "card") -> JukiError:
+    async def failing() -> NoReturn:
+        raise error
+
+    with pytest.raises(JukiError) as caught:
+        await call(service, failing())
+    return caught.value
+
+
 @pytest.mark.parametrize("reason", [Reason.PIN_MISMATCH, Reason.CARD_LOCKED, Reason.CARD_NOT_FOUND,
                                     Reason.RESIDENT_NOT_FOUND, Reason.CARD_SUSPENDED])
-def test_the_residents_own_refusals_are_passed_on(reason: Reason) -> None:
-    assert forwarded(_rpc_error(JukiError(reason)), "card").reason is reason
+async def test_the_residents_own_refusals_are_passed_on(reason: Reason) -> None:
+    assert (await _through_call(_rpc_error(JukiError(reason)))).reason is reason
 
 
 @pytest.mark.parametrize("reason", [Reason.PEER_NOT_AUTHORISED, Reason.UNAUTHENTICATED, Reason.CERTIFICATE_REVOKED])
-def test_a_peer_refusing_the_service_itself_is_a_dependency_fault(reason: Reason) -> None:
-    result = forwarded(_rpc_error(JukiError(reason)), "national intake")
-    assert result.reason is Reason.DEPENDENCY_UNAVAILABLE
-    assert result.code == grpc.StatusCode.UNAVAILABLE
+async def test_a_peer_refusing_the_service_itself_is_a_refused_dependency(reason: Reason) -> None:
+    # As the mesh server maps the same refusal (and as docs/agencies.md describes DEPENDENCY_REFUSED).
+    result = await _through_call(_rpc_error(JukiError(reason)), "national intake")
+    assert result.reason is Reason.DEPENDENCY_REFUSED
+    assert result.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert result.metadata == {"dependency": "national intake", "dependency_status": reason.value.code.name,
+                               "dependency_reason": reason.name}
 
 
-def test_unavailable_peer() -> None:
+async def test_a_peers_invalid_field_is_not_the_callers() -> None:
+    result = await _through_call(_rpc_error(invalid("card_number", "a card number is 16 digits")))
+    assert result.reason is Reason.DEPENDENCY_REFUSED and not result.violations
+
+
+async def test_unavailable_peer() -> None:
     error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, Metadata(), Metadata(), details="down")
-    assert forwarded(error, "access log").reason is Reason.DEPENDENCY_UNAVAILABLE
+    result = await _through_call(error, "access log")
+    assert result.reason is Reason.DEPENDENCY_UNAVAILABLE and result.retryable
