@@ -120,9 +120,18 @@ class Reason(Enum):
         return self.value.number
 
 
-_UNLISTED = sorted(set(CATALOG) - set(Reason.__members__))
-if _UNLISTED:
-    raise ImportError(f"ErrorReason values of common.proto missing from Reason: {', '.join(_UNLISTED)}")
+def disagreements(names: Iterable[str], catalog: Mapping[str, ErrorKind]) -> list[str]:
+    """How a list of reason names differs from the contract's catalogue (empty when they agree)."""
+    listed = set(names)
+    return [
+        *(f"{name} is in common.proto but not in Reason" for name in sorted(set(catalog) - listed)),
+        *(f"{name} is in Reason but not in common.proto" for name in sorted(listed - set(catalog))),
+    ]
+
+
+_DISAGREEMENTS = disagreements(Reason.__members__, CATALOG)
+if _DISAGREEMENTS:
+    raise ImportError("the error reasons disagree with common.proto: " + "; ".join(_DISAGREEMENTS))
 
 
 @dataclass(frozen=True)
