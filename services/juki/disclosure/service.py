@@ -16,9 +16,10 @@ Flow of GetDisclosure:
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -48,6 +49,8 @@ DEFAULT_PAGE_SIZE = 50
 VERIFY_MAX_AGE_SECONDS = 3600
 
 T = TypeVar("T")
+# Fields of the access log's ListProvisionsRequest that hold the caller's own fields unchanged.
+PASSED_THROUGH = {"from_date": "from_date", "to_date": "to_date", "page_token": "page_token"}
 
 
 def checkpoint_tree_size(note: str) -> int:
@@ -81,11 +84,22 @@ def shown_provision(record: accesslog_pb2.ProvisionRecord, sequence: int, policy
     )
 
 
-async def call(service: str, awaitable: Awaitable[T]) -> T:
+async def call(service: str, awaitable: Awaitable[T], caller_fields: Mapping[str, str] | None = None) -> T:
+    """Await a peer's answer; its failure as this service's caller sees it (see mesh.errors.passed_on)."""
     try:
         return await awaitable
     except grpc.aio.AioRpcError as exc:
-        raise passed_on(exc, service) from exc
+        raise passed_on(exc, service, caller_fields=caller_fields) from exc
+
+
+def check_date_filter(value: common_pb2.Date, field: str) -> dt.date | None:
+    """A from/to date of the request: unset, or a calendar date (checked before anything is provided)."""
+    if not (value.year or value.month or value.day):
+        return None
+    try:
+        return dt.date(value.year, value.month, value.day)
+    except ValueError as exc:
+        raise invalid(field, f"not a calendar date: {exc}") from None
 
 
 class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
@@ -177,6 +191,10 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
             raise invalid("resident_code", "not a valid 住民票コード (11 digits with check digit)")
         if request.page_size < 0:
             raise invalid("page_size", "must not be negative")
+        since = check_date_filter(request.from_date, "from_date")
+        until = check_date_filter(request.to_date, "to_date")
+        if since is not None and until is not None and until < since:
+            raise invalid("to_date", "must not be before from_date")
         peer = require_peer()
         try:
             operator_id = await self._prove(request)
@@ -221,7 +239,8 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
         tree = await call("access log", self._accesslog.GetCheckpoint(
             accesslog_pb2.GetCheckpointRequest(), timeout=self._timeout))
         list_request.proof_tree_size = checkpoint_tree_size(tree.tree_checkpoint)
-        listed = await call("access log", self._accesslog.ListProvisions(list_request, timeout=self._timeout))
+        listed = await call("access log", self._accesslog.ListProvisions(list_request, timeout=self._timeout),
+                            caller_fields=PASSED_THROUGH)
         for logged in listed.provisions:
             shown = shown_provision(logged.record, logged.sequence, self._policy)
             shown.leaf = logged.leaf

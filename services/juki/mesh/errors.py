@@ -283,7 +283,15 @@ def from_grpc_error(error: grpc.RpcError) -> RemoteError:
                        violations=violations, retry_after_seconds=retry)
 
 
-def passed_on(remote: RemoteError | grpc.RpcError, dependency: str) -> JukiError:
+def _as_callers(violation: FieldViolation, caller_fields: Mapping[str, str]) -> FieldViolation | None:
+    for theirs, ours in caller_fields.items():
+        if violation.field == theirs or violation.field.startswith((f"{theirs}.", f"{theirs}[")):
+            return FieldViolation(ours + violation.field[len(theirs):], violation.description, violation.reason)
+    return None
+
+
+def passed_on(remote: RemoteError | grpc.RpcError, dependency: str, *,
+              caller_fields: Mapping[str, str] | None = None) -> JukiError:
     """What this service's caller sees when ``dependency``, called on the caller's behalf, failed.
 
     The one rule of the mesh (the ``relayed`` option of the contract): a relayed reason (a fact about
@@ -291,9 +299,18 @@ def passed_on(remote: RemoteError | grpc.RpcError, dependency: str) -> JukiError
     this service built, not the caller's, so its field violations are not the caller's either. It
     becomes DEPENDENCY_UNAVAILABLE when it may pass (with the dependency's retry delay) and
     DEPENDENCY_REFUSED otherwise, naming the dependency, its status and its reason in the metadata.
+
+    The one exception is declared by the call site: ``caller_fields`` maps fields of the dependency's
+    request that hold the caller's fields unchanged (e.g. a page token passed through) to the caller's
+    names. When every violation of an INVALID_ARGUMENT is in one of them, the caller's request was bad,
+    and the violations are passed on under the caller's names.
     """
     if not isinstance(remote, RemoteError):
         remote = from_grpc_error(remote)
+    if remote.code is grpc.StatusCode.INVALID_ARGUMENT and caller_fields and remote.violations:
+        renamed = [_as_callers(violation, caller_fields) for violation in remote.violations]
+        if all(renamed):
+            return invalid_many(violation for violation in renamed if violation is not None)
     reason = remote.reason
     if reason is not None and reason.value.relayed and reason.value.code == remote.code:
         kept = {key: value for key, value in remote.metadata.items() if key in reason.value.metadata_keys}

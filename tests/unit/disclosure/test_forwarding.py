@@ -7,7 +7,8 @@ from typing import NoReturn
 import grpc
 import pytest
 from grpc.aio import Metadata
-from juki.disclosure.service import call
+from juki._gen.juki.common.v1 import common_pb2
+from juki.disclosure.service import PASSED_THROUGH, call, check_date_filter
 from juki.mesh.errors import JukiError, Reason, invalid
 from juki.mesh.server import status_for
 
@@ -52,3 +53,23 @@ async def test_unavailable_peer() -> None:
     error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, Metadata(), Metadata(), details="down")
     result = await _through_call(error, "access log")
     assert result.reason is Reason.DEPENDENCY_UNAVAILABLE and result.retryable
+
+
+async def test_the_callers_own_fields_passed_through_to_the_access_log_stay_the_callers() -> None:
+    refused = _rpc_error(invalid("page_token", "not a token this service issued"))
+
+    async def failing() -> NoReturn:
+        raise refused
+
+    with pytest.raises(JukiError) as caught:
+        await call("access log", failing(), caller_fields=PASSED_THROUGH)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [violation.field for violation in caught.value.violations] == ["page_token"]
+
+
+@pytest.mark.parametrize(("field", "value"), [("from_date", common_pb2.Date(year=2024, month=13, day=1)),
+                                              ("to_date", common_pb2.Date(year=2023, month=2, day=29))])
+def test_a_date_filter_that_is_no_calendar_date_is_refused_naming_it(field: str, value: common_pb2.Date) -> None:
+    with pytest.raises(JukiError) as caught:
+        check_date_filter(value, field)
+    assert [violation.field for violation in caught.value.violations] == [field]

@@ -289,3 +289,22 @@ def test_a_refusal_without_a_catalogued_reason_is_a_refused_dependency(code: grp
     seen = passed_on(error, "the card service")
     assert seen.reason is Reason.DEPENDENCY_REFUSED
     assert seen.metadata == {"dependency": "the card service", "dependency_status": code.name}
+
+
+def test_violations_of_the_callers_own_fields_passed_through_are_renamed_to_the_callers() -> None:
+    refused = _rpc_error(JukiError(Reason.INVALID_FIELD, violations=[
+        FieldViolation("entry.address.street", "contains U+0007"),
+        FieldViolation("entry.address.street.kana", "not katakana"),
+    ]))
+    seen = passed_on(refused, "the municipal CS", caller_fields={"entry.address.street": "street"})
+    assert seen.reason is Reason.INVALID_FIELD and seen.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert [violation.field for violation in seen.violations] == ["street", "street.kana"]
+    # One violation outside the declared fields: the request this service built was bad, not the caller's.
+    mixed = _rpc_error(JukiError(Reason.INVALID_FIELD, violations=[
+        FieldViolation("entry.address.street", "contains U+0007"), FieldViolation("occurred_on", "in the future"),
+    ]))
+    assert passed_on(mixed, "the municipal CS", caller_fields={"entry.address.street": "street"}).reason is (
+        Reason.DEPENDENCY_REFUSED)
+    # A field that merely starts with the same letters is another field.
+    other = _rpc_error(invalid("entry.address.street_number", "bad"))
+    assert passed_on(other, "x", caller_fields={"entry.address.street": "street"}).reason is Reason.DEPENDENCY_REFUSED
