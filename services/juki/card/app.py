@@ -218,7 +218,7 @@ def provision(*, recipient_municipality: str, provider_municipality: str, reside
         outcome=accesslog_pb2.PROVISION_OUTCOME_REFUSED if refused else accesslog_pb2.PROVISION_OUTCOME_PROVIDED,
     )
     if refused is not None:
-        record.refusal_reason = common_pb2.ErrorReason.Value("ERROR_REASON_" + refused.name)  # type: ignore[assignment]
+        record.refusal_reason = common_pb2.ErrorReason.Value("ERROR_REASON_" + refused.name)
     record.provided_at.GetCurrentTime()
     return record
 

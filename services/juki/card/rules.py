@@ -53,7 +53,7 @@ def check_pin_format(pin: str, field: str = "pin") -> None:
 def hash_pin(pin: str, salt: bytes | None = None) -> tuple[bytes, bytes]:
     """(salt, scrypt hash) of a PIN; CPU-bound, call it off the event loop."""
     salt = salt or os.urandom(16)
-    return salt, hashlib.scrypt(pin.encode(), salt=salt, **_SCRYPT)  # type: ignore[arg-type]
+    return salt, hashlib.scrypt(pin.encode(), salt=salt, **_SCRYPT)
 
 
 def pin_matches(pin: str, salt: bytes, expected: bytes) -> bool:

@@ -61,7 +61,7 @@ def format_rpc_error(exc: grpc.aio.AioRpcError) -> str:
     from grpc_status import rpc_status
 
     lines = [f"error: {exc.code().name}: {exc.details()}"]
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    status = rpc_status.from_call(exc)
     if status is not None:
         from google.rpc import error_details_pb2
 

@@ -89,7 +89,7 @@ def shown_provision(record: accesslog_pb2.ProvisionRecord, sequence: int, policy
 
 def forwarded(exc: grpc.aio.AioRpcError, service: str) -> JukiError:
     """A peer's refusal passed on with its own reason; anything else is a dependency failure."""
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    status = rpc_status.from_call(exc)
     reason_name = ""
     if status is not None:
         for detail in status.details:

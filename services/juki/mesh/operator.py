@@ -145,7 +145,7 @@ _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 def hash_operator_password(password: str, salt: bytes | None = None) -> str:
     """The stored form of an operator password: ``scrypt$<salt hex>$<hash hex>``."""
     salt = salt or os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)  # type: ignore[arg-type]
+    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)
     return f"scrypt${salt.hex()}${digest.hex()}"
 
 
