@@ -275,8 +275,7 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
         card = await self.require_pin(request.card_number, request.pin)
         if request.destination_municipality_code == card.home_municipality:
             raise invalid("destination_municipality_code", "a move within the municipality is a 転居, not a 転出")
-        if planned < today - dt.timedelta(days=domain.SPECIAL_MOVE_IN_DAYS):
-            raise invalid("planned_move_on", "the planned move date lies more than 14 days in the past")
+        rules.check_special_move_out(planned, today)
         deadline = rules.special_move_in_deadline(planned)
         entry = await self.app.entry(card.home_municipality, card.resident_code, "SPECIAL_MOVE_OUT")
         if entry.status != common_pb2.RESIDENT_STATUS_CURRENT:
@@ -329,7 +328,7 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
             if not request.card_number:
                 raise invalid("card_number", "the card number is required")
             raise JukiError(Reason.FAILED_PRECONDITION, "no special move-out (付記転出届) is filed for this card")
-        rules.check_special_move_in(move.deadline, today)
+        rules.check_special_move_in(move.deadline, moved_on, today)
         if request.municipality_code != move.to_municipality:
             raise invalid("municipality_code",
                           f"the special move-out named {move.to_municipality} as the destination")

@@ -51,14 +51,14 @@ def register(sub: Any) -> None:
 
     purposes = sub.add_parser("purposes", help="list the 事務 the 別表 policy grants the caller")
     add_data_dir(purposes)
-    purposes.add_argument("--identity", default="agency", help="demo client identity (default: agency = 日本年金機構)")
+    purposes.add_argument("--identity", default="agency", help="a demo client (agency = 日本年金機構, the default) or KIND/NAME of any certificate the CA issued")
     purposes.set_defaults(func=cmd_purposes)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
     parser.add_argument("--purpose", required=True, help="code of the 事務, e.g. B1-PENSION-BENEFIT (see juki purposes)")
-    parser.add_argument("--identity", default="agency", help="demo client identity (default: agency = 日本年金機構)")
+    parser.add_argument("--identity", default="agency", help="a demo client (agency = 日本年金機構, the default) or KIND/NAME of any certificate the CA issued")
     parser.add_argument("--password", default=None, help="operator password, for operator identities (default: the demo operator's)")
 
 

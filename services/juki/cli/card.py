@@ -103,7 +103,7 @@ def register(sub: Any) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
-    parser.add_argument("--identity", default="operator", help="demo client identity (default: the counter operator)")
+    parser.add_argument("--identity", default="operator", help="a demo client (operator, the default) or KIND/NAME of any certificate the CA issued")
     parser.add_argument("--password", default=None, help="operator password (default: the demo operator's)")
 
 

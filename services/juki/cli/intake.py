@@ -87,7 +87,7 @@ def build_notification(args: argparse.Namespace, sequence: int) -> intake_pb2.No
         notification_id=args.notification_id or str(uuid.uuid4()),
         municipality_code=args.municipality,
         sequence=sequence,
-        change_kind=kind,  # type: ignore[arg-type]
+        change_kind=kind,
         resident_code=args.resident_code or domain.generate_resident_code(random.SystemRandom()),
         new_resident_code=args.new_resident_code,
         resident_kind=common_pb2.RESIDENT_KIND_FOREIGN if args.foreign else common_pb2.RESIDENT_KIND_JAPANESE,

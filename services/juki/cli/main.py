@@ -49,7 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in load_modules(COMMAND_MODULES):
         module.register(sub)
+    data_dir_after_every_verb(parser)
     return parser
+
+
+def data_dir_after_every_verb(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
+    """Let every verb below a parser that takes ``--data-dir`` take it too, so it may follow any verb.
+
+    ``juki pki issue agency mofa --data-dir D`` and ``juki pki --data-dir D issue agency mofa`` mean the
+    same. The copies default to SUPPRESS: a sub-verb given no ``--data-dir`` keeps the one before it
+    instead of resetting it to the default.
+    """
+    inherited = inherited or "--data-dir" in parser._option_string_actions
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            if inherited and "--data-dir" not in child._option_string_actions:
+                child.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
+                                   help="the local mesh's data directory (may also come before the verb)")
+            data_dir_after_every_verb(child, inherited)
 
 
 def load_modules(names: Sequence[str]) -> list[Any]:

@@ -271,7 +271,7 @@ def _helper_stop(pgdata: Path) -> dict[str, object]:
 
 def _psql_rows(handle: object, sql: str) -> list[list[str]]:
     """Rows of one query through psql (unaligned, ``|``-separated), in this helper process."""
-    from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[attr-defined]
+    from pgserver._commands import POSTGRES_BIN_PATH
 
     uri = handle.get_uri()  # type: ignore[attr-defined]
     out = subprocess.run([str(POSTGRES_BIN_PATH / "psql"), "-X", "-A", "-t", "-F", "|", "-c", sql, uri],

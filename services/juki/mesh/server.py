@@ -203,7 +203,7 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is not None:
             return wrapped
@@ -334,7 +334,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
-    return factory(  # type: ignore[no-any-return,operator]
+    return factory(
         behavior,
         request_deserializer=_safe_deserializer(handler.request_deserializer),
         response_serializer=handler.response_serializer,

@@ -12,6 +12,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -253,7 +254,7 @@ class Registry:
         kind = request.change_kind
         given = request.entry
         here = self.municipality_code
-        args = {
+        args: dict[str, Any] = {
             "notification_id": notification_id, "municipality_code": here, "sequence": sequence,
             "change_kind": kind, "occurred_on": occurred, "notified_on": notified,
         }
@@ -283,7 +284,7 @@ class Registry:
                 place = domain.municipality(previous)
                 if place is not None and not entry.HasField("previous_address"):
                     entry.previous_address.CopyFrom(convert.full_address(previous, ""))
-            message = convert.notification_for(entry, previous_municipality_code=previous, **args)  # type: ignore[arg-type]
+            message = convert.notification_for(entry, previous_municipality_code=previous, **args)
             return [entry], message
         if current is None or current.status != CURRENT:
             if not given.resident_code:
@@ -297,7 +298,7 @@ class Registry:
         if kind in _DELETION_STATUS:
             entry.status = _DELETION_STATUS[kind]
             message = convert.notification_for(
-                entry, next_municipality_code=request.next_municipality_code, **args  # type: ignore[arg-type]
+                entry, next_municipality_code=request.next_municipality_code, **args
             )
             return [entry], message
         if kind == common_pb2.CHANGE_KIND_ADDRESS_CHANGE:
@@ -332,7 +333,7 @@ class Registry:
             retired.status = common_pb2.RESIDENT_STATUS_CODE_RETIRED
             entry.resident_code = new_code
             entry.version = 1
-            message = convert.notification_for(current, new_resident_code=new_code, **args)  # type: ignore[arg-type]
+            message = convert.notification_for(current, new_resident_code=new_code, **args)
             return [retired, entry], message
         else:  # 職権修正: the given entry's set fields replace the stored ones
             entry.MergeFrom(given)
@@ -340,7 +341,7 @@ class Registry:
             entry.address.CopyFrom(convert.full_address(here, entry.address.street))
             entry.status = CURRENT
             entry.version = current.version + 1
-        message = convert.notification_for(entry, **args)  # type: ignore[arg-type]
+        message = convert.notification_for(entry, **args)
         return [entry], message
 
     async def _household(self, conn: asyncpg.Connection, entry: municipal_pb2.ResidentEntry) -> None:

@@ -710,7 +710,8 @@ class OperatorProof(_message.Message):
     """Per-request proof that a human operator (municipal counter or prefecture staff) is acting; the
     operator key stands in for the operator IC card (操作者識別カード), the password for its PIN.
 
-    signature is Ed25519 over the UTF-8 bytes of these lines, each ended by "\\n":
+    signature is ECDSA P-256 with SHA-256 (DER-encoded, as in X.509) over the UTF-8 bytes of these lines,
+    each ended by "\\n":
       "juki-operator-proof-v1"
       full gRPC method name, e.g. "/juki.card.v1.CardService/IssueCard"
       lowercase hex SHA-256 of the request serialised deterministically with this proof field cleared
@@ -735,9 +736,11 @@ class OperatorProof(_message.Message):
     password: _builtins.str
     """The operator's password; checked against a salted hash, never stored or logged."""
     signature: _builtins.bytes
-    """Ed25519 signature over the canonical payload described above."""
+    """ECDSA P-256 / SHA-256 signature (DER) over the canonical payload described above."""
     certificate_pem: _builtins.bytes
-    """The operator's certificate (PEM), issued by the mesh CA, holding the Ed25519 public key."""
+    """The operator's certificate (PEM), issued by the mesh CA, holding the ECDSA P-256 public key; any
+    other kind of key is refused (OPERATOR_PROOF_INVALID).
+    """
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
         """When the proof was made; must be close to the server's clock."""
