@@ -234,7 +234,7 @@ def memory(supervisor: Supervisor) -> dict[str, int | None]:
 
 
 async def run_soak(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from juki.cli.seed import seed_population
+    from juki.seeding.registers import seed_population
 
     data_dir = Path(tempfile.mkdtemp(prefix="juki-bench-soak-"))
     supervisor = Supervisor(data_dir, MeshLayout())

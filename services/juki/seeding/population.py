@@ -22,10 +22,10 @@ import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from .changes import ChangeKind
-from .codes import is_municipality, municipality, resident_code_from_body
-from .validation import Notification
-from .values import Address, PartialDate, ResidentKind, Sex
+from juki.domain.changes import ChangeKind
+from juki.domain.codes import is_municipality, municipality, resident_code_from_body
+from juki.domain.validation import Notification
+from juki.domain.values import Address, PartialDate, ResidentKind, Sex
 
 __all__ = [
     "DEFAULT_MUNICIPALITIES",
