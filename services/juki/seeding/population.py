@@ -372,6 +372,9 @@ class _Pools:
 
 
 def _build_pools(rng: random.Random) -> _Pools:
+    from juki.extras import need
+
+    need("faker", "seed", "the synthetic population")
     from faker.providers.person.en_US import Provider as English
     from faker.providers.person.id_ID import Provider as Indonesian
     from faker.providers.person.ja_JP import Provider as Japanese
