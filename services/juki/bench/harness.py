@@ -42,7 +42,7 @@ START_TIMEOUT = 60.0
 class Harness:
     """Temporary directory, CA, embedded PostgreSQL and the server processes of one bench run.
 
-    ``prefix`` names the directory (``juki-bench-<name>-...``); ``keep`` leaves it in place (logs,
+    ``name`` names the directory (``juki-bench-<name>-...``); ``keep`` leaves it in place (logs,
     profiles); ``profile`` runs each server under py-spy (raw stacks into that folder).
     """
 
