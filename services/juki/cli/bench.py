@@ -15,7 +15,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "juki.bench.disclose",
     "juki.bench.intake",
     "juki.bench.soak",
-    # further benches (e.g. `juki bench audit`, the access log's auditor) are listed below
+    # a bench kept beside its CLI tool in juki.cli is listed here too (e.g. `juki bench audit`)
 )
 
 
