@@ -95,7 +95,7 @@ class Mesh:
 async def local_mesh(population: int = 80, *, prefix: str = "juki-faults-", seed: int = 8,
                      extra_env: dict[str, str] | None = None, replicas: int = 1) -> AsyncIterator[Mesh]:
     """Start a seeded local mesh (two prefectures, 中野区 and 横浜市) in a temporary data directory."""
-    from juki.cli.seed import seed_population
+    from juki.seeding.registers import seed_population
 
     data_dir = Path(tempfile.mkdtemp(prefix=prefix))
     supervisor = Supervisor(data_dir, MeshLayout(), extra_env=extra_env or {}, replicas=replicas)

@@ -16,6 +16,7 @@ from typing import Any
 from juki._gen.juki.card.v1 import card_pb2, card_pb2_grpc
 from juki._gen.juki.common.v1 import common_pb2
 from juki.cli.main import add_data_dir
+from juki.extras import need
 from juki.mesh.client import MeshClient
 from juki.mesh.operator import sign_with_files
 
@@ -295,6 +296,8 @@ def write_pdf(path: Path, response: card_pb2.RequestWideAreaCopyResponse) -> Non
 
 
 async def cmd_copy(args: argparse.Namespace) -> int:
+    if args.format == "pdf":
+        need("reportlab", "cli", "juki copy --format pdf")  # before the copy is issued
     async def action(counter: Counter) -> None:
         issuing = args.at or counter.client.endpoints["layout"]["municipalities"][0]
         request = card_pb2.RequestWideAreaCopyRequest(

@@ -128,7 +128,7 @@ async def run_story(data_dir: Path, population: int) -> None:
         data_dir, MeshLayout(prefectures=("13", "14"), municipalities=(NAKANO, YOKOHAMA)),
         extra_env={"JUKI_CLOCK": DEMO_DAY.isoformat()}, echo=lambda line: print(f"    {line}"),
     )
-    from juki.cli.seed import seed_population
+    from juki.seeding.registers import seed_population
 
     print(f"Juki-net demo — business day {DEMO_DAY} (住基カード still issued), data in {data_dir}")
     print("\n[0] start the mesh: private CA, embedded PostgreSQL, one process per service")

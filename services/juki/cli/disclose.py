@@ -24,6 +24,7 @@ from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.disclosure.v1 import disclosure_pb2, disclosure_pb2_grpc
 from juki.cli.main import add_data_dir
 from juki.domain import JAPAN_TIME
+from juki.extras import need
 from juki.mesh.errors import SettingsError
 
 TITLE = "本人確認情報の提供状況の開示"
@@ -385,6 +386,8 @@ def write(doc: Document, fmt: str, out: Path | None) -> None:
 
 async def cmd_disclose(args: argparse.Namespace) -> int:
     validate(args)
+    if args.format == "pdf":
+        need("reportlab", "cli", "juki disclose --format pdf")  # before the call, which records a provision
     doc = await fetch(args)
     write(doc, args.format, args.out)
     if args.out is not None:

@@ -76,8 +76,8 @@ def layout_from(args: argparse.Namespace) -> MeshLayout:
 async def cmd_up(args: argparse.Namespace) -> int:
     import os
 
-    from juki.cli.seed import seed_population
     from juki.mesh.settings import read_secret
+    from juki.seeding.registers import seed_population
 
     env: dict[str, str] = {}
     if args.otlp:

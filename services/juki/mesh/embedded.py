@@ -177,6 +177,9 @@ class EmbeddedPostgres:
 
 def start_embedded(data_dir: Path) -> EmbeddedPostgres:
     """Start (or join) the embedded server in ``data_dir/pg`` and make sure the ``juki`` database exists."""
+    from juki.extras import need
+
+    need("pgserver", "local", "the embedded PostgreSQL (used when no database URL is given)")
     data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = (data_dir / "pg").resolve()
     with _owners(pgdata) as owners:

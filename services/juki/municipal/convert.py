@@ -203,31 +203,3 @@ def identity_record(entry: municipal_pb2.ResidentEntry) -> common_pb2.IdentityRe
         last_notified_on=entry.address_notified_on,
         version=entry.version,
     )
-
-
-def entry_from_person(person: domain.population.Person, household_head: str, registered_on: dt.date,
-                      household_prefix: str = "") -> municipal_pb2.ResidentEntry:
-    """A synthetic person as the 住民票 entry of their municipality (for seeding)."""
-    kana_family, _, kana_given = (person.kana or "").partition(IDEOGRAPHIC_SPACE)
-    return municipal_pb2.ResidentEntry(
-        resident_code=person.resident_code,
-        name=common_pb2.PersonName(
-            family_name=person.family_name, given_name=person.given_name,
-            family_name_kana=kana_family, given_name_kana=kana_given,
-            alphabetic_name=person.alphabetic_name or "", common_name=person.common_name or "",
-        ),
-        birth_date=partial_to_proto(person.birth_date),
-        sex=sex_to_proto(person.sex),
-        address=full_address(person.address.municipality_code, person.address.street),
-        resident_kind=kind_to_proto(person.resident_kind),
-        household_id=f"{household_prefix or person.address.municipality_code}-{person.household_id}",
-        household_head=household_head,
-        relationship=person.relationship.value,
-        registered_domicile=person.honseki or "",
-        head_of_family_register=person.hittousha or "",
-        status=common_pb2.RESIDENT_STATUS_CURRENT,
-        became_resident_on=date_to_proto(registered_on),
-        address_since=date_to_proto(registered_on),
-        address_notified_on=date_to_proto(registered_on),
-        version=1,
-    )
