@@ -32,7 +32,7 @@ from juki.mesh.operator import VerifiedOperator
 from juki.mesh.tls import require_peer
 
 if TYPE_CHECKING:
-    from juki.card.app import CardApp
+    from juki.card.context import CardBackend
 
 SERVICE_NAME = "juki.card.v1.CardService"
 
@@ -40,7 +40,7 @@ SERVICE_NAME = "juki.card.v1.CardService"
 class CardServicer(card_pb2_grpc.CardServiceServicer):
     """Thin servicer: one handler per RPC, the rules in :mod:`juki.card.rules`."""
 
-    def __init__(self, app: CardApp) -> None:
+    def __init__(self, app: CardBackend) -> None:
         self.app = app
 
     # -- helpers -----------------------------------------------------------------------------------

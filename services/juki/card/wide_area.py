@@ -25,8 +25,7 @@ from juki.mesh.operator import VerifiedOperator
 from juki.mesh.tls import Peer, require_peer
 
 if TYPE_CHECKING:
-    from juki.card.app import CardApp
-    from juki.card.service import CardServicer
+    from juki.card.context import CardBackend, CounterChecks
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ _LAPSING = {
 }
 
 
-async def request_copy(servicer: CardServicer, request: card_pb2.RequestWideAreaCopyRequest
+async def request_copy(servicer: CounterChecks, request: card_pb2.RequestWideAreaCopyRequest
                        ) -> card_pb2.RequestWideAreaCopyResponse:
     """Issue a copy of the applicant's (or a household member's) resident certificate, logged first."""
     app = servicer.app
@@ -137,7 +136,7 @@ async def request_copy(servicer: CardServicer, request: card_pb2.RequestWideArea
     response.issued_at.FromDatetime(now)
     return response
 
-async def follow_move(app: CardApp, card: StoredCard, left: municipal_pb2.ResidentEntry, peer: Peer
+async def follow_move(app: CardBackend, card: StoredCard, left: municipal_pb2.ResidentEntry, peer: Peer
                       ) -> tuple[municipal_pb2.ResidentEntry, str]:
     """The holder moved (an ordinary 転出/転入 at the counters): from 2012-07-09 the card follows
     them to the new municipality; a move-in before that date made the card lapse."""

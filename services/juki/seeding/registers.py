@@ -60,9 +60,9 @@ def entry_from_person(person: Person, household_head: str, registered_on: dt.dat
             alphabetic_name=person.alphabetic_name or "", common_name=person.common_name or "",
         ),
         birth_date=convert.partial_to_proto(person.birth_date),
-        sex=convert.sex_to_proto(person.sex),  # type: ignore[arg-type]
+        sex=convert.sex_to_proto(person.sex),
         address=convert.full_address(person.address.municipality_code, person.address.street),
-        resident_kind=convert.kind_to_proto(person.resident_kind),  # type: ignore[arg-type]
+        resident_kind=convert.kind_to_proto(person.resident_kind),
         household_id=f"{household_prefix or person.address.municipality_code}-{person.household_id}",
         household_head=household_head,
         relationship=person.relationship.value,
