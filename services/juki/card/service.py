@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -33,6 +34,9 @@ from juki.mesh.tls import require_peer
 
 if TYPE_CHECKING:
     from juki.card.context import CardBackend
+
+# Namespace of the request ids (AIP-155) of the changes this service records at the municipal CSs.
+REQUEST_IDS = uuid.UUID("6d1f6a52-3b1e-5a7c-9f44-2c8e0b7d9a13")
 
 SERVICE_NAME = "juki.card.v1.CardService"
 
@@ -302,6 +306,9 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
             entry=municipal_pb2.ResidentEntry(resident_code=move.resident_code),
             occurred_on=date_to_proto(min(move.planned_move_on, moved_on)), notified_on=date_to_proto(self.app.today()),
             next_municipality_code=move.to_municipality,
+            # Keyed on the move: if this process dies after the CS recorded the 転出 but before the flag
+            # below is set, the next attempt is answered from the first instead of recording it twice.
+            request_id=str(uuid.uuid5(REQUEST_IDS, f"{move.move_id}/special-move-out")),
         ))
         async with self.app.db().acquire() as conn:
             await conn.execute("UPDATE special_moves SET moved_out_notified = true WHERE move_id = $1", move.move_id)
@@ -355,6 +362,7 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
         recorded = await self.app.record_change(request.municipality_code, municipal_pb2.RecordChangeRequest(
             change_kind=common_pb2.CHANGE_KIND_SPECIAL_MOVE_IN, entry=entry, occurred_on=date_to_proto(moved_on),
             notified_on=date_to_proto(today), previous_municipality_code=move.from_municipality,
+            request_id=str(uuid.uuid5(REQUEST_IDS, f"{move.move_id}/special-move-in")),
         ))
         continued = rules.continued_use_after_move(today)
         async with self.app.db().acquire() as conn, conn.transaction():
