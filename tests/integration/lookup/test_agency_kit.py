@@ -111,6 +111,7 @@ def _recipes() -> list[str]:
     """The shell blocks of the grpcurl section, in order; the first sets up the variables."""
     text = GUIDE.read_text(encoding="utf-8")
     section = text[text.index("## 6. Trying it with grpcurl"):]
+    section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section  # this section only
     return re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
 
 
