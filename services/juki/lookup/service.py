@@ -39,9 +39,10 @@ from juki.domain.policy import (
 )
 from juki.lookup import records as rec
 from juki.lookup.operator_check import OperatorCheck
-from juki.lookup.provisions import ProvisionLog, encode_varint
+from juki.lookup.provisions import ProvisionLog
 from juki.lookup.quota import Quotas
 from juki.lookup.records import RecordEncoder
+from juki.mesh import wire
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
 from juki.mesh.telemetry import current_trace_id
 from juki.mesh.tls import Peer, require_peer
@@ -81,6 +82,11 @@ _POLICY_REASONS: dict[type[PolicyError], Reason] = {
     ModeNotGranted: Reason.MODE_NOT_GRANTED,
     FieldNotGranted: Reason.FIELD_NOT_GRANTED,
 }
+
+# Tags of the messages this servicer writes as bytes (see ``mesh.wire``).
+_PROVISION = wire.tags(accesslog_pb2.ProvisionRecord)
+_VERIFY_RESULT = wire.tags(lookup_pb2.VerifyResult)
+_VERIFY_RESPONSE = wire.tags(lookup_pb2.VerifyBatchResponse)
 
 _TRACER = trace.get_tracer("juki.lookup")
 _STORE_SPAN = {"db.system": "postgresql", "db.operation": "SELECT", "db.sql.table": "intake_national.residents"}
@@ -209,8 +215,7 @@ class Authorised:
 
 def code_field(code: str) -> bytes:
     """Field 10 (resident_code) of a ProvisionRecord."""
-    encoded = code.encode()
-    return b"\x52" + encode_varint(len(encoded)) + encoded
+    return wire.text(_PROVISION["resident_code"], code)
 
 
 class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
@@ -445,7 +450,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
                 result = _verify_one(item, row, encoder)
                 # Every item is logged; a code the store does not know was asked about but got no fields.
                 provided.append((with_fields if row is not None else without_fields) + code_field(code))
-            parts.append(b"\x0a" + encode_varint(len(result)) + result)
+            parts.append(wire.length_delimited(_VERIFY_RESPONSE["results"], result))
         if refused:
             log.info("VerifyBatch from %s: %d of %d items refused as malformed", call.peer.spiffe_id, refused,
                      len(items))
@@ -597,11 +602,11 @@ def _invalid_result(item: lookup_pb2.VerifyItem, defect: int, reason: Reason, de
 
 def _verify_one(item: lookup_pb2.VerifyItem, row: Mapping[str, Any] | None, encoder: RecordEncoder) -> bytes:
     """The serialised VerifyResult of one item (identity information is provided when ``row`` exists)."""
-    head = b"\x08" + encode_varint(item.item_id) if item.item_id else b""
+    head = wire.number(_VERIFY_RESULT["item_id"], item.item_id)
     if row is None:
         return head + _STATUS_NOT_FOUND
     record = encoder.encode(row)
-    record_part = b"\x1a" + encode_varint(len(record)) + record
+    record_part = wire.length_delimited(_VERIFY_RESULT["record"], record)
     fields = encoder.fields
     status = row["status"]
     if status == rec.RESIDENT_STATUS_CURRENT and row["last_change_kind"] not in _MOVE_KINDS and not (
@@ -633,8 +638,8 @@ def _verify_one(item: lookup_pb2.VerifyItem, row: Mapping[str, Any] | None, enco
     return head + result.SerializeToString() + record_part
 
 
-_STATUS_CURRENT = b"\x10" + encode_varint(lookup_pb2.VERIFY_STATUS_CURRENT)
-_STATUS_NOT_FOUND = b"\x10" + encode_varint(lookup_pb2.VERIFY_STATUS_NOT_FOUND)
+_STATUS_CURRENT = wire.number(_VERIFY_RESULT["status"], lookup_pb2.VERIFY_STATUS_CURRENT)
+_STATUS_NOT_FOUND = wire.number(_VERIFY_RESULT["status"], lookup_pb2.VERIFY_STATUS_NOT_FOUND)
 
 
 def _mismatches(item: lookup_pb2.VerifyItem, row: Mapping[str, Any]) -> list[rec.FieldNumber]:
