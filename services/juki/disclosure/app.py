@@ -53,7 +53,7 @@ class DisclosureApp:
             card=card_pb2_grpc.CardServiceStub(self._channel(self.card)) if self.card else None,
             operators=OperatorVerifier(
                 self.settings.tls, self.pool,
-                passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
+                passwords=load_passwords(self.settings.operator_passwords_file),
             ),
             policy=Policy.load(),
         )

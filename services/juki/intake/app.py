@@ -72,7 +72,7 @@ class IntakeApp:
             self.gauges.start()
         self.servicer = IntakeServicer(
             settings, store, OperatorVerifier(
-                settings.tls, self.pool, passwords=load_passwords(settings.extra.get("operator_passwords_file"))
+                settings.tls, self.pool, passwords=load_passwords(settings.operator_passwords_file)
             ),
             on_accepted=self.relay.wake if self.relay else None,
         )

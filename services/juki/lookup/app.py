@@ -4,7 +4,8 @@ Lookup reads the national identity store (schema ``intake_national``) directly, 
 read, with SELECT only; it owns the watch lists of the change feed and the operator nonces. Every
 provision is logged through the access-log service before it is answered.
 
-Settings beyond the common ones (``JUKI_*`` environment variables):
+Settings beyond the common ones (``JUKI_*`` environment variables, parsed and checked at start into
+``settings.lookup``, see ``mesh.settings.LookupSettings``):
   ``JUKI_LOOKUP_QUOTA_MULTIPLIER``  scales every 別表 quota (default 1; benchmarks raise it).
   ``JUKI_LOOKUP_ACK_TIMEOUT``       seconds to wait for the access log's acknowledgement (default 5).
   ``JUKI_LOOKUP_LOG_IN_FLIGHT``     access-log batches sent and not yet acknowledged (default 4).
@@ -26,11 +27,11 @@ from juki.domain.codes import is_valid_resident_code
 from juki.domain.policy import Policy, default_policy
 from juki.lookup import records as rec
 from juki.lookup.operator_check import OperatorCheck
-from juki.lookup.provisions import MAX_IN_FLIGHT, ProvisionLog
+from juki.lookup.provisions import ProvisionLog
 from juki.lookup.quota import Quotas
 from juki.lookup.service import LookupServicer, current_attempt
 from juki.mesh import db
-from juki.mesh.errors import JukiError, SettingsError
+from juki.mesh.errors import JukiError
 from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import SPIFFE_TRUST_DOMAIN, ServiceSettings
@@ -59,14 +60,6 @@ class LookupApp:
         self.pool: asyncpg.Pool | None = None
         self.provisions: ProvisionLog | None = None
         self._channel: grpc.aio.Channel | None = None
-        try:
-            self._quota_multiplier = float(settings.extra.get("lookup_quota_multiplier", "1"))
-            self._ack_timeout = float(settings.extra.get("lookup_ack_timeout", "5"))
-            self._log_in_flight = int(settings.extra.get("lookup_log_in_flight", str(MAX_IN_FLIGHT)))
-        except ValueError as exc:
-            raise SettingsError(f"lookup settings: {exc}") from exc
-        if self._quota_multiplier <= 0 or self._ack_timeout <= 0:
-            raise SettingsError("JUKI_LOOKUP_QUOTA_MULTIPLIER and JUKI_LOOKUP_ACK_TIMEOUT must be positive")
 
     async def start(self) -> Sequence[ServiceBinding]:
         address = self.settings.peers.require("accesslog")
@@ -74,12 +67,15 @@ class LookupApp:
         # No per-message tracing on the log stream: it is shared by many calls, and each record already
         # carries the trace id of the call it belongs to.
         self._channel = secure_channel(address, self.settings.tls, interceptors=[])
-        self.provisions = ProvisionLog(self._channel, ack_timeout=self._ack_timeout, max_in_flight=self._log_in_flight)
+        self.provisions = ProvisionLog(
+            self._channel, ack_timeout=self.settings.lookup.ack_timeout_seconds,
+            max_in_flight=self.settings.lookup.log_in_flight,
+        )
         servicer = LookupServicer(
-            self.pool, self.policy, self.provisions, Quotas(self.pool, self._quota_multiplier), PROVIDER,
+            self.pool, self.policy, self.provisions, Quotas(self.pool, self.settings.lookup.quota_multiplier), PROVIDER,
             OperatorCheck(OperatorVerifier(
                 self.settings.tls, self.pool,
-                passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
+                passwords=load_passwords(self.settings.operator_passwords_file),
             )),
         )
         return [ServiceBinding(

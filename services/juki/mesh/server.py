@@ -62,7 +62,6 @@ class MeshService(Protocol):
 # The delay a caller is told to wait (RetryInfo) before retrying a retryable error, and after an outage of
 # the database or another service: short, because the supervisor or Kubernetes restarts it within seconds.
 DEFAULT_RETRY_SECONDS = 1.0
-DEFAULT_MAX_CONNECTION_AGE_SECONDS = "300"
 OUTAGE_RETRY_SECONDS = 0.5
 
 
@@ -411,10 +410,8 @@ async def start_server(
     mesh = MeshInterceptor(_full_access(bindings), RevocationList(settings.tls), on_refusal)
     # One interceptor does identity, access, errors, metrics and the server span (W3C context from
     # the call's metadata): a second, tracing-only interceptor would add a handler layer to every call.
-    # JUKI_MAX_CONNECTION_AGE_SECONDS (default 300): how soon a long-lived client channel reaches replicas
-    # added after it connected.
-    age = float(settings.extra.get("max_connection_age_seconds", DEFAULT_MAX_CONNECTION_AGE_SECONDS))
-    server = grpc.aio.server(interceptors=[mesh], options=server_options(age))
+    server = grpc.aio.server(
+        interceptors=[mesh], options=server_options(settings.server.max_connection_age_seconds))
     names = [b.name for b in bindings]
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
@@ -479,8 +476,7 @@ async def serve(settings: ServiceSettings, service: MeshService, *, ready_file: 
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("%s shutting down: draining in-flight calls", settings.instance)
-    grace = float(settings.extra.get("shutdown_grace_seconds", "10"))
-    await running.stop(grace)
+    await running.stop(settings.server.shutdown_grace_seconds)
     await service.stop()
     telemetry.shutdown()
     log.info("%s stopped", settings.instance)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
+from typing import cast
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -62,7 +63,7 @@ def wire_type(field: FieldDescriptor) -> int:
 
 def field_tag(message: type[Message], name: str) -> bytes:
     """The tag bytes of field ``name`` of ``message`` (field number and wire type, as a varint)."""
-    field = message.DESCRIPTOR.fields_by_name[name]
+    field = cast(FieldDescriptor, message.DESCRIPTOR.fields_by_name[name])
     return varint((field.number << 3) | wire_type(field))
 
 

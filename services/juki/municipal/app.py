@@ -164,7 +164,7 @@ class MunicipalApp:
         self._registry = Registry(self.pool, self.municipality_code)
         self._operators = OperatorVerifier(
             self.settings.tls, self.pool,
-            passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
+            passwords=load_passwords(self.settings.operator_passwords_file),
         )
         self._sender = OutboxSender(self._registry, self.settings.peers.prefecture_intake, self.settings.tls,
                                     LeaderLease(self.settings.database, f"{self.settings.instance}:outbox"))
