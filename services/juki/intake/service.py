@@ -19,7 +19,7 @@ from juki.intake.senders import check_sender
 from juki.intake.store import Item, Outcome, Store
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid
 from juki.mesh.operator import OperatorVerifier
-from juki.mesh.settings import ServiceSettings, TlsFiles
+from juki.mesh.settings import ServiceSettings
 from juki.mesh.tls import Peer, require_peer, secure_channel
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,6 @@ MAX_BATCH = 10_000
 PIPELINE = 2
 HISTORY_PAGE = 100
 MAX_HISTORY_PAGE = 1000
-SET_CONNECTION_METHOD = "/juki.intake.v1.IntakeService/SetConnectionState"
-_FIELD_REASONS = {"INVALID_FIELD", "CHECK_DIGIT_MISMATCH", "UNKNOWN_MUNICIPALITY", "DUPLICATE_NOTIFICATION_CONFLICT"}
 
 
 def _proto_violation(violation: FieldViolation) -> common_pb2.FieldViolation:
@@ -227,11 +225,11 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
                           Reason.UNKNOWN_MUNICIPALITY)
         if len(request.reason) > 500:
             raise invalid("reason", "at most 500 characters")
-        if peer.kind == "operator":
-            operator = await self._verifier.verify(SET_CONNECTION_METHOD, request)
+        operator = await self._verifier.check(request)
+        if operator is not None:
             log.info("operator %s sets %s connected=%s (%s)", operator.operator_id, code, request.connected,
                      request.reason)
-        else:
+        if peer.kind != "operator":
             # A prefecture passes on the change its own operator made (proof verified there).
             self._check_scope(peer, code)
         if not self.national and code[:2] != self._prefecture:
@@ -344,6 +342,3 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
     def settings(self) -> ServiceSettings:
         return self._settings
 
-    @property
-    def tls(self) -> TlsFiles:
-        return self._settings.tls

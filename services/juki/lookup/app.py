@@ -26,12 +26,12 @@ from juki._gen.juki.lookup.v1 import lookup_pb2
 from juki.domain.codes import is_valid_resident_code
 from juki.domain.policy import Policy, default_policy
 from juki.lookup import records as rec
-from juki.lookup.operator_check import OperatorCheck
 from juki.lookup.provisions import ProvisionLog
 from juki.lookup.quota import Quotas
 from juki.lookup.service import LookupServicer, current_attempt
 from juki.mesh import db
 from juki.mesh.errors import JukiError
+from juki.mesh.methods import Method, OperatorProof
 from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import SPIFFE_TRUST_DOMAIN, ServiceSettings
@@ -45,10 +45,18 @@ SERVICE_NAME = "juki.lookup.v1.LookupService"
 # Who may reach the methods at all; the 別表 policy then decides per 事務. Private bodies are let
 # through on purpose so that their refusal is the policy's (NOT_A_PUBLIC_BODY) and is logged.
 CALLERS = frozenset({"agency", "operator", "prefecture", "municipality", "private"})
-METHODS = (
-    "LookupByCode", "SearchByFourItems", "VerifyBatch", "RegisterWatch", "ListChanges", "StreamChanges",
-    "ListPurposes",
-)
+# The method table: an operator (a person at a terminal) signs every query; a system caller acts on its
+# certificate, but a proof it attaches is verified all the same. ListPurposes reads the caller's own grants.
+_QUERY = Method(CALLERS, OperatorProof.FROM_OPERATORS)
+METHODS: dict[str, Method] = {
+    "LookupByCode": _QUERY,
+    "SearchByFourItems": _QUERY,
+    "VerifyBatch": _QUERY,
+    "RegisterWatch": _QUERY,
+    "ListChanges": _QUERY,
+    "StreamChanges": _QUERY,
+    "ListPurposes": Method(CALLERS),
+}
 
 
 class LookupApp:
@@ -73,15 +81,11 @@ class LookupApp:
         )
         servicer = LookupServicer(
             self.pool, self.policy, self.provisions, Quotas(self.pool, self.settings.lookup.quota_multiplier), PROVIDER,
-            OperatorCheck(OperatorVerifier(
-                self.settings.tls, self.pool,
-                passwords=load_passwords(self.settings.operator_passwords_file),
-            )),
+            OperatorVerifier(
+                self.settings.tls, self.pool, passwords=load_passwords(self.settings.operator_passwords_file),
+            ),
         )
-        return [ServiceBinding(
-            SERVICE_NAME, add_to_server, servicer,
-            {method: CALLERS for method in METHODS},
-        )]
+        return [ServiceBinding(SERVICE_NAME, add_to_server, servicer, METHODS)]
 
     async def on_refusal(self, peer: Peer | None, method: str, error: JukiError) -> None:
         """Log a refused attempt (a security event) with what it asked for, when known."""

@@ -38,12 +38,12 @@ from juki.domain.policy import (
     QueryMode,
 )
 from juki.lookup import records as rec
-from juki.lookup.operator_check import OperatorCheck
 from juki.lookup.provisions import ProvisionLog
 from juki.lookup.quota import Quotas
 from juki.lookup.records import RecordEncoder
 from juki.mesh import wire
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
+from juki.mesh.operator import OperatorVerifier
 from juki.mesh.telemetry import current_trace_id
 from juki.mesh.tls import Peer, require_peer
 
@@ -228,7 +228,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         provisions: ProvisionLog,
         quotas: Quotas,
         provider: str,
-        operators: OperatorCheck,
+        operators: OperatorVerifier,
     ) -> None:
         self._pool = pool
         self._policy = policy
@@ -241,15 +241,13 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
 
     async def _authorise(
         self,
-        method: str,
         purpose: str,
         mode: QueryMode,
         requested: Iterable[int],
-        proof: common_pb2.OperatorProof | None,
         request: Any,
         resident_code: str = "",
-        quota_cost: float = 1.0,
     ) -> Authorised:
+        """Steps (1)-(3) of every query, then the operator proof the method table asks for (mesh.methods)."""
         peer = require_peer()
         current_attempt.set(Attempt(purpose, mode, resident_code))
         if not peer.is_public_body or peer.kind == "private":
@@ -260,8 +258,9 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
             grant = self._policy.authorise(peer.spiffe_id, purpose, mode)
         except PolicyError as error:
             raise _policy_error(error) from None
-        await self._quotas.take(peer.spiffe_id, grant.agency.quota_per_second, quota_cost)
-        operator_id = await self._operators.check(peer, method, request, proof is not None)
+        await self._quotas.take(peer.spiffe_id, grant.agency.quota_per_second)
+        operator = await self._operators.check(request)
+        operator_id = operator.operator_id if operator is not None else ""
         if operator_id:
             current_attempt.set(Attempt(purpose, mode, resident_code, operator_id))
         wanted = list(requested)
@@ -282,10 +281,8 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
     async def LookupByCode(
         self, request: lookup_pb2.LookupByCodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> lookup_pb2.LookupByCodeResponse:
-        proof = request.operator_proof if request.HasField("operator_proof") else None
         call = await self._authorise(
-            "/juki.lookup.v1.LookupService/LookupByCode", request.purpose, QueryMode.BY_CODE,
-            request.requested_fields, proof, request, request.resident_code,
+            request.purpose, QueryMode.BY_CODE, request.requested_fields, request, request.resident_code,
         )
         _check_code(request.resident_code, "resident_code")
         with _TRACER.start_as_current_span("identity_store.read", attributes=_STORE_SPAN):
@@ -303,11 +300,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
     async def SearchByFourItems(
         self, request: lookup_pb2.SearchByFourItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> lookup_pb2.SearchByFourItemsResponse:
-        proof = request.operator_proof if request.HasField("operator_proof") else None
-        call = await self._authorise(
-            "/juki.lookup.v1.LookupService/SearchByFourItems", request.purpose, QueryMode.BY_FOUR_ITEMS,
-            request.requested_fields, proof, request,
-        )
+        call = await self._authorise(request.purpose, QueryMode.BY_FOUR_ITEMS, request.requested_fields, request)
         violations: list[FieldViolation] = []
         name_key = address = ""
         try:
@@ -359,11 +352,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
             first = await iterator.__anext__()
         except StopAsyncIteration:
             return
-        proof = first.operator_proof if first.HasField("operator_proof") else None
-        call = await self._authorise(
-            "/juki.lookup.v1.LookupService/VerifyBatch", first.purpose, QueryMode.BATCH_VERIFY,
-            first.requested_fields, proof, first,
-        )
+        call = await self._authorise(first.purpose, QueryMode.BATCH_VERIFY, first.requested_fields, first)
         # Messages are verified in a short pipeline: while one waits for the store or for the access
         # log's acknowledgement, the next is already being read and answered. Answers leave in order.
         answers: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(VERIFY_PIPELINE)
@@ -462,10 +451,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
     async def RegisterWatch(
         self, request: lookup_pb2.RegisterWatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> lookup_pb2.RegisterWatchResponse:
-        proof = request.operator_proof if request.HasField("operator_proof") else None
-        call = await self._authorise(
-            "/juki.lookup.v1.LookupService/RegisterWatch", request.purpose, QueryMode.CHANGE_FEED, (), proof, request,
-        )
+        call = await self._authorise(request.purpose, QueryMode.CHANGE_FEED, (), request)
         codes = list(request.resident_codes)
         if not codes:
             raise invalid("resident_codes", "at least one resident code is required")
@@ -510,10 +496,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
     async def ListChanges(
         self, request: lookup_pb2.ListChangesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> lookup_pb2.ListChangesResponse:
-        proof = request.operator_proof if request.HasField("operator_proof") else None
-        call = await self._authorise(
-            "/juki.lookup.v1.LookupService/ListChanges", request.purpose, QueryMode.CHANGE_FEED, (), proof, request,
-        )
+        call = await self._authorise(request.purpose, QueryMode.CHANGE_FEED, (), request)
         after = _parse_cursor(request.cursor)
         if request.max_changes < 0:
             raise invalid("max_changes", "must not be negative")
@@ -524,10 +507,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
     async def StreamChanges(
         self, request: lookup_pb2.StreamChangesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[lookup_pb2.StreamChangesResponse]:
-        proof = request.operator_proof if request.HasField("operator_proof") else None
-        call = await self._authorise(
-            "/juki.lookup.v1.LookupService/StreamChanges", request.purpose, QueryMode.CHANGE_FEED, (), proof, request,
-        )
+        call = await self._authorise(request.purpose, QueryMode.CHANGE_FEED, (), request)
         after = _parse_cursor(request.cursor)
         while True:
             events, after = await self._changes(call, after, DEFAULT_MAX_CHANGES)
