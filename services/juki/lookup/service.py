@@ -44,6 +44,7 @@ from juki.lookup.records import RecordEncoder
 from juki.mesh import wire
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
 from juki.mesh.operator import OperatorVerifier
+from juki.mesh.pagination import decode_token, encode_token, page_size
 from juki.mesh.telemetry import current_trace_id
 from juki.mesh.tls import Peer, require_peer
 
@@ -478,7 +479,8 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         logged: list[tuple[str, bool]] = []
         for row in rows:
             event = lookup_pb2.ChangeEvent(
-                resident_code=row["changed_code"], change_kind=row["change_kind"], cursor=str(row["change_id"])
+                resident_code=row["changed_code"], change_kind=row["change_kind"], cursor=str(row["change_id"]),
+                page_token=_feed_token(call, row["change_id"]),
             )
             occurred = rec.date_message(row["occurred_on"])
             if occurred is not None:
@@ -497,22 +499,26 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         self, request: lookup_pb2.ListChangesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> lookup_pb2.ListChangesResponse:
         call = await self._authorise(request.purpose, QueryMode.CHANGE_FEED, (), request)
-        after = _parse_cursor(request.cursor)
-        if request.max_changes < 0:
-            raise invalid("max_changes", "must not be negative")
-        limit = min(request.max_changes or DEFAULT_MAX_CHANGES, MAX_CHANGES)
+        after = _feed_position(call, request)
+        if request.page_size:
+            limit = page_size(request.page_size, DEFAULT_MAX_CHANGES, MAX_CHANGES)
+        else:  # the deprecated field, for clients written before page_size
+            limit = page_size(request.max_changes, DEFAULT_MAX_CHANGES, MAX_CHANGES, "max_changes")
         events, last = await self._changes(call, after, limit)
-        return lookup_pb2.ListChangesResponse(changes=events, next_cursor=str(last) if events else request.cursor)
+        return lookup_pb2.ListChangesResponse(
+            changes=events, next_page_token=_feed_token(call, last), next_cursor=str(last) if last else "",
+        )
 
     async def StreamChanges(
         self, request: lookup_pb2.StreamChangesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[lookup_pb2.StreamChangesResponse]:
         call = await self._authorise(request.purpose, QueryMode.CHANGE_FEED, (), request)
-        after = _parse_cursor(request.cursor)
+        after = _feed_position(call, request)
         while True:
             events, after = await self._changes(call, after, DEFAULT_MAX_CHANGES)
             if events:
-                yield lookup_pb2.StreamChangesResponse(changes=events, next_cursor=str(after))
+                yield lookup_pb2.StreamChangesResponse(
+                    changes=events, next_cursor=str(after), next_page_token=_feed_token(call, after))
             else:
                 await asyncio.sleep(STREAM_POLL_SECONDS)
 
@@ -539,11 +545,33 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
 
 
 def _parse_cursor(cursor: str) -> int:
+    """The deprecated cursor: the change id as decimal digits."""
     if not cursor:
         return 0
     if not cursor.isascii() or not cursor.isdigit() or len(cursor) > 18:
         raise invalid("cursor", "not a cursor returned by this service")
     return int(cursor)
+
+
+def _feed_scope(call: Authorised) -> str:
+    """A change feed is the caller's under one 事務: a token of another feed is refused."""
+    return f"{call.peer.spiffe_id}\n{call.grant.purpose.code}"
+
+
+def _feed_token(call: Authorised, change_id: int) -> str:
+    return encode_token("changes", _feed_scope(call), [change_id])
+
+
+def _feed_position(call: Authorised, request: lookup_pb2.ListChangesRequest | lookup_pb2.StreamChangesRequest) -> int:
+    """The change id a feed request continues after: its page token, or the deprecated cursor."""
+    if request.page_token:
+        if request.cursor:
+            raise invalid("cursor", "set page_token or the deprecated cursor, not both")
+        position = decode_token(request.page_token, "changes", _feed_scope(call))
+        if len(position) != 1 or type(position[0]) is not int or position[0] < 0:
+            raise invalid("page_token", "not a page token returned by this method for this request")
+        return position[0]
+    return _parse_cursor(request.cursor)
 
 
 def _name_matches(row: Mapping[str, Any], key: str) -> bool:
