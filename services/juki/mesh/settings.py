@@ -265,6 +265,7 @@ VARIABLES: Mapping[str, str] = {
     "JUKI_BENCH_NATIVE": "juki bench lookup: profile native frames",
     "JUKI_TEST_DATABASE_URL": "tests: an external PostgreSQL instead of the embedded one",
     "JUKI_REQUIRE_PROMTOOL": "tests: fail instead of skipping when promtool is missing",
+    "JUKI_REQUIRE_NODE": "tests: fail instead of skipping when Node.js is missing (the example client)",
     "JUKI_REINSTALL": "tools/up: reinstall the package",
     "JUKI_IMAGE_DIR": "tools/image: build folder",
 }

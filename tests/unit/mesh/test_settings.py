@@ -19,8 +19,8 @@ from juki.mesh.settings import (
 
 REPO = Path(__file__).resolve().parents[3]
 # Where JUKI_* names are written: code, manifests, scripts, docs. Generated code and build output are not.
-SCANNED = ("services/juki", "tools", "tests", "k8s", "docs", ".ci", "README.md", "Dockerfile")
-SKIPPED_PARTS = {"_gen", "__pycache__", "juki.egg-info", ".mypy_cache", ".ruff_cache"}
+SCANNED = ("services/juki", "tools", "tests", "k8s", "docs", "examples", ".ci", "README.md", "Dockerfile")
+SKIPPED_PARTS = {"_gen", "__pycache__", "juki.egg-info", ".mypy_cache", ".ruff_cache", "node_modules"}
 # JUKI_ names in the repository that are not environment variables.
 NOT_VARIABLES = {"JUKI_SERVICES"}  # tests/e2e: a Python constant, the set of the mesh's gRPC services
 THIS_FILE = Path(__file__).resolve()
