@@ -492,13 +492,13 @@ def _loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, 
 async def serve(settings: ServiceSettings, service: MeshService, *, ready_file: Path | None = None) -> None:
     """Run one service until SIGTERM/SIGINT, then drain in-flight calls and stop cleanly."""
     telemetry.setup(settings.instance)
-    metrics.setup(settings.instance)
+    metrics.setup(settings.instance, settings.metrics_listen)
     asyncio.get_running_loop().set_exception_handler(_loop_exception_handler)
     bindings = await service.start()
     on_refusal = getattr(service, "on_refusal", None)
     running = await start_server(settings, bindings, on_refusal=on_refusal)
     log.info("%s serving on %s (mTLS) with %s", settings.instance, running.address, ", ".join(running.names))
-    ready_path = ready_file or (Path(os.environ["JUKI_READY_FILE"]) if os.environ.get("JUKI_READY_FILE") else None)
+    ready_path = ready_file or settings.ready_file
     if ready_path is not None:
         tmp = ready_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"address": running.address, "pid": os.getpid(), "instance": settings.instance}))

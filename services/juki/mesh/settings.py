@@ -407,6 +407,8 @@ class ServiceSettings:
     clock: str = "system"  # "system" or an ISO date for a fixed business day
     log_level: str = "INFO"
     operator_passwords_file: Path | None = None
+    metrics_listen: str | None = None  # host:port of the Prometheus /metrics endpoint
+    ready_file: Path | None = None  # written once the server listens (the supervisor waits for it)
     server: ServerSettings = field(default_factory=ServerSettings)
     lookup: LookupSettings = field(default_factory=LookupSettings)  # read by the lookup service only
     accesslog: AccessLogSettings = field(default_factory=AccessLogSettings)  # read by the access log only
@@ -458,6 +460,7 @@ def load_service_settings(
     instance = instance_name(service, tier, prefecture, municipality)
     listen_address = validate_address("JUKI_LISTEN", listen or _env(env, "JUKI_LISTEN", "127.0.0.1:0") or "")
     health = _env(env, "JUKI_HEALTH_LISTEN")
+    metrics_listen = _env(env, "JUKI_METRICS_LISTEN")
     clock = _env(env, "JUKI_CLOCK", "system") or "system"
     if clock != "system" and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", clock):
         raise SettingsError(f"JUKI_CLOCK must be 'system' or YYYY-MM-DD, got {clock!r}")
@@ -476,6 +479,8 @@ def load_service_settings(
         clock=clock,
         log_level=(_env(env, "JUKI_LOG_LEVEL", "INFO") or "INFO").upper(),
         operator_passwords_file=_path(env, "JUKI_OPERATOR_PASSWORDS_FILE"),
+        metrics_listen=validate_address("JUKI_METRICS_LISTEN", metrics_listen) if metrics_listen else None,
+        ready_file=_path(env, "JUKI_READY_FILE"),
         server=ServerSettings.from_env(env),
         lookup=LookupSettings.from_env(env) if service == "lookup" else LookupSettings(),
         accesslog=AccessLogSettings.from_env(env) if service == "accesslog" else AccessLogSettings(),

@@ -111,6 +111,7 @@ def test_declared_families_and_tool_variables_are_accepted(tmp_path: Path) -> No
     ("JUKI_DATABASE_POOL_MAX", "many"),
     ("JUKI_MIGRATE_ON_START", "true"),
     ("JUKI_MIGRATE_ON_START", "maybe"),
+    ("JUKI_METRICS_LISTEN", "9464"),
 ])
 def test_server_values_are_checked_at_start_by_every_service(tmp_path: Path, name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
@@ -123,6 +124,10 @@ def test_server_values_are_typed(tmp_path: Path) -> None:
     settings = load_service_settings("disclosure", environ=environ)
     assert settings.server == ServerSettings(max_connection_age_seconds=60.0, shutdown_grace_seconds=20.0)
     assert settings.operator_passwords_file == Path("/etc/juki/operators.json")
+    assert (settings.metrics_listen, settings.ready_file) == (None, None)
+    listed = load_service_settings("card", environ=_environ(
+        tmp_path, JUKI_METRICS_LISTEN="0.0.0.0:9464", JUKI_READY_FILE=str(tmp_path / "card.ready")))
+    assert (listed.metrics_listen, listed.ready_file) == ("0.0.0.0:9464", tmp_path / "card.ready")
     assert load_service_settings("card", environ=_environ(tmp_path)).server == ServerSettings()
 
 
