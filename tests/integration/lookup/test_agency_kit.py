@@ -83,7 +83,7 @@ async def test_the_service_config_sets_deadlines_and_retries_an_unavailable_look
     code = await add_resident(mesh.database)
     # A lookup whose access log cannot be reached: every attempt fails with ACCESS_LOG_UNAVAILABLE and
     # provides nothing, which is what makes the retry safe.
-    settings = mesh.lookup_settings(lookup_ack_timeout="1")
+    settings = mesh.lookup_settings(ack_timeout_seconds=1)
     settings = replace(settings, peers=Peers(accesslog="127.0.0.1:1"))
     app = create(settings)
     server = await start_server(settings, await app.start(), on_refusal=app.on_refusal)
