@@ -26,6 +26,7 @@ from juki.cli.main import add_data_dir
 from juki.domain import JAPAN_TIME
 from juki.extras import need
 from juki.mesh.errors import SettingsError
+from juki.mesh.settings import spiffe_id
 
 TITLE = "本人確認情報の提供状況の開示"
 METHOD = "/juki.disclosure.v1.DisclosureService/GetDisclosure"
@@ -60,9 +61,9 @@ CHANGE_LABELS = {
 }
 SEX_LABELS = {common_pb2.SEX_MALE: "男", common_pb2.SEX_FEMALE: "女"}
 PROVIDER_NAMES = {
-    "spiffe://juki.local/service/lookup": "地方公共団体情報システム機構（本人確認情報照会）",
-    "spiffe://juki.local/service/disclosure": "地方公共団体情報システム機構（本人開示）",
-    "spiffe://juki.local/service/card": "住基カード処理",
+    spiffe_id("service", "lookup"): "地方公共団体情報システム機構（本人確認情報照会）",
+    spiffe_id("service", "disclosure"): "地方公共団体情報システム機構（本人開示）",
+    spiffe_id("service", "card"): "住基カード処理",
 }
 
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from juki.mesh.settings import SPIFFE_TRUST_DOMAIN
+from juki.mesh.settings import spiffe_id
 
 KINDS = ("service", "prefecture", "municipality", "agency", "operator", "private", "signing")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{0,62}$")
@@ -43,10 +43,6 @@ class Issued:
     cert: Path
     key: Path
     serial: int
-
-
-def spiffe_id(kind: str, name: str) -> str:
-    return f"spiffe://{SPIFFE_TRUST_DOMAIN}/{kind}/{name}"
 
 
 def _now() -> dt.datetime:

@@ -25,6 +25,11 @@ from juki.mesh.errors import SettingsError
 
 SPIFFE_TRUST_DOMAIN = "juki.local"
 
+
+def spiffe_id(kind: str, name: str) -> str:
+    """The SPIFFE ID of an identity of this mesh: ``spiffe://juki.local/<kind>/<name>``."""
+    return f"spiffe://{SPIFFE_TRUST_DOMAIN}/{kind}/{name}"
+
 _ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 
 

@@ -25,7 +25,7 @@ from juki.mesh.leader import LeaderLease
 from juki.mesh.methods import Method, OperatorProof, require_method
 from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
-from juki.mesh.settings import ServiceSettings
+from juki.mesh.settings import ServiceSettings, spiffe_id
 from juki.mesh.tls import Peer, require_peer, secure_channel
 from juki.municipal import convert
 from juki.municipal.registry import Registry
@@ -34,8 +34,8 @@ from juki.municipal.sender import OutboxSender
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "juki.municipal.v1.MunicipalService"
-CARD_SERVICE = "spiffe://juki.local/service/card"
-DISCLOSURE_SERVICE = "spiffe://juki.local/service/disclosure"
+CARD_SERVICE = spiffe_id("service", "card")
+DISCLOSURE_SERVICE = spiffe_id("service", "disclosure")
 RESYNC_BATCH = 1000
 # Changes after which the resident's 住基カード are revoked (the card service is told at once).
 _CARD_REVOKING = {
