@@ -59,8 +59,10 @@ def test_a_row_without_callers_is_refused() -> None:
 
 def test_no_servicer_writes_a_method_path_by_hand() -> None:
     """Paths come from the binding (mesh.methods.current_method); clients and CLI may name the ones they call."""
-    servers = [p for pkg in ("lookup", "intake", "municipal", "disclosure") for p in (PACKAGE / pkg).glob("*.py")]
-    written = {str(p.relative_to(PACKAGE)): re.findall(r'"/juki\.\w+\.v1\.\w+/\w+"', p.read_text(encoding="utf-8"))
+    servers = [p for pkg in ("lookup", "intake", "municipal", "disclosure", "card")
+               for p in (PACKAGE / pkg).glob("*.py")]
+    written = {str(p.relative_to(PACKAGE)): re.findall(r'"/juki\.\w+\.v1\.\w+/\w+"|f"/\{SERVICE_NAME\}/',
+                                                       p.read_text(encoding="utf-8"))
                for p in servers}
     # Calls this process makes to another service (a client's path), not methods it serves.
     allowed = {"lookup/provisions.py": ['"/juki.accesslog.v1.AccessLogService/AppendStream"'],
