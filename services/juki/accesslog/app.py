@@ -44,9 +44,12 @@ ACCESS = {
     "VerifyLog": frozenset({"operator", "service"}),
     # Checkpoints and proofs: the disclosure service (proofs shown to residents), other services, and
     # operators auditing the log. They reveal hashes only, never a record.
-    "GetCheckpoint": frozenset({"operator", "service"}),
+    "GetCheckpoint": frozenset({"operator", "service", "witness"}),
     "GetInclusionProof": frozenset({"operator", "service"}),
-    "GetConsistencyProof": frozenset({"operator", "service"}),
+    "GetConsistencyProof": frozenset({"operator", "service", "witness"}),
+    # Witnesses (spiffe://juki.local/witness/NAME) fetch checkpoints and submit their cosignatures; they
+    # may call nothing else (deny by default).
+    "AddCosignature": frozenset({"witness"}),
 }
 DEFAULT_ORIGIN = "juki.local/accesslog"
 

@@ -100,6 +100,8 @@ class Document:
     checkpoints: dict[int, str] = field(default_factory=dict)
     proof_sizes: list[int] = field(default_factory=list)
     signing_certificate: str = ""
+    # Certificates (by the mesh CA) of the witnesses whose cosignatures the checkpoints carry.
+    witness_certificates: list[str] = field(default_factory=list)
 
 
 def _date(value: dt.date | None) -> common_pb2.Date | None:
@@ -136,6 +138,7 @@ async def fetch(args: argparse.Namespace) -> Document:
         truncated = False
         checkpoints: dict[int, str] = {}
         proof_sizes: list[int] = []
+        witness_certificates: dict[str, None] = {}
         while True:
             request = disclosure_pb2.GetDisclosureRequest(
                 resident_code=args.resident_code, page_size=args.page_size, page_token=token,
@@ -156,7 +159,12 @@ async def fetch(args: argparse.Namespace) -> Document:
             size = int(note.split("\n")[1]) if note.count("\n") >= 2 and note.split("\n")[1].isdigit() else 0
             if size:
                 checkpoints[size] = note
-            proof_sizes += [size] * len(page.provisions)
+            witnessed = page.integrity.witnessed_checkpoint
+            if witnessed and witnessed.count("\n") >= 2 and witnessed.split("\n")[1].isdigit():
+                # The cosigned checkpoint (preferred for the provisions it holds) with its witnesses' lines.
+                checkpoints[int(witnessed.split("\n")[1])] = witnessed
+                witness_certificates.update(dict.fromkeys(page.integrity.witness_certificates))
+            proof_sizes += [p.proof_tree_size or size for p in page.provisions]
             token = page.next_page_token
             if not token:
                 break
@@ -167,7 +175,8 @@ async def fetch(args: argparse.Namespace) -> Document:
     return Document(args.resident_code, reply.identity, list(reply.history), provisions, reply.integrity,
                     "住基カード及び暗証番号" if args.card else "窓口における本人確認（写真付き身分証明書）",
                     truncated=truncated, checkpoints=checkpoints, proof_sizes=proof_sizes,
-                    signing_certificate=reply.integrity.signing_certificate)
+                    signing_certificate=reply.integrity.signing_certificate,
+                    witness_certificates=list(witness_certificates))
 
 
 def integrity_statement(doc: Document) -> str:
@@ -252,6 +261,7 @@ def as_dict(doc: Document) -> dict[str, Any]:
         LOG_KEY: {
             "checkpoints": [doc.checkpoints[size] for size in sorted(doc.checkpoints)],
             "signing_certificate": doc.signing_certificate,
+            "witness_certificates": doc.witness_certificates,
         },
     }
 
