@@ -174,7 +174,9 @@ async def verify_log(
         if purge_anchor is not None:
             previous, expected = purge_anchor.chain_hash, purge_anchor.sequence + 1
         frontier: merkle.Frontier | None = None
-        if resume is not None and resume.size >= expected - 1 and first != 0 and first <= resume.size + 1:
+        # Resumed only while the log still starts right after its purge anchor (or at 1): a deleted first
+        # record is caught without a full run.
+        if resume is not None and resume.size >= expected - 1 and first == expected:
             # The stored tree must still have, at that size, the root verified then (a rewritten tile
             # on the right edge of the old tree, or a forked history, changes it).
             stored_root = await tiles.root_at(conn, resume.size, schema) if stored_size >= resume.size else b""

@@ -72,7 +72,8 @@ def register(sub: Any) -> None:
     witness.set_defaults(func=cmd_witness)
 
     purge_parser = asub.add_parser(
-        "purge", help="delete records older than the retention period, anchored by a signed purge checkpoint"
+        "purge", help="drop the monthly partitions of records older than the retention period (no row is"
+                      " deleted), anchored by a signed purge checkpoint; the tree's tiles stay"
     )
     add_data_dir(purge_parser)
     _add_database_options(purge_parser)
@@ -236,7 +237,8 @@ async def cmd_purge(args: argparse.Namespace) -> int:
         print(f"error: {result.problem}", file=sys.stderr)
         return 1
     print(json.dumps({"purged": result.purged, "anchor_sequence": result.anchor_sequence,
-                      "cutoff": cutoff.isoformat()}))
+                      "cutoff": cutoff.isoformat(), "partitions_dropped": result.partitions,
+                      **({"kept": result.kept} if result.kept else {})}))
     return 0
 
 
