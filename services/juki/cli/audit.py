@@ -1,5 +1,6 @@
 """Audit verbs: ``juki audit verify`` (recompute the access log's chain and Merkle tree and check its
-checkpoints) and ``juki audit purge`` (the privileged retention purge).
+checkpoints), ``juki audit witness`` (cosign the log's checkpoints as a witness, refusing a split view; see
+juki.accesslog.witness) and ``juki audit purge`` (the privileged retention purge, by monthly partition).
 
 ``verify`` is incremental: it keeps, in a state file of its own (``--state``, by default
 ``<data dir>/audit/<schema>.json``), the tree state at the last signed checkpoint it verified, and the

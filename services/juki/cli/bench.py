@@ -10,6 +10,7 @@ from typing import Any
 BENCH_MODULES: tuple[str, ...] = (
     "juki.cli.bench_lookup",
     "juki.cli.bench_accesslog",
+    "juki.cli.bench_audit",
     "juki.cli.bench_disclose",
     "juki.cli.bench_intake",
     "juki.cli.bench_soak",

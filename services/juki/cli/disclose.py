@@ -179,6 +179,18 @@ async def fetch(args: argparse.Namespace) -> Document:
                     witness_certificates=list(witness_certificates))
 
 
+def witness_statement(doc: Document) -> str:
+    """Which witnesses cosigned the checkpoint the older provisions are proven into (empty if none)."""
+    note = doc.integrity.witnessed_checkpoint
+    lines = note.split("\n")
+    names = [line.split(" ")[1].rsplit("/", 1)[-1] for line in lines[lines.index("") + 1:] if line.count(" ") == 2
+             and line.split(" ")[1].startswith("juki.local/witness/")] if "" in lines else []
+    if not names or len(lines) < 2:
+        return ""
+    return (f"証人（{'、'.join(names)}）が連署したチェックポイント（木のサイズ{lines[1]}）に含まれる提供記録は、"
+            "そのチェックポイントへの包含証明を付しています。")
+
+
 def integrity_statement(doc: Document) -> str:
     report = doc.integrity
     if report.chain_verified:
@@ -189,7 +201,7 @@ def integrity_statement(doc: Document) -> str:
             f"の署名と連鎖値を確認しました。最新チェックポイント: 記録番号{report.checkpoint_sequence}"
             f"（{_stamp(report.checkpoint_signed_at)} 署名）。検証日時: {_stamp(report.verified_at)}"
             + (f"（全件の再計算: {_stamp(report.full_verified_at)}）" if report.HasField("full_verified_at") else "")
-            + "。"
+            + "。" + witness_statement(doc)
         )
     return f"提供記録の完全性: 検証に失敗しました（{report.problem}）。この開示内容は改ざんされている可能性があります。"
 

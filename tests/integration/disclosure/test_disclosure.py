@@ -497,6 +497,7 @@ async def test_provisions_a_witness_cosigned_are_proven_into_its_checkpoint(
     # newer, into the latest checkpoint.
     assert sizes.count(witnessed_size) == 2 and len(sizes) == 3 and max(sizes) > witnessed_size
     assert len(document["透明性ログ"]["witness_certificates"]) == 1
+    assert f"証人（w1）が連署したチェックポイント（木のサイズ{witnessed_size}）" in document["完全性"]["説明"]
     code, output = await proof_verify(out, mesh.ca.ca_cert_path)
     assert code == 0, output
     assert "2 of them are proven into a checkpoint cosigned by witness(es) w1" in output
