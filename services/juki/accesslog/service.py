@@ -478,7 +478,11 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
                 cosigned_at = certified.verifier().verify(body + "\n" + candidate)
             except notes.NoteError as exc:
                 # Another key under this witness's name, or a bad signature: not by the key the CA certified.
-                problem, reason = str(exc), Reason.PEER_NOT_AUTHORISED
+                try:
+                    submitted = base64.b64decode(candidate.rstrip("\n").rsplit(" ", 1)[-1], validate=True)[:4].hex()
+                except ValueError:
+                    submitted = "unreadable"
+                problem, reason = f"{exc}; the line's key id is {submitted}", Reason.PEER_NOT_AUTHORISED
                 continue
             line = candidate
             break

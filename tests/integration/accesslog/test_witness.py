@@ -175,6 +175,7 @@ async def test_cosignatures_by_keys_the_ca_did_not_certify_are_refused(live_log:
         cosigned_checkpoint=rogue.cosign(note, now), witness_certificate=w1_cert))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "juki.local/witness/w1" in error.details() and certified(ca, "w1").key_id in error.details()
+    assert f"the line's key id is {rogue.key_id.hex()}" in error.details()
     # A certificate from another CA.
     elsewhere = CertificateAuthority(tmp_path / "other-ca")
     elsewhere.create()
@@ -226,3 +227,41 @@ def _raw_private(pem: bytes) -> bytes:
     assert isinstance(key, ed25519.Ed25519PrivateKey)
     return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption())
+
+
+async def test_a_log_smaller_than_the_tree_cosigned_before_is_a_split_view(
+    live_log: LiveLog, tmp_path: Path, capsys: Any
+) -> None:
+    await fill(live_log, 10)
+    # The witness cosigned a tree of 50 leaves this log signed for it (another view than the one served now).
+    assert live_log.app.signer is not None
+    other_view = live_log.app.signer.note_signer(ORIGIN).sign(notes.Checkpoint(ORIGIN, 50, bytes(32)).body())
+    witness.WitnessState(ORIGIN, 50, bytes(32), other_view).save(tmp_path / "w1.json")
+    code, split = await run_witness(live_log, tmp_path, capsys)
+    assert code == 1 and split["split_view"] and "the log shrank" in split["problem"], split
+    assert "size 50" in split["problem"] and "size 10" in split["problem"]
+
+
+async def test_the_audit_checks_stored_cosignatures(
+    live_log: LiveLog, tmp_path: Path, capsys: Any, database: Any
+) -> None:
+    from tests.integration.accesslog.test_tamper import audit
+
+    await fill(live_log, 12)
+    code, _ = await run_witness(live_log, tmp_path, capsys)
+    assert code == 0
+    code, report = await audit(database, live_log.ca, live_log.schema, "--full")
+    assert code == 0, report
+    # A cosignature line forged in the database (another key under w1's name) is named by the audit.
+    rogue = notes.Cosigner(witness.key_name("w1"), ed25519.Ed25519PrivateKey.generate())
+    served = await live_log.stub("operator", "demo-operator").GetCheckpoint(accesslog_pb2.GetCheckpointRequest())
+    body = served.tree_checkpoint[:served.tree_checkpoint.rfind("\n\n") + 1]
+    conn = await asyncpg.connect(database.admin_url)
+    try:
+        await conn.execute(f'UPDATE "{live_log.schema}".cosignatures SET line = $1',
+                           rogue.cosignature_line(body, int(time.time())))
+    finally:
+        await conn.close()
+    code, report = await audit(database, live_log.ca, live_log.schema, "--full")
+    assert code == 1 and report["first_bad_sequence"] == 12, report
+    assert "the cosignature of witness w1 at tree size 12 does not verify" in report["problem"], report
