@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from juki.accesslog import chain, notes
 from juki.cli.bench_accesslog import BenchEnvironment, _consistency, _inclusion, sample_records
 
 GOAL_INCREMENTAL_SECONDS = 2.0
@@ -47,8 +48,6 @@ def register_bench(bench_sub: Any) -> None:
 def synthetic(first_sequence: int, count: int, key: bytes) -> Iterator[tuple[bytes, int, int, bytes]]:
     """Prepared records (subject, provided_at µs, outcome, payload) as the writer stores them: a thousand
     distinct residents and payloads, cycled."""
-    from juki.accesslog import chain
-
     pseudonymise = chain.Pseudonymiser(key)
     template = sample_records(1000, seed=7)
     subjects = [pseudonymise(record.resident_code) for record in template]
@@ -96,9 +95,8 @@ async def proof_figures(conn: Any, size: int, samples: int) -> dict[str, Any]:
     }
 
 
-async def sign_checkpoints(conn: Any, signer: Any, size: int, root: bytes, chain_hash: bytes) -> str:
+async def sign_checkpoints(conn: Any, signer: chain.Signer, size: int, root: bytes, chain_hash: bytes) -> str:
     """What the service's checkpointer signs: the chain head and a C2SP note of the tree."""
-    from juki.accesslog import notes
 
     signed_at_ns = time.time_ns()
     await conn.execute(
@@ -115,7 +113,7 @@ async def sign_checkpoints(conn: Any, signer: Any, size: int, root: bytes, chain
 async def run(env: BenchEnvironment, args: argparse.Namespace) -> dict[str, Any]:
     import asyncpg
 
-    from juki.accesslog import chain, loader
+    from juki.accesslog import loader
     from juki.accesslog.verify import TreeState, verify_log
     from juki.accesslog.writer import micros_timestamps
 
