@@ -29,6 +29,8 @@ MAX_BATCH_RECORDS = 100_000
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_OTHER_CODES = 16
+# A cosignature dated further ahead than this (clock skew) is refused (C2SP tlog-cosignature allows it).
+MAX_COSIGNATURE_SKEW_SECONDS = 300
 
 
 def valid_code(code: str) -> bool:
@@ -486,17 +488,22 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
                 continue
             line = candidate
             break
+        if line and cosigned_at > time.time() + MAX_COSIGNATURE_SKEW_SECONDS:
+            raise invalid("cosigned_checkpoint", f"the cosignature of witness {certified.name} is dated in the future")
         if not line:
             message = f"cosigned_checkpoint: {problem} (witness {certified.name}, certified key id {certified.key_id})"
             raise JukiError(reason, message, violations=[FieldViolation("cosigned_checkpoint", message, reason.name)])
         async with self._pool.acquire() as conn, conn.transaction():
-            stored = await conn.fetchval(
-                "SELECT root_hash FROM tree_checkpoints WHERE tree_size = $1 LIMIT 1", checkpoint.tree_size)
-            if stored is None:
-                raise invalid("cosigned_checkpoint", f"the log signed no checkpoint of tree size {checkpoint.tree_size}")
-            if bytes(stored) != checkpoint.root_hash:
-                raise invalid("cosigned_checkpoint", f"the log's checkpoint of tree size {checkpoint.tree_size} has"
-                              " another root")
+            signed = await conn.fetchval(
+                "SELECT true FROM tree_checkpoints WHERE tree_size = $1 AND root_hash = $2 LIMIT 1",
+                checkpoint.tree_size, checkpoint.root_hash)
+            if not signed:
+                raise invalid("cosigned_checkpoint", f"the log signed no checkpoint of tree size {checkpoint.tree_size}"
+                              " with that root")
+            if checkpoint.tree_size > await tiles.tree_size(conn) \
+                    or await tiles.root_at(conn, checkpoint.tree_size) != checkpoint.root_hash:
+                raise invalid("cosigned_checkpoint", f"the log's stored tree has another root at size"
+                              f" {checkpoint.tree_size}")
             await conn.execute(
                 "INSERT INTO cosignatures (tree_size, root_hash, witness, key_id, cosigned_at, line, certificate)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from juki.accesslog import merkle, notes
@@ -79,7 +80,7 @@ def certified_witness(cert_pem: bytes, ca_pem: bytes) -> CertifiedWitness:
     public_key = cert.public_key()
     if not isinstance(public_key, ed25519.Ed25519PublicKey):
         raise ValueError(f"the certificate of witness {witnesses[0]} does not hold an Ed25519 cosigning key")
-    pem = cert_pem.decode("ascii", errors="replace")
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
     return CertifiedWitness(witnesses[0], key_name(witnesses[0]), public_key, pem)
 
 

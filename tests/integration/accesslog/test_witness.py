@@ -199,7 +199,8 @@ async def test_cosignatures_by_keys_the_ca_did_not_certify_are_refused(live_log:
     w1_key = ed25519.Ed25519PrivateKey.from_private_bytes(_raw_private(ca.cosigning_paths("w1")[1].read_bytes()))
     assert live_log.app.signer is not None
     unsigned = live_log.app.signer.note_signer(ORIGIN).sign(notes.Checkpoint(ORIGIN, 4, bytes(32)).body())
-    for bad in (notes.Cosigner(witness.key_name("w1"), w1_key).cosign(unsigned, now), note, "not a note"):
+    future = notes.Cosigner(witness.key_name("w1"), w1_key).cosign(note, now + 3600)
+    for bad in (notes.Cosigner(witness.key_name("w1"), w1_key).cosign(unsigned, now), note, "not a note", future):
         error = await refused(accesslog_pb2.AddCosignatureRequest(cosigned_checkpoint=bad, witness_certificate=w1_cert))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
         assert _bad_fields(error) == ["cosigned_checkpoint"]
