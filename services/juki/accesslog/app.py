@@ -213,7 +213,8 @@ class AccessLogApp:
         await self.writer.start()
         self.checkpointer = Checkpointer(self.pool, self.writer, self.signer, self.checkpoint_seconds, self.origin)
         await self.checkpointer.start()
-        self.servicer = AccessLogServicer(self.pool, self.writer, self.pseudonym_key, self.verifier, self.checkpointer)
+        self.servicer = AccessLogServicer(self.pool, self.writer, self.pseudonym_key, self.verifier, self.checkpointer,
+                                          crl=self.settings.tls.crl)
         if self.verify_seconds > 0:
             self._verifier_task = asyncio.create_task(self._verify_periodically(), name="accesslog-verifier")
         return [ServiceBinding(SERVICE_NAME, accesslog_pb2_grpc.add_AccessLogServiceServicer_to_server,

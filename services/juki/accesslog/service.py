@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -23,6 +24,7 @@ from juki.accesslog.verify import TreeState, verify_log
 from juki.accesslog.writer import LogWriter, prepare
 from juki.domain import JAPAN_TIME, is_valid_resident_code
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
+from juki.mesh.pki import load_revoked_serials
 from juki.mesh.tls import require_peer
 
 MAX_BATCH_RECORDS = 100_000
@@ -135,6 +137,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         pseudonym_key: bytes,
         verifier: chain.CheckpointVerifier,
         checkpointer: Any,
+        crl: Path | None = None,
     ) -> None:
         self._pool = pool
         self._writer = writer
@@ -144,6 +147,8 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         self._checkpointer = checkpointer
         self._note_verifier = verifier.note_verifier(checkpointer.origin)
         self._verify_lock = asyncio.Lock()
+        self._crl = crl  # revoked witness cosigning keys are refused
+        self._revoked: tuple[float, frozenset[int]] = (-1.0, frozenset())
         self.last_verification: tuple[float, accesslog_pb2.VerifyLogResponse] | None = None
         self._reached: TreeState | None = None  # what the last good verification reached (tree frontier included)
         self._full_at: tuple[float, Any] | None = None  # when the last full verification succeeded
@@ -425,6 +430,17 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             proof = await tiles.compute(conn, lambda node: merkle.consistency_proof(first, second, node))
         return accesslog_pb2.GetConsistencyProofResponse(consistency_proof=proof)
 
+    def _revoked_serials(self) -> frozenset[int]:
+        if self._crl is None:
+            return frozenset()
+        try:
+            mtime = self._crl.stat().st_mtime
+        except OSError:
+            return self._revoked[1]
+        if mtime != self._revoked[0]:
+            self._revoked = (mtime, load_revoked_serials(self._crl, self._verifier.ca_path))
+        return self._revoked[1]
+
     async def witnessed_checkpoint(self) -> tuple[str, list[str]] | None:
         """The latest tree checkpoint witnesses cosigned, with their lines, and their certificates."""
         async with self._pool.acquire() as conn:
@@ -450,7 +466,8 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         if not request.witness_certificate:
             raise invalid("witness_certificate", "the witness's cosigning certificate is required")
         try:
-            certified = witness.certified_witness(request.witness_certificate.encode(), self._verifier.ca_pem)
+            certified = witness.certified_witness(request.witness_certificate.encode(), self._verifier.ca_pem,
+                                                  at=dt.datetime.now(dt.UTC), revoked=self._revoked_serials())
         except ValueError as exc:
             raise JukiError(Reason.PEER_NOT_AUTHORISED, f"witness_certificate: {exc}: the key is unknown to the"
                             " mesh CA, its cosignature is refused") from exc

@@ -19,6 +19,7 @@ certificate. Pure functions and a state file; the RPCs are the caller's.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +58,12 @@ class CertifiedWitness:
         return notes.cosignature_key_id(self.key_name, self.public_key).hex()
 
 
-def certified_witness(cert_pem: bytes, ca_pem: bytes) -> CertifiedWitness:
+def certified_witness(
+    cert_pem: bytes, ca_pem: bytes, *, at: dt.datetime | None = None, revoked: frozenset[int] = frozenset()
+) -> CertifiedWitness:
     """The witness a certificate names, once it is shown to be the mesh CA's certificate of an Ed25519
-    cosigning key for a witness identity. ValueError naming what fails otherwise."""
+    cosigning key for a witness identity (valid at ``at`` and not among the ``revoked`` serials, when
+    given). ValueError naming what fails otherwise."""
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         ca = x509.load_pem_x509_certificate(ca_pem)
@@ -69,6 +73,10 @@ def certified_witness(cert_pem: bytes, ca_pem: bytes) -> CertifiedWitness:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise ValueError("the witness certificate is not issued by the mesh CA") from exc
+    if at is not None and not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
+        raise ValueError("the witness certificate is outside its validity")
+    if cert.serial_number in revoked:
+        raise ValueError("the witness certificate is revoked")
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = names.get_values_for_type(x509.UniformResourceIdentifier)

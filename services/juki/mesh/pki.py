@@ -260,7 +260,11 @@ class CertificateAuthority:
         if not cert_path.is_file():
             raise PkiError(f"no certificate {kind}/{name}")
         serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
-        serials = sorted(set(self.revoked_serials()) | {serial})
+        revoked = {serial}
+        cosign_cert, _ = self.cosigning_paths(name)
+        if kind == "witness" and cosign_cert.is_file():  # a witness's cosigning key goes with its identity
+            revoked.add(x509.load_pem_x509_certificate(cosign_cert.read_bytes()).serial_number)
+        serials = sorted(set(self.revoked_serials()) | revoked)
         _write_public(self._revoked_path(), json.dumps([str(s) for s in serials]).encode())
         self._write_crl(serials)
         return serial

@@ -266,3 +266,20 @@ async def test_the_audit_checks_stored_cosignatures(
     code, report = await audit(database, live_log.ca, live_log.schema, "--full")
     assert code == 1 and report["first_bad_sequence"] == 12, report
     assert "the cosignature of witness w1 at tree size 12 does not verify" in report["problem"], report
+
+
+async def test_a_revoked_witness_key_is_refused(live_log: LiveLog) -> None:
+    await fill(live_log, 3)
+    ca = live_log.ca
+    ca.issue("witness", "w-revoked")
+    ca.issue("witness", "w-other")
+    cert, key = ca.cosigning_paths("w-revoked")
+    reply = await live_log.stub("witness", "w-other").GetCheckpoint(accesslog_pb2.GetCheckpointRequest())
+    line = notes.Cosigner(witness.key_name("w-revoked"), ed25519.Ed25519PrivateKey.from_private_bytes(
+        _raw_private(key.read_bytes()))).cosign(reply.tree_checkpoint, int(time.time()))
+    ca.revoke("witness", "w-revoked")  # its TLS identity and its cosigning key
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await live_log.stub("witness", "w-other").AddCosignature(accesslog_pb2.AddCosignatureRequest(
+            cosigned_checkpoint=line, witness_certificate=cert.read_text()))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "the witness certificate is revoked" in caught.value.details()
