@@ -18,9 +18,14 @@ WORKDIR /src
 COPY . .
 # A regular (non-editable) install: the runtime stage copies /opt/juki and nothing from /src.
 # pip byte-compiles what it installs, so the read-only image never needs to write .pyc files.
-# `juki --help` fails the build early if the entry point cannot import.
-RUN /opt/juki/bin/pip install . \
- && /opt/juki/bin/juki --help >/dev/null
+# The base dependencies only, no extra: a service needs no embedded PostgreSQL (pgserver: the database
+# is a server here), no synthetic population (Faker) and no terminal or PDF output (rich, reportlab).
+# `juki --help` fails the build early if the entry point (every command module) cannot import without
+# them; `pip show` fails it if any of them came in all the same. The versions are those the tests ran
+# with (requirements/lock.txt, refreshed by tools/lock).
+RUN PIP_CONSTRAINT=requirements/lock.txt /opt/juki/bin/pip install . \
+ && /opt/juki/bin/juki --help >/dev/null \
+ && ! /opt/juki/bin/pip show --quiet pgserver Faker rich reportlab 2>/dev/null
 
 # --- runtime -----------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

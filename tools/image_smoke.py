@@ -39,10 +39,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from juki.cli import demo
-from juki.cli.seed import seed_population
 from juki.mesh.client import MeshClient
 from juki.mesh.embedded import EmbeddedPostgres, start_embedded
 from juki.mesh.supervisor import ChildSpec, MeshLayout, Supervisor, free_port
+from juki.seeding.registers import seed_population
 
 # The files a service is handed by path (its Secret and ConfigMap mounts in Kubernetes).
 MOUNTED_FILES = (

@@ -11,7 +11,7 @@ import asyncpg
 import grpc
 import pytest
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
-from juki.cli.bench_intake import NAKANO, IntakeEnvironment, births, wait_relayed
+from juki.bench.intake import NAKANO, IntakeEnvironment, births, wait_relayed
 from juki.mesh.tls import secure_channel
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]

@@ -29,7 +29,7 @@ async def trace_sink() -> AsyncIterator[TraceSink]:
 
 @pytest.fixture(scope="session")
 async def mesh(trace_sink: TraceSink) -> AsyncIterator[Supervisor]:
-    from juki.cli.seed import seed_population
+    from juki.seeding.registers import seed_population
 
     data_dir = Path(tempfile.mkdtemp(prefix="juki-e2e-"))
     supervisor = Supervisor(

@@ -134,8 +134,8 @@ def test_demo_runs_the_story_and_exits_zero() -> None:
 
 @pytest.mark.slow
 async def test_a_second_up_on_the_same_data_dir_reuses_its_data() -> None:
-    from juki.cli.seed import seed_population
     from juki.mesh.supervisor import MeshLayout
+    from juki.seeding.registers import seed_population
 
     data_dir = Path(tempfile.mkdtemp(prefix="juki-reuse-"))
     layout = MeshLayout(prefectures=("13",), municipalities=("131148",))

@@ -48,6 +48,17 @@ def test_builder_installs_the_package_into_a_venv_that_the_runtime_copies() -> N
     assert copies == ["--from=builder /opt/juki /opt/juki"], "only the venv reaches the runtime image"
 
 
+def test_the_image_installs_the_base_dependencies_only() -> None:
+    """No extra (local: pgserver, cli: rich and reportlab, seed: Faker) reaches the service image."""
+    builder, _ = stages()
+    runs = " ".join(rest for keyword, rest in builder if keyword == "RUN")
+    installs = re.findall(r"/opt/juki/bin/pip install (\S+)", runs)
+    assert installs == ["."], f"the image installs {installs}, not the bare package"
+    assert "! /opt/juki/bin/pip show --quiet pgserver Faker rich reportlab" in runs, (
+        "the build must fail if an extra's package is installed all the same"
+    )
+
+
 def test_runtime_is_non_root_and_starts_a_service_chosen_by_argument() -> None:
     runtime = dict(stages()[1])
     assert runtime["USER"] == "10001:10001"

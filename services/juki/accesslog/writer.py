@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +31,6 @@ from juki.mesh.errors import JukiError, Reason
 
 log = logging.getLogger(__name__)
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # Key of the advisory lock serialising writers of one log (per schema: hashtext of the lock name).
 LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('juki-accesslog-writer:' || current_schema()))"
 # The head of the chain: the last record, or, when a retention purge removed every record, the purge
@@ -49,10 +47,6 @@ TILES_INSERT = (
     "INSERT INTO tiles (level, tile_index, end_width, hashes)"
     " SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::smallint[], $4::bytea[])"
 )
-
-
-def micros_to_datetime(micros: int) -> dt.datetime:
-    return _EPOCH + dt.timedelta(microseconds=micros)
 
 
 # PostgreSQL counts timestamps in microseconds since 2000-01-01; Unix since 1970-01-01.

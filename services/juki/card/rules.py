@@ -9,8 +9,11 @@ Dates follow DOMAIN.md and :mod:`juki.domain.changes`:
   from the next day;
 * from 2012-07-09 a card stays usable after its holder moves (continued use); before, it lapses with
   the move-in at the new municipality;
-* a 特例転入 must follow within 14 days of the planned move date of the 付記転出届: the 14th day is
-  accepted, the 15th refused with SPECIAL_MOVE_IN_EXPIRED.
+* 転入転出の特例 (法 24条の2): a 付記転出届 is accepted from 14 days before its planned move date, or
+  within 14 days after a move already made (planned date from 14 days before today to 14 days after
+  it); the 特例転入 must come within 14 days of the actual move-in and no later than 30 days after the
+  planned date, whichever is earlier: the last day is accepted, the next refused with
+  SPECIAL_MOVE_IN_EXPIRED.
 
 Stored states are ACTIVE, LOCKED, SUSPENDED and REVOKED; EXPIRED is never stored but evaluated
 against the business clock, so a card expires without anyone touching it.
@@ -53,7 +56,7 @@ def check_pin_format(pin: str, field: str = "pin") -> None:
 def hash_pin(pin: str, salt: bytes | None = None) -> tuple[bytes, bytes]:
     """(salt, scrypt hash) of a PIN; CPU-bound, call it off the event loop."""
     salt = salt or os.urandom(16)
-    return salt, hashlib.scrypt(pin.encode(), salt=salt, **_SCRYPT)  # type: ignore[arg-type]
+    return salt, hashlib.scrypt(pin.encode(), salt=salt, **_SCRYPT)
 
 
 def pin_matches(pin: str, salt: bytes, expected: bytes) -> bool:
@@ -119,13 +122,32 @@ def continued_use_after_move(move_in_on: dt.date) -> bool:
     return move_in_on >= domain.CONTINUED_CARD_USE_AFTER_MOVE
 
 
-def special_move_in_deadline(planned_move_on: dt.date) -> dt.date:
-    return planned_move_on + dt.timedelta(days=domain.SPECIAL_MOVE_IN_DAYS)
+def check_special_move_out(planned_move_on: dt.date, today: dt.date) -> None:
+    """A 付記転出届 filed ``today``: from 14 days before the planned date, or within 14 days after the move."""
+    days = dt.timedelta(days=domain.SPECIAL_MOVE_IN_DAYS)
+    if planned_move_on > today + days:
+        raise invalid("planned_move_on", f"a 付記転出届 is accepted from {domain.SPECIAL_MOVE_IN_DAYS} days before"
+                                         f" the planned move date ({planned_move_on - days} at the earliest)")
+    if planned_move_on < today - days:
+        raise invalid("planned_move_on", f"the planned move date lies more than {domain.SPECIAL_MOVE_IN_DAYS} days"
+                                         " in the past")
 
 
-def check_special_move_in(deadline: dt.date, today: dt.date) -> None:
-    if today > deadline:
+def special_move_in_deadline(planned_move_on: dt.date, moved_in_on: dt.date | None = None) -> dt.date:
+    """Last day of the 特例転入: 30 days after the planned move date, and (once the move-in date is known)
+    no later than 14 days after it."""
+    latest = planned_move_on + dt.timedelta(days=domain.SPECIAL_MOVE_IN_AFTER_PLANNED_DAYS)
+    if moved_in_on is None:
+        return latest
+    return min(latest, moved_in_on + dt.timedelta(days=domain.SPECIAL_MOVE_IN_DAYS))
+
+
+def check_special_move_in(deadline: dt.date, moved_in_on: dt.date, today: dt.date) -> None:
+    """``deadline`` is the one given at filing (:func:`special_move_in_deadline` of the planned date)."""
+    last = min(deadline, moved_in_on + dt.timedelta(days=domain.SPECIAL_MOVE_IN_DAYS))
+    if today > last:
         raise JukiError(
             Reason.SPECIAL_MOVE_IN_EXPIRED,
-            f"the special move-in had to be made by {deadline} ({domain.SPECIAL_MOVE_IN_DAYS} days); today is {today}",
+            f"the special move-in had to be made by {last} (within {domain.SPECIAL_MOVE_IN_DAYS} days of the"
+            f" move-in on {moved_in_on}, and by {deadline}); today is {today}",
         )

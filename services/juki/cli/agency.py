@@ -15,17 +15,20 @@ import json
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from google.protobuf import json_format
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2, lookup_pb2_grpc
 from juki.cli.main import add_data_dir
+from juki.extras import need
 from juki.mesh.client import MeshClient
 from juki.mesh.errors import SettingsError
 from juki.mesh.operator import sign_with_files
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 DEFAULT_BATCH = 5_000
 FIELD_CHOICES = ("resident_code", "name", "birth_date", "sex", "address", "change_info")
@@ -51,14 +54,14 @@ def register(sub: Any) -> None:
 
     purposes = sub.add_parser("purposes", help="list the 事務 the 別表 policy grants the caller")
     add_data_dir(purposes)
-    purposes.add_argument("--identity", default="agency", help="demo client identity (default: agency = 日本年金機構)")
+    purposes.add_argument("--identity", default="agency", help="a demo client (agency = 日本年金機構, the default) or KIND/NAME of any certificate the CA issued")
     purposes.set_defaults(func=cmd_purposes)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
     parser.add_argument("--purpose", required=True, help="code of the 事務, e.g. B1-PENSION-BENEFIT (see juki purposes)")
-    parser.add_argument("--identity", default="agency", help="demo client identity (default: agency = 日本年金機構)")
+    parser.add_argument("--identity", default="agency", help="a demo client (agency = 日本年金機構, the default) or KIND/NAME of any certificate the CA issued")
     parser.add_argument("--password", default=None, help="operator password, for operator identities (default: the demo operator's)")
 
 
@@ -258,6 +261,9 @@ async def verify_file(
 
 
 async def cmd_verify(args: argparse.Namespace) -> int:
+    need("rich", "cli", "juki verify")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     if not args.file.is_file():
         raise SettingsError(f"no such file: {args.file}")
     if not 1 <= args.batch <= 50_000:
@@ -290,6 +296,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _stderr_console() -> Any:
+    need("rich", "cli", "juki verify")
     from rich.console import Console
 
     return Console(stderr=True)

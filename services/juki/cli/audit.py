@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from juki.accesslog import chain
 from juki.accesslog.retention import DEFAULT_RETENTION, purge
@@ -143,6 +142,11 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     verifier = chain.CheckpointVerifier(cert, ca)
     state_file = _state_file(args)
     resume = None if args.full else _load_state(state_file, args.origin)
+    from juki.extras import need
+
+    need("rich", "cli", "juki audit verify")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     conn = await asyncpg.connect(url)
     try:
         total = await conn.fetchval(f'SELECT count(*) FROM "{args.schema}".records')

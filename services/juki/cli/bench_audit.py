@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from juki.accesslog import chain, notes
-from juki.cli.bench_accesslog import BenchEnvironment, _consistency, _inclusion, sample_records
+from juki.bench.accesslog import BenchEnvironment, _consistency, _inclusion, sample_records
+from juki.bench.harness import emit, json_flag, percentile
 
 GOAL_INCREMENTAL_SECONDS = 2.0
 SCHEMA = "accesslog"
@@ -41,7 +42,7 @@ def register_bench(bench_sub: Any) -> None:
                         help="comma-separated log sizes at which proofs are measured (those up to --records)")
     parser.add_argument("--proofs", type=int, default=200, help="proofs measured per size")
     parser.add_argument("--chunk", type=int, default=200_000, help="records per COPY transaction of the fill")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
+    json_flag(parser)
     parser.set_defaults(func=cmd_bench_audit)
 
 
@@ -79,19 +80,16 @@ async def proof_figures(conn: Any, size: int, samples: int) -> dict[str, Any]:
         consistency_ms.append((time.perf_counter() - started) * 1000)
         consistency_hashes.append(len(proof))
 
-    def p99(values: list[float]) -> float:
-        return sorted(values)[min(len(values) - 1, int(len(values) * 0.99))]
-
     return {
         "leaves": size,
         "inclusion_proof_hashes_max": max(inclusion_hashes),
         "inclusion_proof_bytes_max": 32 * max(inclusion_hashes),
         "inclusion_proof_p50_ms": round(statistics.median(inclusion_ms), 3),
-        "inclusion_proof_p99_ms": round(p99(inclusion_ms), 3),
+        "inclusion_proof_p99_ms": round(percentile(inclusion_ms, 0.99), 3),
         "consistency_proof_hashes_max": max(consistency_hashes),
         "consistency_proof_bytes_max": 32 * max(consistency_hashes),
         "consistency_proof_p50_ms": round(statistics.median(consistency_ms), 3),
-        "consistency_proof_p99_ms": round(p99(consistency_ms), 3),
+        "consistency_proof_p99_ms": round(percentile(consistency_ms, 0.99), 3),
     }
 
 
@@ -173,11 +171,11 @@ async def cmd_bench_audit(args: argparse.Namespace) -> int:
     if args.records < 1 or args.new < 1:
         print(json.dumps({"error": "--records and --new must be positive"}))
         return 2
-    env = BenchEnvironment()
+    env = BenchEnvironment("audit")
     try:
         await env.migrate()
         figures = await run(env, args)
     finally:
         await asyncio.to_thread(env.close)
-    print(json.dumps(figures, ensure_ascii=False))
+    emit(figures)
     return 0 if figures["incremental_ok"] else 1

@@ -16,6 +16,7 @@ from typing import Any
 from juki._gen.juki.card.v1 import card_pb2, card_pb2_grpc
 from juki._gen.juki.common.v1 import common_pb2
 from juki.cli.main import add_data_dir
+from juki.extras import need
 from juki.mesh.client import MeshClient
 from juki.mesh.operator import sign_with_files
 
@@ -103,7 +104,7 @@ def register(sub: Any) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
-    parser.add_argument("--identity", default="operator", help="demo client identity (default: the counter operator)")
+    parser.add_argument("--identity", default="operator", help="a demo client (operator, the default) or KIND/NAME of any certificate the CA issued")
     parser.add_argument("--password", default=None, help="operator password (default: the demo operator's)")
 
 
@@ -295,6 +296,8 @@ def write_pdf(path: Path, response: card_pb2.RequestWideAreaCopyResponse) -> Non
 
 
 async def cmd_copy(args: argparse.Namespace) -> int:
+    if args.format == "pdf":
+        need("reportlab", "cli", "juki copy --format pdf")  # before the copy is issued
     async def action(counter: Counter) -> None:
         issuing = args.at or counter.client.endpoints["layout"]["municipalities"][0]
         request = card_pb2.RequestWideAreaCopyRequest(

@@ -128,14 +128,15 @@ async def run_story(data_dir: Path, population: int) -> None:
         data_dir, MeshLayout(prefectures=("13", "14"), municipalities=(NAKANO, YOKOHAMA)),
         extra_env={"JUKI_CLOCK": DEMO_DAY.isoformat()}, echo=lambda line: print(f"    {line}"),
     )
-    from juki.cli.seed import seed_population
+    from juki.seeding.registers import seed_population
 
     print(f"Juki-net demo — business day {DEMO_DAY} (住基カード still issued), data in {data_dir}")
     print("\n[0] start the mesh: private CA, embedded PostgreSQL, one process per service")
     await supervisor.prepare()
-    await supervisor.start()
+    await supervisor.start(publish=False)
     try:
         summary = await seed_population(supervisor, population, 20020805, echo=lambda line: print(f"    {line}"))
+        supervisor.write_endpoints()
         print(f"    ✓ {summary}")
         agency = MeshClient(data_dir, "agency")
         operator = MeshClient(data_dir, "operator")

@@ -24,6 +24,7 @@ from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.disclosure.v1 import disclosure_pb2, disclosure_pb2_grpc
 from juki.cli.main import add_data_dir
 from juki.domain import JAPAN_TIME
+from juki.extras import need
 from juki.mesh.errors import SettingsError
 
 TITLE = "本人確認情報の提供状況の開示"
@@ -123,12 +124,27 @@ def _day(value: common_pb2.Date) -> str:
     return text
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Refuse a bad command line before any call: a disclosure is itself a provision (本人開示) and is logged."""
+    if bool(args.card) != bool(args.pin):
+        raise SettingsError("give both --card and --pin, or neither (counter disclosure with the operator's proof)")
+    if args.format == "pdf" and args.out is None:
+        raise SettingsError("--format pdf needs --out FILE")
+    if args.page_size <= 0:
+        raise SettingsError("--page-size must be positive")
+    if args.max_provisions <= 0:
+        raise SettingsError("--max-provisions must be positive")
+    if args.from_date and args.to_date and args.from_date > args.to_date:
+        raise SettingsError("--from must not be after --to")
+    if args.out is not None and not args.out.expanduser().resolve().parent.is_dir():
+        raise SettingsError(f"--out: no directory {args.out.expanduser().resolve().parent}")
+
+
 async def fetch(args: argparse.Namespace) -> Document:
     from juki.mesh.client import MeshClient
     from juki.mesh.operator import sign_operator_proof
 
-    if bool(args.card) != bool(args.pin):
-        raise SettingsError("give both --card and --pin, or neither (counter disclosure with the operator's proof)")
+    validate(args)
     async with MeshClient(args.data_dir, identity="operator") as client:
         stub = disclosure_pb2_grpc.DisclosureServiceStub(client.channel("disclosure"))
         operator = client.endpoints["clients"]["operator"]
@@ -391,6 +407,9 @@ def write(doc: Document, fmt: str, out: Path | None) -> None:
 
 
 async def cmd_disclose(args: argparse.Namespace) -> int:
+    validate(args)
+    if args.format == "pdf":
+        need("reportlab", "cli", "juki disclose --format pdf")  # before the call, which records a provision
     doc = await fetch(args)
     write(doc, args.format, args.out)
     if args.out is not None:

@@ -76,8 +76,8 @@ def layout_from(args: argparse.Namespace) -> MeshLayout:
 async def cmd_up(args: argparse.Namespace) -> int:
     import os
 
-    from juki.cli.seed import seed_population
     from juki.mesh.settings import read_secret
+    from juki.seeding.registers import seed_population
 
     env: dict[str, str] = {}
     if args.otlp:
@@ -94,10 +94,12 @@ async def cmd_up(args: argparse.Namespace) -> int:
     try:
         await supervisor.prepare()
         print("starting services:")
-        await supervisor.start()
+        await supervisor.start(publish=False)
         seeded = await seed_population(supervisor, args.population, args.seed, echo=print)
         print(f"population: {seeded}")
-        print(f"endpoints: {supervisor.data_dir / 'endpoints.json'}")
+        await _until_relayed(supervisor)
+        # Last: a client waiting for endpoints.json finds the mesh answering and seeded.
+        print(f"endpoints: {supervisor.write_endpoints()}")
         samples = await _sample_codes(supervisor.admin_url)
         if samples:
             print(f"try: {juki_command()} lookup {samples[0]} --purpose B1-PENSION-BENEFIT"
@@ -135,6 +137,35 @@ def juki_command() -> str:
     except ValueError:
         shown = str(script)
     return shlex.quote(shown)
+
+
+async def _until_relayed(supervisor: Supervisor, patience: float = 120.0) -> None:
+    """Wait until the national store holds every resident of the municipal registers (the prefectures
+    relay what the seeding loaded), so that the mesh answers lookups of the whole population once ready."""
+    import time
+
+    import asyncpg
+
+    from juki.mesh.settings import schema_name
+
+    deadline = time.monotonic() + patience
+    while True:
+        conn = await asyncpg.connect(supervisor.admin_url)
+        try:
+            held = int(await conn.fetchval(f'SELECT count(*) FROM "{schema_name("intake-national")}".residents'))
+            registered = 0
+            for m in supervisor.layout.municipalities:
+                registered += int(await conn.fetchval(
+                    f'SELECT count(*) FROM "{schema_name("municipal-" + m)}".residents'))
+        finally:
+            await conn.close()
+        if held >= registered:
+            return
+        if time.monotonic() > deadline:
+            print(f"warning: the national store holds {held} of {registered} registered residents after"
+                  f" {patience:.0f} s; the relay goes on")
+            return
+        await asyncio.sleep(0.25)
 
 
 async def _sample_codes(admin_url: str, count: int = 4) -> list[str]:

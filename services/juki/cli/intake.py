@@ -16,13 +16,11 @@ import sys
 import uuid
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from juki import domain
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
 from juki.cli.main import add_data_dir
+from juki.extras import need
 from juki.mesh.client import MeshClient
 from juki.mesh.operator import sign_with_files
 
@@ -87,7 +85,7 @@ def build_notification(args: argparse.Namespace, sequence: int) -> intake_pb2.No
         notification_id=args.notification_id or str(uuid.uuid4()),
         municipality_code=args.municipality,
         sequence=sequence,
-        change_kind=kind,  # type: ignore[arg-type]
+        change_kind=kind,
         resident_code=args.resident_code or domain.generate_resident_code(random.SystemRandom()),
         new_resident_code=args.new_resident_code,
         resident_kind=common_pb2.RESIDENT_KIND_FOREIGN if args.foreign else common_pb2.RESIDENT_KIND_JAPANESE,
@@ -110,7 +108,7 @@ def build_notification(args: argparse.Namespace, sequence: int) -> intake_pb2.No
 
 
 async def cmd_notify(args: argparse.Namespace) -> int:
-    console = Console()
+    console = _console("juki notify")
     async with MeshClient(args.data_dir, identity=f"municipality-{args.municipality}") as client:
         stub = intake_pb2_grpc.IntakeServiceStub(client.channel(f"intake-prefecture-{args.municipality[:2]}"))
         sequence = args.sequence
@@ -163,7 +161,9 @@ async def cmd_status(args: argparse.Namespace) -> int:
         return 0
     # Piped or redirected, rich would wrap the table to 80 columns and cut the cells; a reader of a file
     # or of `grep` wants whole rows, so only a terminal's own width limits the table.
-    console = Console() if sys.stdout.isatty() else Console(width=1_000, soft_wrap=True)
+    console = _console("juki intake status", whole_rows=not sys.stdout.isatty())
+    from rich.table import Table
+
     table = Table(title="notification intake")
     for column in ("tier", "municipality", "last seq", "connected", "since", "reason", "backlog", "relay lag ms",
                    "last accepted"):
@@ -196,5 +196,15 @@ async def cmd_connection(args: argparse.Namespace) -> int:
         stub = intake_pb2_grpc.IntakeServiceStub(client.channel(f"intake-prefecture-{args.municipality[:2]}"))
         response = await stub.SetConnectionState(request)
     state = "connected" if response.status.connected else "disconnected"
-    Console().print(f"{args.municipality}: {state} ({response.status.connection_reason})")
+    _console(f"juki intake {'connect' if args.connected else 'disconnect'}").print(
+        f"{args.municipality}: {state} ({response.status.connection_reason})")
     return 0
+
+
+
+def _console(command: str, whole_rows: bool = False) -> Any:
+    """rich's console on stdout (rich is in the ``cli`` extra); ``whole_rows``: no wrapping at 80 columns."""
+    need("rich", "cli", command)
+    from rich.console import Console
+
+    return Console(width=1_000, soft_wrap=True) if whole_rows else Console()

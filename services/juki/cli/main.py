@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from juki.mesh.errors import JukiError, SettingsError
+from juki.mesh.errors import JukiError, SettingsError, from_grpc_error
 from juki.mesh.settings import default_data_dir
 
 COMMAND_MODULES = (
@@ -49,7 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in load_modules(COMMAND_MODULES):
         module.register(sub)
+    data_dir_after_every_verb(parser)
     return parser
+
+
+def data_dir_after_every_verb(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
+    """Let every verb below a parser that takes ``--data-dir`` take it too, so it may follow any verb.
+
+    ``juki pki issue agency mofa --data-dir D`` and ``juki pki --data-dir D issue agency mofa`` mean the
+    same. The copies default to SUPPRESS: a sub-verb given no ``--data-dir`` keeps the one before it
+    instead of resetting it to the default.
+    """
+    inherited = inherited or "--data-dir" in parser._option_string_actions
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            if inherited and "--data-dir" not in child._option_string_actions:
+                child.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
+                                   help="the local mesh's data directory (may also come before the verb)")
+            data_dir_after_every_verb(child, inherited)
 
 
 def load_modules(names: Sequence[str]) -> list[Any]:
@@ -57,28 +76,15 @@ def load_modules(names: Sequence[str]) -> list[Any]:
     return [importlib.import_module(name) for name in names]
 
 
-def format_rpc_error(exc: grpc.aio.AioRpcError) -> str:
-    from grpc_status import rpc_status
-
-    lines = [f"error: {exc.code().name}: {exc.details()}"]
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    if status is not None:
-        from google.rpc import error_details_pb2
-
-        for detail in status.details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                for violation in bad.field_violations:
-                    lines.append(f"  {violation.field}: {violation.description}")
-            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                lines.append(f"  reason: {info.reason}")
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                lines.append(f"  retry after {retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9:.1f} s")
+def format_rpc_error(exc: grpc.RpcError) -> str:
+    """A failed call as the command line shows it: status, reason, field violations and retry delay."""
+    remote = from_grpc_error(exc)
+    lines = [f"error: {remote.code.name}: {remote.message}"]
+    if remote.reason_name:
+        lines.append(f"  reason: {remote.reason_name}")
+    lines.extend(f"  {violation.field}: {violation.description}" for violation in remote.violations)
+    if remote.retry_after_seconds is not None:
+        lines.append(f"  retry after {remote.retry_after_seconds:.1f} s")
     return "\n".join(lines)
 
 

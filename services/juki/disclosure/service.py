@@ -16,14 +16,13 @@ Flow of GetDisclosure:
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
 from juki._gen.juki.card.v1 import card_pb2, card_pb2_grpc
@@ -32,7 +31,7 @@ from juki._gen.juki.disclosure.v1 import disclosure_pb2, disclosure_pb2_grpc
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
 from juki.domain import is_valid_resident_code
 from juki.domain.policy import Policy
-from juki.mesh.errors import JukiError, Reason, invalid
+from juki.mesh.errors import JukiError, Reason, invalid, passed_on
 from juki.mesh.operator import OperatorVerifier
 from juki.mesh.tls import require_peer
 
@@ -50,10 +49,8 @@ DEFAULT_PAGE_SIZE = 50
 VERIFY_MAX_AGE_SECONDS = 3600
 
 T = TypeVar("T")
-
-
-# Refusals of the disclosure service's own identity by a peer; never passed on as the caller's.
-_NOT_THE_CALLERS = frozenset({Reason.PEER_NOT_AUTHORISED, Reason.UNAUTHENTICATED, Reason.CERTIFICATE_REVOKED})
+# Fields of the access log's ListProvisionsRequest that hold the caller's own fields unchanged.
+PASSED_THROUGH = {"from_date": "from_date", "to_date": "to_date", "page_token": "page_token"}
 
 
 def checkpoint_tree_size(note: str) -> int:
@@ -87,35 +84,22 @@ def shown_provision(record: accesslog_pb2.ProvisionRecord, sequence: int, policy
     )
 
 
-def forwarded(exc: grpc.aio.AioRpcError, service: str) -> JukiError:
-    """A peer's refusal passed on with its own reason; anything else is a dependency failure."""
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    reason_name = ""
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason_name = info.reason
-    if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
-                      grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT) \
-            and reason_name in Reason.__members__ and Reason[reason_name] not in _NOT_THE_CALLERS \
-            and Reason[reason_name].value.code == exc.code():
-        return JukiError(Reason[reason_name], f"{service}: {exc.details()}")
-    if reason_name in Reason.__members__ and Reason[reason_name] in _NOT_THE_CALLERS:
-        # The peer refused this service itself: a deployment fault, not the resident's.
-        return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"{service} refused the disclosure service: {exc.details()}",
-                         retry_after_seconds=30)
-    if exc.code() == grpc.StatusCode.NOT_FOUND:
-        return JukiError(Reason.RESIDENT_NOT_FOUND, f"{service}: {exc.details()}")
-    return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"{service} failed: {exc.code().name}", retry_after_seconds=1)
-
-
-async def call(service: str, awaitable: Awaitable[T]) -> T:
+async def call(service: str, awaitable: Awaitable[T], caller_fields: Mapping[str, str] | None = None) -> T:
+    """Await a peer's answer; its failure as this service's caller sees it (see mesh.errors.passed_on)."""
     try:
         return await awaitable
     except grpc.aio.AioRpcError as exc:
-        raise forwarded(exc, service) from exc
+        raise passed_on(exc, service, caller_fields=caller_fields) from exc
+
+
+def check_date_filter(value: common_pb2.Date, field: str) -> dt.date | None:
+    """A from/to date of the request: unset, or a calendar date (checked before anything is provided)."""
+    if not (value.year or value.month or value.day):
+        return None
+    try:
+        return dt.date(value.year, value.month, value.day)
+    except ValueError as exc:
+        raise invalid(field, f"not a calendar date: {exc}") from None
 
 
 class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
@@ -207,6 +191,10 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
             raise invalid("resident_code", "not a valid 住民票コード (11 digits with check digit)")
         if request.page_size < 0:
             raise invalid("page_size", "must not be negative")
+        since = check_date_filter(request.from_date, "from_date")
+        until = check_date_filter(request.to_date, "to_date")
+        if since is not None and until is not None and until < since:
+            raise invalid("to_date", "must not be before from_date")
         peer = require_peer()
         try:
             operator_id = await self._prove(request)
@@ -256,7 +244,8 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
         witnessed_size = checkpoint_tree_size(tree.witnessed_checkpoint) if tree.witnessed_checkpoint else 0
         if 0 < witnessed_size <= list_request.proof_tree_size:
             list_request.witnessed_tree_size = witnessed_size
-        listed = await call("access log", self._accesslog.ListProvisions(list_request, timeout=self._timeout))
+        listed = await call("access log", self._accesslog.ListProvisions(list_request, timeout=self._timeout),
+                            caller_fields=PASSED_THROUGH)
         for logged in listed.provisions:
             shown = shown_provision(logged.record, logged.sequence, self._policy)
             shown.leaf = logged.leaf

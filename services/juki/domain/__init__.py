@@ -1,5 +1,6 @@
 """Pure business rules of Juki-net, shared by the services: codes, dates, names, notifications, the
-national fold, the 別表 policy and the synthetic population. No I/O beyond packaged data, no gRPC.
+national fold and the 別表 policy. No I/O beyond packaged data, no gRPC. (The synthetic population
+is in :mod:`juki.seeding`.)
 """
 
 from .changes import (
@@ -11,6 +12,7 @@ from .changes import (
     LAST_CARD_EXPIRY,
     NETWORK_START,
     SECOND_PHASE,
+    SPECIAL_MOVE_IN_AFTER_PLANNED_DAYS,
     SPECIAL_MOVE_IN_DAYS,
     ChangeGroup,
     ChangeKind,
@@ -56,7 +58,6 @@ from .policy import (
     UnknownRecipient,
     default_policy,
 )
-from .population import Person, Relationship, generate
 from .validation import (
     FieldViolation,
     Notification,
@@ -78,6 +79,7 @@ __all__ = [
     "LAST_CARD_EXPIRY",
     "NETWORK_START",
     "SECOND_PHASE",
+    "SPECIAL_MOVE_IN_AFTER_PLANNED_DAYS",
     "SPECIAL_MOVE_IN_DAYS",
     "Address",
     "Agency",
@@ -95,13 +97,11 @@ __all__ = [
     "NotAPublicBody",
     "Notification",
     "PartialDate",
-    "Person",
     "Policy",
     "PolicyError",
     "Purpose",
     "PurposeNotGranted",
     "QueryMode",
-    "Relationship",
     "ResidentKind",
     "ResidentState",
     "ResidentStatus",
@@ -115,7 +115,6 @@ __all__ = [
     "event_order",
     "fold",
     "fold_each",
-    "generate",
     "generate_resident_code",
     "is_local_government_code",
     "is_municipality",

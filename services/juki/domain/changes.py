@@ -19,6 +19,7 @@ __all__ = [
     "LAST_CARD_EXPIRY",
     "NETWORK_START",
     "SECOND_PHASE",
+    "SPECIAL_MOVE_IN_AFTER_PLANNED_DAYS",
     "SPECIAL_MOVE_IN_DAYS",
     "ChangeGroup",
     "ChangeKind",
@@ -49,7 +50,11 @@ CARD_VALIDITY_YEARS = 10
 """Validity of a 住基カード (foreign residents: until the end of their period of stay, if earlier)."""
 
 SPECIAL_MOVE_IN_DAYS = 14
-"""特例転入 must follow the 付記転出届 within this many days."""
+"""特例転入 must be made within this many days of the actual move-in (法 24条の2); a 付記転出届 is accepted
+from this many days before its planned move date, or within this many days after an actual move."""
+
+SPECIAL_MOVE_IN_AFTER_PLANNED_DAYS = 30
+"""特例転入 must also be made no later than this many days after the planned move date of the 付記転出届."""
 
 
 class ChangeGroup(enum.Enum):

@@ -12,24 +12,20 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
 from juki import domain
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
-from juki.intake import convert
+from juki.intake.senders import check_sender
+from juki.intake.store import Store
 from juki.mesh.errors import JukiError, Reason, invalid
-from juki.mesh.tls import require_peer, secure_channel
-
-if TYPE_CHECKING:
-    from juki.intake.service import IntakeServicer
+from juki.mesh.settings import ServiceSettings
+from juki.mesh.tls import Peer, require_peer, secure_channel
 
 MAX_REJECTIONS = 100
-_COMPARED = ("resident_kind", "family_name", "given_name", "family_name_kana", "given_name_kana", "alphabetic_name",
-             "common_name", "former_family_name", "birth_year", "birth_month", "birth_day", "sex",
-             "municipality_code", "street", "status")
 
 
 def _violations(record: common_pb2.IdentityRecord, municipality_code: str) -> list[common_pb2.FieldViolation]:
@@ -70,39 +66,49 @@ def _date(value: common_pb2.Date) -> dt.date | None:
         return None
 
 
-def _row(record: common_pb2.IdentityRecord, version: int) -> tuple[Any, ...]:
+def _row(record: common_pb2.IdentityRecord) -> dict[str, Any]:
+    """The ``residents`` row of a loaded record by column name, every column but ``version`` (the store's)."""
     name = record.name
     place = domain.municipality(record.address.municipality_code)
-    return (
-        record.resident_code, record.resident_kind, name.family_name, name.given_name, name.family_name_kana,
-        name.given_name_kana, name.alphabetic_name, name.common_name, name.former_family_name,
-        record.birth_date.year, record.birth_date.month, record.birth_date.day, record.sex,
-        record.address.municipality_code, place.prefecture_name if place else record.address.prefecture,
-        place.city_name if place else record.address.municipality, record.address.street, record.status,
-        record.last_change_kind or common_pb2.CHANGE_KIND_EX_OFFICIO_ENTRY, _date(record.last_changed_on),
-        _date(record.last_notified_on), None, record.successor_code or None, None, version,
-        domain.match_key(name.family_name + name.given_name), domain.address_key(record.address.street),
-    )
+    return {
+        "resident_code": record.resident_code, "resident_kind": record.resident_kind,
+        "family_name": name.family_name, "given_name": name.given_name,
+        "family_name_kana": name.family_name_kana, "given_name_kana": name.given_name_kana,
+        "alphabetic_name": name.alphabetic_name, "common_name": name.common_name,
+        "former_family_name": name.former_family_name,
+        "birth_year": record.birth_date.year, "birth_month": record.birth_date.month,
+        "birth_day": record.birth_date.day, "sex": record.sex,
+        "municipality_code": record.address.municipality_code,
+        "prefecture": place.prefecture_name if place else record.address.prefecture,
+        "municipality": place.city_name if place else record.address.municipality,
+        "street": record.address.street, "status": record.status,
+        "last_change_kind": record.last_change_kind or common_pb2.CHANGE_KIND_EX_OFFICIO_ENTRY,
+        "last_changed_on": _date(record.last_changed_on), "last_notified_on": _date(record.last_notified_on),
+        "death_date": None, "successor_code": record.successor_code or None, "predecessor_code": None,
+        "name_key": domain.match_key(name.family_name + name.given_name),
+        "address_key": domain.address_key(record.address.street),
+    }
 
 
 async def bulk_load(
-    servicer: IntakeServicer, requests: AsyncIterator[intake_pb2.BulkLoadRequest]
+    store: Store, settings: ServiceSettings, requests: AsyncIterator[intake_pb2.BulkLoadRequest], *, national: bool
 ) -> intake_pb2.BulkLoadResponse:
+    """Apply a load batch by batch (each one transaction in the store); a prefecture passes it on as it goes."""
     peer = require_peer()
-    store = servicer.store
     summary = intake_pb2.BulkLoadResponse()
-    target = servicer.settings.peers.national_intake if not servicer.national else None
-    forwarder = _Forwarder(target, servicer.settings.tls) if target else None
+    target = settings.peers.national_intake if not national else None
+    forwarder = _Forwarder(target, settings.tls) if target else None
     try:
-        return await _load(servicer, peer, store, summary, requests, forwarder)
+        return await _load(store, peer, summary, requests, forwarder,
+                           national=national, prefecture=settings.prefecture or "")
     finally:
         if forwarder is not None:
             await forwarder.close()
 
 
-async def _load(servicer: IntakeServicer, peer: Any, store: Any, summary: intake_pb2.BulkLoadResponse,
+async def _load(store: Store, peer: Peer, summary: intake_pb2.BulkLoadResponse,
                 requests: AsyncIterator[intake_pb2.BulkLoadRequest], forwarder: _Forwarder | None,
-                ) -> intake_pb2.BulkLoadResponse:
+                *, national: bool, prefecture: str) -> intake_pb2.BulkLoadResponse:
     through = 0
     replay = False
     async for request in requests:
@@ -111,12 +117,11 @@ async def _load(servicer: IntakeServicer, peer: Any, store: Any, summary: intake
                 raise invalid("load_id", "1..128 characters, the same on every batch")
             if not domain.is_municipality(request.municipality_code):
                 raise invalid("municipality_code", "must be a listed municipality", Reason.UNKNOWN_MUNICIPALITY)
-            servicer._check_sender(peer, {request.municipality_code})
-            if not servicer.national and request.municipality_code[:2] != servicer.settings.prefecture:
+            check_sender(peer, {request.municipality_code}, national=national, prefecture=prefecture)
+            if not national and request.municipality_code[:2] != prefecture:
                 raise invalid("municipality_code", "not a municipality of this prefecture")
             summary.load_id, summary.municipality_code = request.load_id, request.municipality_code
-            done = await store.pool.fetchrow("SELECT * FROM bulk_loads WHERE load_id = $1", request.load_id)
-            replay = done is not None
+            replay = await store.bulk_load_done(request.load_id)
         elif request.load_id != summary.load_id or request.municipality_code != summary.municipality_code:
             raise invalid("load_id", "every batch of a load carries the same load_id and municipality_code")
         through = max(through, request.through_sequence)
@@ -124,7 +129,7 @@ async def _load(servicer: IntakeServicer, peer: Any, store: Any, summary: intake
         if replay:
             summary.records_unchanged += len(request.records)
             continue
-        await _apply_batch(servicer, request, summary)
+        await _apply_batch(store, request, summary)
         if forwarder is not None:
             await forwarder.put(request)  # passed on as applied: memory holds a few batches, not the load
     if not summary.load_id:
@@ -133,25 +138,12 @@ async def _load(servicer: IntakeServicer, peer: Any, store: Any, summary: intake
         return summary
     if forwarder is not None:
         await forwarder.finish()
-    async with store.pool.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "INSERT INTO municipalities AS m (municipality_code, loaded_through) VALUES ($1, $2)"
-            " ON CONFLICT (municipality_code) DO UPDATE SET loaded_through = GREATEST(m.loaded_through, $2),"
-            " as_of = CASE WHEN m.connected THEN now() ELSE m.as_of END",
-            summary.municipality_code, through,
-        )
-        await conn.execute(
-            "INSERT INTO bulk_loads (load_id, municipality_code, through_sequence, records_applied)"
-            " VALUES ($1, $2, $3, $4) ON CONFLICT (load_id) DO NOTHING",
-            summary.load_id, summary.municipality_code, through, summary.records_applied,
-        )
+    await store.finish_bulk_load(summary.load_id, summary.municipality_code, through, summary.records_applied)
     return summary
 
 
-async def _apply_batch(
-    servicer: IntakeServicer, request: intake_pb2.BulkLoadRequest, summary: intake_pb2.BulkLoadResponse
-) -> None:
-    valid: dict[str, common_pb2.IdentityRecord] = {}
+async def _apply_batch(store: Store, request: intake_pb2.BulkLoadRequest, summary: intake_pb2.BulkLoadResponse) -> None:
+    valid: dict[str, dict[str, Any]] = {}
     for record in request.records:
         found = _violations(record, request.municipality_code)
         if found:
@@ -160,55 +152,10 @@ async def _apply_batch(
                 summary.rejections.append(intake_pb2.BulkLoadRejection(resident_code=record.resident_code,
                                                                        violations=found))
             continue
-        valid[record.resident_code] = record
-    if not valid:
-        return
-    from juki.intake.store import lock_residents
-
-    async with servicer.store.pool.acquire() as conn, conn.transaction():
-        # The same per-resident locks as a notification batch (store.apply) takes: a load and a relayed
-        # notification for one new resident must not both create its version 1.
-        await lock_residents(conn, valid)
-        now: dt.datetime = await conn.fetchval("SELECT now()")
-        existing = {
-            r["resident_code"]: r
-            for r in await conn.fetch(
-                f"SELECT resident_code, version, {', '.join(_COMPARED)} FROM residents"
-                " WHERE resident_code = ANY($1::text[]) FOR UPDATE",
-                list(valid),
-            )
-        }
-        upserts: list[tuple[Any, ...]] = []
-        versions: list[tuple[Any, ...]] = []
-        changes: list[tuple[Any, ...]] = []
-        for code, record in valid.items():
-            old = existing.get(code)
-            row = _row(record, (old["version"] + 1) if old else 1)
-            if old is not None:
-                fresh = dict(zip(convert.RESIDENT_COLUMNS, row, strict=True))
-                if all(fresh[c] == old[c] for c in _COMPARED):
-                    summary.records_unchanged += 1
-                    continue
-            summary.records_applied += 1
-            upserts.append((*row, now))
-            stored = convert.record_from_row(dict(zip(convert.RESIDENT_COLUMNS, row, strict=True)))
-            versions.append((code, row[24], None, row[18], row[19], row[20],
-                             stored.SerializeToString(deterministic=True), now))
-            changes.append((code, row[18], row[19], now))
-        if upserts:
-            from juki.intake.store import _UPSERT_RESIDENT
-
-            await conn.executemany(_UPSERT_RESIDENT, upserts)
-            await conn.copy_records_to_table(
-                "resident_versions",
-                columns=("resident_code", "version", "notification_id", "change_kind", "occurred_on",
-                         "notified_on", "record", "recorded_at"),
-                records=versions,
-            )
-            await conn.copy_records_to_table(
-                "resident_changes", columns=("resident_code", "change_kind", "occurred_on", "recorded_at"),
-                records=changes,
-            )
+        valid[record.resident_code] = _row(record)
+    counts = await store.apply_bulk(valid)
+    summary.records_applied += counts.applied
+    summary.records_unchanged += counts.unchanged
 
 
 FORWARD_WINDOW = 4  # batches applied here and not yet taken by the national intake's stream

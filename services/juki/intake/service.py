@@ -15,6 +15,7 @@ from juki import domain
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
 from juki.intake import convert
+from juki.intake.senders import check_sender
 from juki.intake.store import Item, Outcome, Store
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid
 from juki.mesh.operator import OperatorVerifier
@@ -68,20 +69,7 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
     # -- authorisation helpers ----------------------------------------------------------------------
 
     def _check_sender(self, peer: Peer, codes: set[str]) -> None:
-        """A municipality sends only its own notifications; a prefecture only its municipalities'."""
-        if peer.kind == "municipality":
-            if not self.national and peer.name[:2] != self._prefecture:
-                raise JukiError(Reason.PEER_NOT_AUTHORISED,
-                                f"{peer.spiffe_id} is not a municipality of prefecture {self._prefecture}")
-            foreign = sorted(c for c in codes if c != peer.name)
-            if foreign:
-                raise JukiError(Reason.PEER_NOT_AUTHORISED,
-                                f"{peer.spiffe_id} may only notify for itself, not for {', '.join(foreign[:3])}")
-        elif peer.kind == "prefecture":
-            foreign = sorted(c for c in codes if c[:2] != peer.name)
-            if foreign:
-                raise JukiError(Reason.PEER_NOT_AUTHORISED,
-                                f"{peer.spiffe_id} may only relay its own municipalities, not {', '.join(foreign[:3])}")
+        check_sender(peer, codes, national=self.national, prefecture=self._prefecture)
 
     def _check_scope(self, peer: Peer, municipality_code: str) -> None:
         if peer.kind == "municipality" and peer.name != municipality_code:
@@ -345,7 +333,7 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
     ) -> intake_pb2.BulkLoadResponse:
         from juki.intake.bulk import bulk_load
 
-        return await bulk_load(self, request_iterator)
+        return await bulk_load(self._store, self._settings, request_iterator, national=self.national)
 
     # for the bulk module
     @property

@@ -16,7 +16,7 @@ import enum
 import hashlib
 import struct
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,13 @@ _UPSERT_RESIDENT = (
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in (*convert.RESIDENT_COLUMNS[1:], "updated_at"))
 )
 """One row (bulk load)."""
+
+BULK_COMPARED = (
+    "resident_kind", "family_name", "given_name", "family_name_kana", "given_name_kana", "alphabetic_name",
+    "common_name", "former_family_name", "birth_year", "birth_month", "birth_day", "sex", "municipality_code",
+    "street", "status",
+)
+"""The columns a bulk-loaded row is compared on: equal in all of them, the stored row is left as it is."""
 
 # The batch's resident rows go by COPY (binary, no per-value Python) into a session-local staging table
 # (created once per connection, emptied at every COMMIT), then into ``residents`` in one statement.
@@ -79,7 +86,7 @@ class Item:
 
 async def lock_residents(conn: asyncpg.Connection, codes: Iterable[str]) -> None:
     """Take the per-resident advisory locks (sorted, for the rest of the transaction) that every write of
-    a resident's row takes first: notification batches here, bulk loads in bulk.py."""
+    a resident's row takes first: notification batches and bulk loads."""
     await conn.execute(_LOCK, sorted({_lock_key("r:" + code) for code in codes}))
 
 
@@ -98,6 +105,14 @@ def decode_event(payload: bytes) -> domain.Notification:
     """A stored payload as the normalised domain notification the fold consumes."""
     message = intake_pb2.Notification.FromString(payload)
     return domain.normalise_notification(convert.to_domain(message))
+
+
+@dataclass
+class BulkCounts:
+    """Records of one bulk batch written (new version) and left as they were (equal to the stored row)."""
+
+    applied: int = 0
+    unchanged: int = 0
 
 
 @dataclass(frozen=True)
@@ -438,6 +453,80 @@ class Store:
                 " v.version",
                 chain,
             ))
+
+    # -- bulk loads (BulkLoad: bulk.py checks and converts, the writes are here) ------------------------
+
+    async def bulk_load_done(self, load_id: str) -> bool:
+        """Whether a load of this id was completed (a repeated load is answered without writing)."""
+        return bool(await self.pool.fetchval("SELECT EXISTS (SELECT 1 FROM bulk_loads WHERE load_id = $1)", load_id))
+
+    async def apply_bulk(self, rows: Mapping[str, Mapping[str, Any]]) -> BulkCounts:
+        """Upsert one batch of loaded residents in one transaction.
+
+        ``rows`` maps each resident code to its ``residents`` row by column name (every column of
+        :data:`convert.RESIDENT_COLUMNS` but ``version``). A row equal to the stored one in
+        :data:`BULK_COMPARED` is counted unchanged; any other gets the next version, a history row and a
+        change-feed row.
+        """
+        counts = BulkCounts()
+        if not rows:
+            return counts
+        async with self.pool.acquire() as conn, conn.transaction():
+            # The same per-resident locks as a notification batch (apply) takes: a load and a relayed
+            # notification for one new resident must not both create its version 1.
+            await lock_residents(conn, rows)
+            now: dt.datetime = await conn.fetchval("SELECT now()")
+            existing = {
+                r["resident_code"]: r
+                for r in await conn.fetch(
+                    f"SELECT resident_code, version, {', '.join(BULK_COMPARED)} FROM residents"
+                    " WHERE resident_code = ANY($1::text[]) FOR UPDATE",
+                    list(rows),
+                )
+            }
+            upserts: list[tuple[Any, ...]] = []
+            versions: list[tuple[Any, ...]] = []
+            changes: list[tuple[Any, ...]] = []
+            for code, loaded in rows.items():
+                old = existing.get(code)
+                if old is not None and all(loaded[c] == old[c] for c in BULK_COMPARED):
+                    counts.unchanged += 1
+                    continue
+                counts.applied += 1
+                row = {**loaded, "version": old["version"] + 1 if old is not None else 1}
+                upserts.append((*(row[c] for c in convert.RESIDENT_COLUMNS), now))
+                stored = convert.record_from_row(row)
+                versions.append((code, row["version"], None, row["last_change_kind"], row["last_changed_on"],
+                                 row["last_notified_on"], stored.SerializeToString(deterministic=True), now))
+                changes.append((code, row["last_change_kind"], row["last_changed_on"], now))
+            if upserts:
+                await conn.executemany(_UPSERT_RESIDENT, upserts)
+                await conn.copy_records_to_table(
+                    "resident_versions",
+                    columns=("resident_code", "version", "notification_id", "change_kind", "occurred_on",
+                             "notified_on", "record", "recorded_at"),
+                    records=versions,
+                )
+                await conn.copy_records_to_table(
+                    "resident_changes", columns=("resident_code", "change_kind", "occurred_on", "recorded_at"),
+                    records=changes,
+                )
+        return counts
+
+    async def finish_bulk_load(self, load_id: str, municipality_code: str, through: int, applied: int) -> None:
+        """Record a completed load: the municipality's sequence floor and the load's summary, in one transaction."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO municipalities AS m (municipality_code, loaded_through) VALUES ($1, $2)"
+                " ON CONFLICT (municipality_code) DO UPDATE SET loaded_through = GREATEST(m.loaded_through, $2),"
+                " as_of = CASE WHEN m.connected THEN now() ELSE m.as_of END",
+                municipality_code, through,
+            )
+            await conn.execute(
+                "INSERT INTO bulk_loads (load_id, municipality_code, through_sequence, records_applied)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (load_id) DO NOTHING",
+                load_id, municipality_code, through, applied,
+            )
 
     # -- connection state and status ---------------------------------------------------------------
 

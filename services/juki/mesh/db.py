@@ -14,7 +14,6 @@ import importlib.resources
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 
@@ -174,8 +173,3 @@ async def _migrate_one(conn: asyncpg.Connection, target: MigrationTarget) -> lis
             )
             done.append(migration.version)
     return done
-
-
-async def fetch_one(pool: asyncpg.Pool, query: str, *args: Any) -> asyncpg.Record | None:
-    async with pool.acquire() as conn:
-        return await conn.fetchrow(query, *args)

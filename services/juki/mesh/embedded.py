@@ -177,6 +177,9 @@ class EmbeddedPostgres:
 
 def start_embedded(data_dir: Path) -> EmbeddedPostgres:
     """Start (or join) the embedded server in ``data_dir/pg`` and make sure the ``juki`` database exists."""
+    from juki.extras import need
+
+    need("pgserver", "local", "the embedded PostgreSQL (used when no database URL is given)")
     data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = (data_dir / "pg").resolve()
     with _owners(pgdata) as owners:
@@ -271,7 +274,7 @@ def _helper_stop(pgdata: Path) -> dict[str, object]:
 
 def _psql_rows(handle: object, sql: str) -> list[list[str]]:
     """Rows of one query through psql (unaligned, ``|``-separated), in this helper process."""
-    from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[attr-defined]
+    from pgserver._commands import POSTGRES_BIN_PATH
 
     uri = handle.get_uri()  # type: ignore[attr-defined]
     out = subprocess.run([str(POSTGRES_BIN_PATH / "psql"), "-X", "-A", "-t", "-F", "|", "-c", sql, uri],

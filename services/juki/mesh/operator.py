@@ -8,10 +8,11 @@ The format is fixed in ``juki.common.v1.OperatorProof``: a signature over
     <seconds>.<nanos, 9 digits>
     <hex nonce>
 
-(each line ended by ``\\n``) made with the key of an operator certificate issued by the mesh CA. The
-comment there names Ed25519; the mesh CA issues operator certificates with ECDSA P-256 keys, so both
-are accepted (ECDSA with SHA-256). A proof is refused when the certificate does not chain to the mesh CA,
-is outside its validity or revoked, is not an ``operator`` identity, when the signature does not verify,
+(each line ended by ``\\n``) made with the key of an operator certificate issued by the mesh CA: ECDSA
+P-256 with SHA-256, the signature DER-encoded, as the contract states (the operator's key is the key of its
+mTLS certificate, and the CA issues those on P-256). A proof is refused when the certificate does not chain
+to the mesh CA, is outside its validity or revoked, is not an ``operator`` identity, holds another kind of
+key, when the signature does not verify,
 the timestamp is more than :data:`MAX_SKEW_SECONDS` from the wall clock, or the nonce was seen before.
 Nonces are remembered in the verifying service's own ``operator_nonces`` table
 (``operator_id text, nonce bytea, seen_at timestamptz, PRIMARY KEY (operator_id, nonce)``).
@@ -42,7 +43,7 @@ import asyncpg
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from juki._gen.juki.common.v1 import common_pb2
 from juki.mesh.errors import JukiError, Reason, SettingsError, invalid
@@ -115,12 +116,9 @@ def sign_operator_proof(
     proof.timestamp.nanos = int((moment - seconds) * 1e9)
     payload = proof_payload(method, request, proof, proof_field)
     key = serialization.load_pem_private_key(key_pem, password=None)
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        proof.signature = key.sign(payload)
-    elif isinstance(key, ec.EllipticCurvePrivateKey):
-        proof.signature = key.sign(payload, ec.ECDSA(hashes.SHA256()))
-    else:
-        raise ValueError("operator keys are Ed25519 or ECDSA")
+    if not (isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)):
+        raise ValueError("operator keys are ECDSA P-256")
+    proof.signature = key.sign(payload, ec.ECDSA(hashes.SHA256()))
     getattr(request, proof_field).CopyFrom(proof)
     return proof
 
@@ -145,7 +143,7 @@ _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 def hash_operator_password(password: str, salt: bytes | None = None) -> str:
     """The stored form of an operator password: ``scrypt$<salt hex>$<hash hex>``."""
     salt = salt or os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)  # type: ignore[arg-type]
+    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT)
     return f"scrypt${salt.hex()}${digest.hex()}"
 
 
@@ -231,15 +229,12 @@ class OperatorVerifier:
         if abs(time.time() - stamp) > self._max_skew:
             raise _refuse(f"the timestamp is more than {self._max_skew:.0f} s from the server clock",
                           f"{proof_field}.timestamp")
-        payload = proof_payload(method, request, proof, proof_field)
         public_key = certificate.public_key()
+        if not (isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1)):
+            raise _refuse("the operator certificate's key is not ECDSA P-256", f"{proof_field}.certificate_pem")
+        payload = proof_payload(method, request, proof, proof_field)
         try:
-            if isinstance(public_key, ed25519.Ed25519PublicKey):
-                public_key.verify(proof.signature, payload)
-            elif isinstance(public_key, ec.EllipticCurvePublicKey):
-                public_key.verify(proof.signature, payload, ec.ECDSA(hashes.SHA256()))
-            else:
-                raise InvalidSignature
+            public_key.verify(proof.signature, payload, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
             raise _refuse("the signature does not verify", f"{proof_field}.signature") from None
         if self._passwords is not None:

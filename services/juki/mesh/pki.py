@@ -292,7 +292,8 @@ def load_revoked_serials(crl_path: Path | None, ca_cert_path: Path) -> frozenset
         return frozenset()
     crl = x509.load_pem_x509_crl(crl_path.read_bytes())
     ca = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
-    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+    key = ca.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(key):  # the CA's key is EC
         raise PkiError(f"CRL {crl_path} is not signed by the CA")
     return frozenset(r.serial_number for r in crl)
 

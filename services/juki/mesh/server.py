@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from juki.mesh import metrics, telemetry
 from juki.mesh.db import is_connection_loss
-from juki.mesh.errors import ERROR_DOMAIN, JukiError, Reason, invalid
+from juki.mesh.errors import ERROR_DOMAIN, JukiError, Reason, invalid, passed_on
 from juki.mesh.pki import load_revoked_serials
 from juki.mesh.reflection import V1_SERVICE, V1ALPHA_SERVICE, register_v1_descriptor
 from juki.mesh.settings import ServiceSettings, TlsFiles
@@ -113,11 +113,8 @@ def _classify(exc: BaseException) -> JukiError:
         # Text PostgreSQL cannot store (a NUL byte) that a handler passed on unchecked: the caller's input.
         return invalid("request", "a text field holds a character that cannot be stored (NUL)")
     if isinstance(exc, grpc.aio.AioRpcError):
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a service this call needs failed: {exc.code().name}")
-        if exc.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-            # A downstream refusal is not the caller's fault, but hiding it as INTERNAL helps nobody.
-            return JukiError(Reason.DEPENDENCY_REFUSED, f"{exc.code().name}: {exc.details()}")
+        # A call to another service failed and the handler let it through: the mesh's one rule.
+        return passed_on(exc, "a service this call needs")
     return JukiError(Reason.INTERNAL_FAULT)
 
 
@@ -206,7 +203,7 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is not None:
             return wrapped
@@ -337,7 +334,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
-    return factory(  # type: ignore[no-any-return,operator]
+    return factory(
         behavior,
         request_deserializer=_safe_deserializer(handler.request_deserializer),
         response_serializer=handler.response_serializer,

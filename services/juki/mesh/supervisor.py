@@ -202,6 +202,8 @@ class Supervisor:
     async def prepare(self) -> None:
         """PKI, database and migrations: everything before the first process starts."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Left by a mesh that did not stop cleanly: it would tell clients a mesh is ready that is not.
+        (self.data_dir / ENDPOINTS_FILE).unlink(missing_ok=True)
         (self.data_dir / "run").mkdir(exist_ok=True)
         self.echo(f"data directory {self.data_dir}")
         self.ca = ensure_pki(self.data_dir, self.layout)
@@ -329,11 +331,14 @@ class Supervisor:
             await asyncio.sleep(0.05)
         return proc
 
-    async def start(self) -> None:
+    async def start(self, *, publish: bool = True) -> None:
+        """Start every process. ``publish=False`` leaves ``endpoints.json`` to :meth:`write_endpoints`,
+        called once the mesh is ready for clients (``juki up`` seeds the population first)."""
         for spec in self.specs:
             await self._spawn(spec)
             self.echo(f"  {spec.key:<24} 127.0.0.1:{spec.port}  pid {self.processes[spec.key].pid}")
-        self.write_endpoints()
+        if publish:
+            self.write_endpoints()
         self._watchers = [asyncio.create_task(self._watch(spec)) for spec in self.specs]
         if self.embedded is not None:
             self._watchers.append(asyncio.create_task(self._watch_database(self.embedded)))
@@ -465,6 +470,9 @@ class Supervisor:
             return {"spiffe_id": pki.spiffe_id(kind, name), "cert": str(cert), "key": str(key)}
 
         document: dict[str, Any] = {
+            # The readiness signal: the file is written (atomically) only once every service answers and,
+            # under `juki up`, the population is seeded; it is removed when the mesh stops.
+            "ready": True,
             "data_dir": str(self.data_dir),
             "supervisor_pid": os.getpid(),
             "ca": str(ca.ca_cert_path),

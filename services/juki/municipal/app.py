@@ -65,11 +65,13 @@ class MunicipalServicer(municipal_pb2_grpc.MunicipalServiceServicer):
         recorded = await self.app.registry.record_change(request, self.app.clock.today())
         self.app.sender.wake()
         if request.change_kind in _CARD_REVOKING:
+            # Also on a replay: the first attempt may have died between its commit and the revocation
+            # (revoking revoked cards changes nothing).
             await self.app.revoke_cards(request.entry.resident_code, _CARD_REVOKING[request.change_kind])
         queued = not self.app.sender.connected or not recorded.connected
         return municipal_pb2.RecordChangeResponse(
             notification_id=recorded.notification_id, sequence=recorded.sequence, queued=queued,
-            resident_code=recorded.resident_code,
+            resident_code=recorded.resident_code, replayed=recorded.replayed,
         )
 
     async def GetResidentEntry(

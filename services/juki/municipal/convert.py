@@ -68,8 +68,8 @@ def partial_to_proto(value: domain.PartialDate) -> common_pb2.Date:
     return common_pb2.Date(year=value.year, month=value.month or 0, day=value.day or 0, precision=precision)
 
 
-def change_kind_to_domain(kind: int) -> domain.ChangeKind:
-    name = common_pb2.ChangeKind.Name(kind)  # type: ignore[arg-type]
+def change_kind_to_domain(kind: common_pb2.ChangeKind.ValueType) -> domain.ChangeKind:
+    name = common_pb2.ChangeKind.Name(kind)
     return domain.ChangeKind(name.removeprefix("CHANGE_KIND_"))
 
 
@@ -81,17 +81,17 @@ def sex_to_domain(sex: int) -> domain.Sex:
     return domain.Sex.MALE if sex == common_pb2.SEX_MALE else domain.Sex.FEMALE
 
 
-def sex_to_proto(sex: domain.Sex) -> int:
-    return int(common_pb2.SEX_MALE if sex is domain.Sex.MALE else common_pb2.SEX_FEMALE)
+def sex_to_proto(sex: domain.Sex) -> common_pb2.Sex.ValueType:
+    return common_pb2.SEX_MALE if sex is domain.Sex.MALE else common_pb2.SEX_FEMALE
 
 
 def kind_to_domain(kind: int) -> domain.ResidentKind:
     return domain.ResidentKind.FOREIGN if kind == common_pb2.RESIDENT_KIND_FOREIGN else domain.ResidentKind.JAPANESE
 
 
-def kind_to_proto(kind: domain.ResidentKind) -> int:
-    return int(common_pb2.RESIDENT_KIND_FOREIGN if kind is domain.ResidentKind.FOREIGN
-               else common_pb2.RESIDENT_KIND_JAPANESE)
+def kind_to_proto(kind: domain.ResidentKind) -> common_pb2.ResidentKind.ValueType:
+    return (common_pb2.RESIDENT_KIND_FOREIGN if kind is domain.ResidentKind.FOREIGN
+            else common_pb2.RESIDENT_KIND_JAPANESE)
 
 
 def full_address(municipality_code: str, street: str) -> common_pb2.Address:
@@ -115,7 +115,7 @@ def notification_for(
     notification_id: str,
     municipality_code: str,
     sequence: int,
-    change_kind: int,
+    change_kind: common_pb2.ChangeKind.ValueType,
     occurred_on: dt.date,
     notified_on: dt.date,
     previous_municipality_code: str = "",
@@ -127,7 +127,7 @@ def notification_for(
         notification_id=notification_id,
         municipality_code=municipality_code,
         sequence=sequence,
-        change_kind=change_kind,  # type: ignore[arg-type]
+        change_kind=change_kind,
         resident_code=entry.resident_code,
         new_resident_code=new_resident_code,
         resident_kind=entry.resident_kind,
@@ -202,32 +202,4 @@ def identity_record(entry: municipal_pb2.ResidentEntry) -> common_pb2.IdentityRe
         last_changed_on=entry.address_since if entry.HasField("address_since") else entry.became_resident_on,
         last_notified_on=entry.address_notified_on,
         version=entry.version,
-    )
-
-
-def entry_from_person(person: domain.population.Person, household_head: str, registered_on: dt.date,
-                      household_prefix: str = "") -> municipal_pb2.ResidentEntry:
-    """A synthetic person as the 住民票 entry of their municipality (for seeding)."""
-    kana_family, _, kana_given = (person.kana or "").partition(IDEOGRAPHIC_SPACE)
-    return municipal_pb2.ResidentEntry(
-        resident_code=person.resident_code,
-        name=common_pb2.PersonName(
-            family_name=person.family_name, given_name=person.given_name,
-            family_name_kana=kana_family, given_name_kana=kana_given,
-            alphabetic_name=person.alphabetic_name or "", common_name=person.common_name or "",
-        ),
-        birth_date=partial_to_proto(person.birth_date),
-        sex=sex_to_proto(person.sex),  # type: ignore[arg-type]
-        address=full_address(person.address.municipality_code, person.address.street),
-        resident_kind=kind_to_proto(person.resident_kind),  # type: ignore[arg-type]
-        household_id=f"{household_prefix or person.address.municipality_code}-{person.household_id}",
-        household_head=household_head,
-        relationship=person.relationship.value,
-        registered_domicile=person.honseki or "",
-        head_of_family_register=person.hittousha or "",
-        status=common_pb2.RESIDENT_STATUS_CURRENT,
-        became_resident_on=date_to_proto(registered_on),
-        address_since=date_to_proto(registered_on),
-        address_notified_on=date_to_proto(registered_on),
-        version=1,
     )

@@ -15,11 +15,11 @@ import logging
 
 import asyncpg
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
 from juki.mesh.db import is_connection_loss
+from juki.mesh.errors import from_grpc_error
 from juki.mesh.leader import LeaderLease
 from juki.mesh.outage import Outage
 from juki.mesh.settings import TlsFiles
@@ -31,18 +31,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
-
-
-def error_reason(error: grpc.aio.AioRpcError) -> str:
-    """The catalogued reason (google.rpc.ErrorInfo) of a failed call, or the status code name."""
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return str(info.reason)
-    return str(error.code().name)
 
 
 class OutboxSender:
@@ -105,7 +93,8 @@ class OutboxSender:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as error:
-                self._prefecture.failed(f"{error.code().name} {error_reason(error)}")
+                remote = from_grpc_error(error)
+                self._prefecture.failed(f"{remote.code.name} {remote.reason_name or remote.code.name}")
                 self._synced = False
                 await self._safe_set_connected(False)
                 await asyncio.sleep(RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import grpc
 import pytest
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
@@ -123,15 +125,15 @@ def move_in(mesh: CardMesh, card: card_pb2.Card, moved: str, pin: str = "1234") 
         moved_on=date(moved)), CARD + "SpecialMoveIn")
 
 
-async def test_special_move_in_on_the_14th_day_crosses_prefectures(mesh: CardMesh) -> None:
+async def test_special_move_in_on_the_last_day_crosses_prefectures(mesh: CardMesh) -> None:
     holder = await mesh.register(NAKANO, person(given="引越"))
     mesh.set_today("2015-04-01")
     card = await issue(mesh, holder)
     mesh.set_today("2024-04-01")
     filed = await file_move_out(mesh, card, "2024-04-01")
-    assert (filed.move_in_deadline.month, filed.move_in_deadline.day) == (4, 15)
+    assert (filed.move_in_deadline.month, filed.move_in_deadline.day) == (5, 1)  # 30 days after the planned date
     assert (await mesh.entry(NAKANO, holder)).status == common_pb2.RESIDENT_STATUS_MOVED_OUT
-    mesh.set_today("2024-04-15")
+    mesh.set_today("2024-04-24")  # the 14th day after moving in on 04-10
     moved = await mesh.cards().SpecialMoveIn(move_in(mesh, card, "2024-04-10"))
     assert moved.address.municipality_code == YOKOHAMA and moved.address.prefecture == "神奈川県"
     assert moved.card.state == card_pb2.CARD_STATE_ACTIVE  # continued use after a move (from 2012-07-09)
@@ -149,20 +151,58 @@ async def test_special_move_in_on_the_14th_day_crosses_prefectures(mesh: CardMes
     assert uses[0].provider.endswith(NAKANO) and uses[0].recipient.endswith(YOKOHAMA)
 
 
-async def test_special_move_in_on_the_15th_day_is_refused(mesh: CardMesh) -> None:
+@pytest.mark.parametrize(("moved", "today"), [
+    ("2024-04-10", "2024-04-25"),  # the 15th day after moving in (the planned date's limit is 05-01)
+    ("2024-04-25", "2024-05-02"),  # the 31st day after the planned date (moved in 7 days before)
+], ids=["14-days-after-moving-in", "30-days-after-the-planned-date"])
+async def test_special_move_in_a_day_late_is_refused(mesh: CardMesh, moved: str, today: str) -> None:
     holder = await mesh.register(NAKANO, person(given="遅延"))
     mesh.set_today("2015-04-01")
     card = await issue(mesh, holder)
     mesh.set_today("2024-04-01")
     await file_move_out(mesh, card, "2024-04-01")
-    mesh.set_today("2024-04-16")
+    mesh.set_today(today)
     with pytest.raises(grpc.aio.AioRpcError) as late:
-        await mesh.cards().SpecialMoveIn(move_in(mesh, card, "2024-04-10"))
+        await mesh.cards().SpecialMoveIn(move_in(mesh, card, moved))
     assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason_of(late.value) == "SPECIAL_MOVE_IN_EXPIRED"
     with pytest.raises(grpc.aio.AioRpcError) as absent:
         await mesh.entry(YOKOHAMA, holder)
     assert absent.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_special_move_in_on_the_30th_day_after_the_planned_date(mesh: CardMesh) -> None:
+    """Moved in 6 days before the planned date's limit: that limit, not the 14 days, ends the window."""
+    holder = await mesh.register(NAKANO, person(given="月末"))
+    mesh.set_today("2015-04-01")
+    card = await issue(mesh, holder)
+    mesh.set_today("2024-04-01")
+    await file_move_out(mesh, card, "2024-04-01")
+    mesh.set_today("2024-05-01")
+    moved = await mesh.cards().SpecialMoveIn(move_in(mesh, card, "2024-04-25"))
+    assert moved.address.municipality_code == YOKOHAMA
+
+
+@pytest.mark.parametrize(("planned", "accepted"), [
+    ("2024-04-15", True), ("2024-04-16", False),  # in advance: from 14 days before the planned date
+    ("2024-03-18", True), ("2024-03-17", False),  # after the move: within 14 days of it
+])
+async def test_special_move_out_is_accepted_from_14_days_before_to_14_days_after_the_move(
+    mesh: CardMesh, planned: str, accepted: bool
+) -> None:
+    holder = await mesh.register(NAKANO, person(given="届出"))
+    mesh.set_today("2015-04-01")
+    card = await issue(mesh, holder)
+    mesh.set_today("2024-04-01")
+    if accepted:
+        filed = await file_move_out(mesh, card, planned)
+        assert filed.move_in_deadline == date(str(dt.date.fromisoformat(planned) + dt.timedelta(days=30)))
+        return
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await file_move_out(mesh, card, planned)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations_of(refused.value) == ["planned_move_on"]
+    assert (await mesh.entry(NAKANO, holder)).status == common_pb2.RESIDENT_STATUS_CURRENT
 
 
 @pytest.mark.parametrize(("today", "continued"), [("2012-07-08", False), ("2012-07-09", True)])

@@ -523,3 +523,26 @@ async def test_provisions_a_witness_cosigned_are_proven_into_its_checkpoint(
     code, output = await proof_verify(rewritten(lambda d: d["透明性ログ"].__setitem__(
         "witness_certificates", [other.cosigning_paths("w1")[0].read_text()])), mesh.ca.ca_cert_path)
     assert code == 1 and named in output and "not issued by the mesh CA" in output, output
+
+
+@pytest.mark.parametrize("argv", [
+    ["--format", "pdf"],  # no --out
+    ["--card", "1234567890123456"],  # no --pin
+    ["--page-size", "0"],
+    ["--from", "2024-02-01", "--to", "2024-01-01"],
+    ["--out", "/nonexistent-directory/disclosure.txt"],
+], ids=["pdf-without-out", "card-without-pin", "page-size-0", "from-after-to", "out-in-no-directory"])
+async def test_juki_disclose_refuses_bad_arguments_before_any_call(
+    mesh: Mesh, database: Any, tmp_path: Path, argv: list[str]
+) -> None:
+    """A disclosure is itself a provision (本人開示): a command line that cannot succeed records none."""
+    from juki.cli.disclose import cmd_disclose
+    from juki.cli.main import build_parser
+    from juki.mesh.errors import SettingsError
+
+    me = await seed_resident(database, random.Random(f"disclose-refused-{argv[0]}"))
+    args = build_parser().parse_args(["disclose", me, "--data-dir", str(endpoints_for(tmp_path, mesh)), *argv])
+    with pytest.raises(SettingsError):
+        await cmd_disclose(args)
+    reply = await mesh.stub().GetDisclosure(signed(me, mesh.ca))
+    assert [p.purpose for p in reply.provisions] == ["DISCLOSURE"]  # this one, and no earlier one

@@ -50,7 +50,7 @@ def test_record_from_resident_row_equals_record_from_row() -> None:
 
 def test_relay_request_bytes_equal_the_serialised_request() -> None:
     from juki._gen.juki.intake.v1 import intake_pb2
-    from juki.cli.bench_intake import births
+    from juki.bench.intake import births
     from juki.intake.relay import encode_request
 
     messages = births(1, 50, 0)

@@ -4,7 +4,7 @@ the codes the client derives for the same index."""
 from __future__ import annotations
 
 import pytest
-from juki.cli.bench_lookup import code_sql, resident_code
+from juki.bench.lookup import code_sql, resident_code
 from juki.domain.codes import is_valid_resident_code
 
 from tests.conftest import Database

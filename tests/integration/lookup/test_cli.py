@@ -126,3 +126,21 @@ async def test_juki_verify_help_documents_the_exit_codes() -> None:
     status, out, _ = await _juki("verify", "--help")
     assert status == 0
     assert "exit codes:" in out and "some rows were bad" in out
+
+
+async def test_juki_lookup_as_any_identity_the_ca_issued(mesh: Mesh) -> None:
+    """`juki pki issue agency mofa` makes an identity the CLI can use, not only the demo clients."""
+    code = await add_resident(mesh.database, family_name="高橋")
+    mesh.ca.issue("agency", "mofa")
+    with tempfile.TemporaryDirectory() as folder:
+        data_dir = _endpoints(mesh, Path(folder))
+        for identity in ("agency/mofa", "spiffe://juki.local/agency/mofa"):
+            status, out, err = await _juki("lookup", code, "--purpose", "B1-PASSPORT-ISSUANCE", "--identity", identity,
+                                           "--data-dir", str(data_dir))
+            assert status == 0, err
+            assert json.loads(out)["record"]["name"]["familyName"] == "高橋"
+        recipients = {entry.record.recipient for entry in await mesh.provisions(code)}
+        assert recipients == {"spiffe://juki.local/agency/mofa"}
+        status, _, err = await _juki("lookup", code, "--purpose", "B1-PASSPORT-ISSUANCE", "--identity", "agency/never-issued",
+                                     "--data-dir", str(data_dir))
+        assert status == 2 and "no agency/never-issued" in err

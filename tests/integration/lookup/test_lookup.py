@@ -6,12 +6,11 @@ import asyncio
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2
 from juki.lookup.app import create
+from juki.mesh.errors import from_grpc_error
 from juki.mesh.settings import Peers
 
 from tests.conftest import running
@@ -25,23 +24,8 @@ PASSPORT = "B1-PASSPORT-ISSUANCE"
 
 def details(error: grpc.aio.AioRpcError) -> tuple[str, list[str], float | None]:
     """(ErrorInfo reason, BadRequest fields, RetryInfo seconds) of a failed call."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    reason, fields, retry = "", [], None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields = [v.field for v in bad.field_violations]
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info_retry = error_details_pb2.RetryInfo()
-            detail.Unpack(info_retry)
-            retry = info_retry.retry_delay.seconds + info_retry.retry_delay.nanos / 1e9
-    return reason, fields, retry
+    remote = from_grpc_error(error)
+    return remote.reason_name, [v.field for v in remote.violations], remote.retry_after_seconds
 
 
 async def test_pension_service_looks_up_a_resident_by_code_and_the_provision_is_logged(mesh: Mesh) -> None:

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from juki._gen.juki.municipal.v1 import municipal_pb2
-from juki.cli.seed import individual_number, load_registers
+from juki.seeding.registers import individual_number, load_registers
 
 
 def test_individual_numbers_have_twelve_digits_and_a_check_digit() -> None:
@@ -47,7 +47,7 @@ async def test_a_register_the_prefecture_lacks_is_found_for_resync(database: Any
     import random
 
     from juki import domain
-    from juki.cli.seed import _not_at_prefecture
+    from juki.seeding.registers import _not_at_prefecture
 
     code = domain.generate_resident_code(random.Random())
     conn = await database.admin()

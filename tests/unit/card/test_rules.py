@@ -44,12 +44,46 @@ def test_state_on_a_day_revoked_then_expired_then_stored() -> None:
     rules.require_usable(rules.CardFacts(card_pb2.CARD_STATE_LOCKED, D(2025, 1, 1)), D(2020, 1, 1), allow_locked=True)
 
 
-def test_special_move_in_deadline_is_the_14th_day() -> None:
+@pytest.mark.parametrize(("planned", "accepted"), [
+    (D(2024, 4, 15), True), (D(2024, 4, 16), False),  # filed in advance: from 14 days before the planned date
+    (D(2024, 3, 18), True), (D(2024, 3, 17), False),  # filed after the move: within 14 days of it
+    (D(2024, 4, 1), True), (D(2030, 1, 1), False),
+])
+def test_special_move_out_is_filed_from_14_days_before_to_14_days_after_the_move(
+    planned: dt.date, accepted: bool
+) -> None:
+    today = D(2024, 4, 1)
+    if accepted:
+        rules.check_special_move_out(planned, today)
+        return
+    with pytest.raises(JukiError) as refused:
+        rules.check_special_move_out(planned, today)
+    assert [v.field for v in refused.value.violations] == ["planned_move_on"]
+
+
+def test_special_move_in_deadline_given_at_filing_is_30_days_after_the_planned_date() -> None:
+    assert rules.special_move_in_deadline(D(2024, 4, 1)) == D(2024, 5, 1)
+    assert rules.special_move_in_deadline(D(2024, 4, 1), moved_in_on=D(2024, 4, 10)) == D(2024, 4, 24)
+    assert rules.special_move_in_deadline(D(2024, 4, 1), moved_in_on=D(2024, 4, 20)) == D(2024, 5, 1)
+
+
+@pytest.mark.parametrize(("moved_in_on", "today", "accepted"), [
+    # 14 days after the actual move-in comes first.
+    (D(2024, 4, 10), D(2024, 4, 24), True), (D(2024, 4, 10), D(2024, 4, 25), False),
+    # 30 days after the planned move date comes first.
+    (D(2024, 4, 25), D(2024, 5, 1), True), (D(2024, 4, 25), D(2024, 5, 2), False),
+    # Both on the same day.
+    (D(2024, 4, 17), D(2024, 5, 1), True), (D(2024, 4, 17), D(2024, 5, 2), False),
+])
+def test_special_move_in_by_the_earlier_of_14_days_after_moving_and_30_after_the_planned_date(
+    moved_in_on: dt.date, today: dt.date, accepted: bool
+) -> None:
     deadline = rules.special_move_in_deadline(D(2024, 4, 1))
-    assert deadline == D(2024, 4, 15)
-    rules.check_special_move_in(deadline, D(2024, 4, 15))
+    if accepted:
+        rules.check_special_move_in(deadline, moved_in_on, today)
+        return
     with pytest.raises(JukiError) as late:
-        rules.check_special_move_in(deadline, D(2024, 4, 16))
+        rules.check_special_move_in(deadline, moved_in_on, today)
     assert late.value.reason.name == "SPECIAL_MOVE_IN_EXPIRED"
 
 

@@ -867,7 +867,9 @@ class FileSpecialMoveOutRequest(_message.Message):
     """Municipality moved to (転出先), 6 digits."""
     @_builtins.property
     def planned_move_on(self) -> _common_pb2.Date:
-        """Planned date of the move (転出予定年月日)."""
+        """Planned date of the move (転出予定年月日): from 14 days before it (a notice filed in advance), or up to
+        14 days after it (a move already made); otherwise INVALID_ARGUMENT.
+        """
 
     @_builtins.property
     def operator_proof(self) -> _common_pb2.OperatorProof:
@@ -904,7 +906,9 @@ class FileSpecialMoveOutResponse(_message.Message):
 
     @_builtins.property
     def move_in_deadline(self) -> _common_pb2.Date:
-        """Last day for the special move-in at the destination."""
+        """Last day for the special move-in at the destination: 30 days after the planned move date; the
+        move-in must also come within 14 days of moving, which may end it earlier.
+        """
 
     def __init__(
         self,

@@ -172,7 +172,8 @@ class CardServiceServicer:
 
     def SpecialMoveIn(self, request, context):
         """Moves in at the new municipality with the card (特例転入), without a certificate of moving out
-        (転出証明書); refused with SPECIAL_MOVE_IN_EXPIRED when more than 14 days late.
+        (転出証明書): within 14 days of the actual move-in and no later than 30 days after the planned move
+        date, whichever is earlier; refused with SPECIAL_MOVE_IN_EXPIRED past it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

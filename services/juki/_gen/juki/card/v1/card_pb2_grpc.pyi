@@ -64,7 +64,8 @@ class CardServiceStub:
     """Files the notice of moving out under the special procedure (付記転出届), e.g. by post."""
     SpecialMoveIn: _grpc.UnaryUnaryMultiCallable[_card_pb2.SpecialMoveInRequest, _card_pb2.SpecialMoveInResponse]
     """Moves in at the new municipality with the card (特例転入), without a certificate of moving out
-    (転出証明書); refused with SPECIAL_MOVE_IN_EXPIRED when more than 14 days late.
+    (転出証明書): within 14 days of the actual move-in and no later than 30 days after the planned move
+    date, whichever is earlier; refused with SPECIAL_MOVE_IN_EXPIRED past it.
     """
 
 @_typing.type_check_only
@@ -100,7 +101,8 @@ class CardServiceAsyncStub(CardServiceStub):
     """Files the notice of moving out under the special procedure (付記転出届), e.g. by post."""
     SpecialMoveIn: _aio.UnaryUnaryMultiCallable[_card_pb2.SpecialMoveInRequest, _card_pb2.SpecialMoveInResponse]  # type: ignore[assignment]
     """Moves in at the new municipality with the card (特例転入), without a certificate of moving out
-    (転出証明書); refused with SPECIAL_MOVE_IN_EXPIRED when more than 14 days late.
+    (転出証明書): within 14 days of the actual move-in and no later than 30 days after the planned move
+    date, whichever is earlier; refused with SPECIAL_MOVE_IN_EXPIRED past it.
     """
 
 class CardServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -199,7 +201,8 @@ class CardServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_card_pb2.SpecialMoveInResponse, _abc.Awaitable[_card_pb2.SpecialMoveInResponse]]:
         """Moves in at the new municipality with the card (特例転入), without a certificate of moving out
-        (転出証明書); refused with SPECIAL_MOVE_IN_EXPIRED when more than 14 days late.
+        (転出証明書): within 14 days of the actual move-in and no later than 30 days after the planned move
+        date, whichever is earlier; refused with SPECIAL_MOVE_IN_EXPIRED past it.
         """
 
 def add_CardServiceServicer_to_server(servicer: CardServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -6,10 +6,14 @@ record (本人確認情報), operator proofs and the catalogue of stable error r
 Only messages and enums used by more than one service live here; no behaviour does.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf.internal import extension_dict as _extension_dict
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -396,7 +400,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_PIN_MISMATCH: _ErrorReason.ValueType  # 21
     """The PIN is wrong."""
     ERROR_REASON_SPECIAL_MOVE_IN_EXPIRED: _ErrorReason.ValueType  # 22
-    """The special move-in (特例転入) was not made within 14 days."""
+    """The special move-in (特例転入) came too late: it must come within 14 days of the actual move-in and
+    no later than 30 days after the planned move-out date, whichever is earlier.
+    """
     ERROR_REASON_NOT_SAME_HOUSEHOLD: _ErrorReason.ValueType  # 23
     """The subject of a wide-area copy is not in the applicant's household."""
     ERROR_REASON_ACCESS_LOG_UNAVAILABLE: _ErrorReason.ValueType  # 24
@@ -421,7 +427,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable reasons for failures. Servers send them as google.rpc.ErrorInfo.reason with the value name
     without the "ERROR_REASON_" prefix (e.g. "CHECK_DIGIT_MISMATCH") and domain "juki.local", together
-    with google.rpc.BadRequest field violations for bad input. Values are never renumbered or reused.
+    with google.rpc.BadRequest field violations for bad input and google.rpc.RetryInfo when the reason
+    is retryable. Each value states its status code, retryability and metadata keys in its
+    (error_reason) option; the servers' error catalogue is read from these options, so this enum is the
+    only place a reason is defined. Values are never renumbered or reused.
     """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
@@ -469,7 +478,9 @@ ERROR_REASON_CARD_ISSUANCE_ENDED: ErrorReason.ValueType  # 20
 ERROR_REASON_PIN_MISMATCH: ErrorReason.ValueType  # 21
 """The PIN is wrong."""
 ERROR_REASON_SPECIAL_MOVE_IN_EXPIRED: ErrorReason.ValueType  # 22
-"""The special move-in (特例転入) was not made within 14 days."""
+"""The special move-in (特例転入) came too late: it must come within 14 days of the actual move-in and
+no later than 30 days after the planned move-out date, whichever is earlier.
+"""
 ERROR_REASON_NOT_SAME_HOUSEHOLD: ErrorReason.ValueType  # 23
 """The subject of a wide-area copy is not in the applicant's household."""
 ERROR_REASON_ACCESS_LOG_UNAVAILABLE: ErrorReason.ValueType  # 24
@@ -703,7 +714,8 @@ class OperatorProof(_message.Message):
     """Per-request proof that a human operator (municipal counter or prefecture staff) is acting; the
     operator key stands in for the operator IC card (操作者識別カード), the password for its PIN.
 
-    signature is Ed25519 over the UTF-8 bytes of these lines, each ended by "\\n":
+    signature is ECDSA P-256 with SHA-256 (DER-encoded, as in X.509) over the UTF-8 bytes of these lines,
+    each ended by "\\n":
       "juki-operator-proof-v1"
       full gRPC method name, e.g. "/juki.card.v1.CardService/IssueCard"
       lowercase hex SHA-256 of the request serialised deterministically with this proof field cleared
@@ -728,9 +740,11 @@ class OperatorProof(_message.Message):
     password: _builtins.str
     """The operator's password; checked against a salted hash, never stored or logged."""
     signature: _builtins.bytes
-    """Ed25519 signature over the canonical payload described above."""
+    """ECDSA P-256 / SHA-256 signature (DER) over the canonical payload described above."""
     certificate_pem: _builtins.bytes
-    """The operator's certificate (PEM), issued by the mesh CA, holding the Ed25519 public key."""
+    """The operator's certificate (PEM), issued by the mesh CA, holding the ECDSA P-256 public key; any
+    other kind of key is refused (OPERATOR_PROOF_INVALID).
+    """
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
         """When the proof was made; must be close to the server's clock."""
@@ -808,3 +822,54 @@ class FieldViolation(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FieldViolation: _TypeAlias = FieldViolation  # noqa: Y015
+
+@_typing.final
+class ErrorReasonOptions(_message.Message):
+    """The contract of one ErrorReason value, set on every value but ERROR_REASON_UNSPECIFIED (in the way
+    google/api/error_reason.proto documents its reasons, but machine-readable).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    RETRYABLE_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    METADATA_KEYS_FIELD_NUMBER: _builtins.int
+    RELAYED_FIELD_NUMBER: _builtins.int
+    status_code: _builtins.str
+    """The gRPC status code the reason is sent with, by its canonical name (e.g. "INVALID_ARGUMENT")."""
+    retryable: _builtins.bool
+    """Whether the same call may succeed later. Servers then send google.rpc.RetryInfo with the delay."""
+    summary: _builtins.str
+    """The status message sent when the server has nothing more specific to say."""
+    relayed: _builtins.bool
+    """Whether a service that made a call on its caller's behalf passes this reason on unchanged. True for
+    facts about the resident or card the caller named (e.g. RESIDENT_NOT_FOUND, PIN_MISMATCH). Any
+    other refusal concerns the request the calling service built, not its caller's, and is passed on
+    as DEPENDENCY_REFUSED (or DEPENDENCY_UNAVAILABLE when retryable), naming the dependency, its status
+    and its reason in the metadata keys dependency, dependency_status and dependency_reason.
+    """
+    @_builtins.property
+    def metadata_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys this reason may carry in google.rpc.ErrorInfo.metadata; no other keys are sent with it."""
+
+    def __init__(
+        self,
+        *,
+        status_code: _builtins.str = ...,
+        retryable: _builtins.bool = ...,
+        summary: _builtins.str = ...,
+        metadata_keys: _abc.Iterable[_builtins.str] | None = ...,
+        relayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata_keys", b"metadata_keys", "relayed", b"relayed", "retryable", b"retryable", "status_code", b"status_code", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ErrorReasonOptions: _TypeAlias = ErrorReasonOptions  # noqa: Y015
+
+ERROR_REASON_FIELD_NUMBER: _builtins.int
+error_reason: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.EnumValueOptions, Global___ErrorReasonOptions]
+"""The contract of an ErrorReason value; see ErrorReasonOptions."""

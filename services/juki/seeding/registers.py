@@ -1,4 +1,4 @@
-"""Seeding of a fresh local mesh with a synthetic population (``juki up --population N``).
+"""Seeding a fresh local mesh with a synthetic population (``juki up --population N``).
 
 The municipal registers are the source of truth: each municipality's share of the generated people is
 written straight into its CS schema (COPY as the administrative role, for speed), then each CS sends its
@@ -18,13 +18,14 @@ import asyncpg
 import grpc
 
 from juki import domain
+from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
-from juki.domain.population import FOREIGN_SHARE, Person, Relationship, generate
 from juki.mesh.operator import sign_operator_proof
 from juki.mesh.settings import TlsFiles, schema_name
 from juki.mesh.supervisor import DEMO_OPERATOR_PASSWORD
 from juki.mesh.tls import secure_channel
 from juki.municipal import convert
+from juki.seeding.population import FOREIGN_SHARE, Person, Relationship, generate
 
 RESYNC_METHOD = "/juki.municipal.v1.MunicipalService/ResyncToPrefecture"
 COPY_BATCH = 20_000
@@ -45,6 +46,34 @@ def _registered_on(person: Person, today: dt.date) -> dt.date:
     start = domain.FOREIGN_RESIDENTS_REGISTERED if person.resident_kind is domain.ResidentKind.FOREIGN \
         else domain.NETWORK_START
     return min(max(person.birth_date.earliest(), start), today)
+
+
+def entry_from_person(person: Person, household_head: str, registered_on: dt.date,
+                      household_prefix: str = "") -> municipal_pb2.ResidentEntry:
+    """A synthetic person as the 住民票 entry of their municipality."""
+    kana_family, _, kana_given = (person.kana or "").partition(convert.IDEOGRAPHIC_SPACE)
+    return municipal_pb2.ResidentEntry(
+        resident_code=person.resident_code,
+        name=common_pb2.PersonName(
+            family_name=person.family_name, given_name=person.given_name,
+            family_name_kana=kana_family, given_name_kana=kana_given,
+            alphabetic_name=person.alphabetic_name or "", common_name=person.common_name or "",
+        ),
+        birth_date=convert.partial_to_proto(person.birth_date),
+        sex=convert.sex_to_proto(person.sex),
+        address=convert.full_address(person.address.municipality_code, person.address.street),
+        resident_kind=convert.kind_to_proto(person.resident_kind),
+        household_id=f"{household_prefix or person.address.municipality_code}-{person.household_id}",
+        household_head=household_head,
+        relationship=person.relationship.value,
+        registered_domicile=person.honseki or "",
+        head_of_family_register=person.hittousha or "",
+        status=common_pb2.RESIDENT_STATUS_CURRENT,
+        became_resident_on=convert.date_to_proto(registered_on),
+        address_since=convert.date_to_proto(registered_on),
+        address_notified_on=convert.date_to_proto(registered_on),
+        version=1,
+    )
 
 
 def business_day(supervisor: Any) -> dt.date:
@@ -89,7 +118,7 @@ async def load_registers(admin_url: str, municipalities: list[str], n: int, seed
             full_name = convert.IDEOGRAPHIC_SPACE.join(p for p in (person.family_name, person.given_name) if p)
             if person.relationship is Relationship.HEAD or key not in heads:
                 heads[key] = full_name
-            entry = convert.entry_from_person(person, heads[key], _registered_on(person, today), f"{code}-s{seed}")
+            entry = entry_from_person(person, heads[key], _registered_on(person, today), f"{code}-s{seed}")
             entry.individual_number = individual_number(person.resident_code)
             pending[code].append((entry.resident_code, entry.household_id, entry.relationship, entry.status,
                                   entry.SerializeToString(), entry.version))

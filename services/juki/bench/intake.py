@@ -16,15 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import shutil
-import signal
 import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +25,7 @@ from typing import Any
 
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
+from juki.bench.harness import Harness, emit, json_flag, percentile, serve_echo
 from juki.domain.codes import resident_code_from_body
 
 NAKANO = "131148"
@@ -39,7 +33,7 @@ NAKANO = "131148"
 
 def register_bench(bench_sub: Any) -> None:
     parser = bench_sub.add_parser("intake", help="end-to-end notification throughput (CS -> prefecture -> national)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
+    json_flag(parser)
     parser.add_argument("--notifications", type=int, default=60_000, help="notifications per run")
     parser.add_argument("--batch", type=int, default=2_000, help="notifications per stream batch")
     parser.add_argument("--in-flight", type=int, default=4, help="batches sent ahead of their acknowledgement")
@@ -55,21 +49,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class IntakeEnvironment:
-    """Temporary directory, CA, embedded PostgreSQL and the national + prefecture-13 intake processes.
+class IntakeEnvironment(Harness):
+    """The harness with the national + prefecture-13 intake processes (and, on demand, the echo server).
 
-    Each service listens on a fixed port chosen at start, so a killed service restarts where its
-    clients (and the prefecture's relay) expect it.
+    Each service listens on a fixed port chosen at start, so a killed service restarts (``spawn(name)``)
+    where its clients (and the prefecture's relay) expect it.
     """
 
     def __init__(self, keep: bool = False, profile: Path | None = None) -> None:
-        self.keep = keep
-        self.profile = profile
-        self.root = Path(tempfile.mkdtemp(prefix="juki-bench-intake-"))
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        super().__init__("intake", keep=keep, profile=profile)
         self.ports = {"intake-national": _free_port(), "intake-prefecture-13": _free_port(), "echo": _free_port()}
-        self.pg: Any = None
-        self.ca: Any = None
 
     @property
     def national(self) -> str:
@@ -84,93 +73,23 @@ class IntakeEnvironment:
         return f"127.0.0.1:{self.ports['echo']}"
 
     async def start(self) -> None:
-        from juki.mesh import db
-        from juki.mesh.embedded import start_embedded
-        from juki.mesh.supervisor import MeshLayout, ensure_pki
-
-        self.ca = ensure_pki(self.root, MeshLayout())
-        self.pg = start_embedded(self.root)
-        await db.migrate(self.pg.admin_url, [
-            db.MigrationTarget("intake", "intake-national"),
-            db.MigrationTarget("intake", "intake-prefecture-13"),
-        ])
-        self.spawn("intake-national")
-        self.spawn("intake-prefecture-13")
+        await self.prepare([("intake", "intake-national"), ("intake", "intake-prefecture-13")])
+        self.spawn_service("intake-national", ["intake", "--tier", "national"], self._env("intake-national"))
+        self.spawn_service("intake-prefecture-13", ["intake", "--tier", "prefecture", "--prefecture", "13"],
+                           self._env("intake-prefecture-13"))
 
     def start_echo(self) -> None:
         """The ceiling: a bare mTLS grpc.aio server that acknowledges every batch without any work."""
-        self.spawn("echo")
+        self.spawn_echo("echo", "juki.bench.intake", self._env("echo"))
 
     def _env(self, name: str) -> dict[str, str]:
-        identity = ("prefecture", "13") if name == "intake-prefecture-13" else ("service", "intake-national")
-        cert, key = self.ca.paths(*identity)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JUKI_")}
-        env.update({
-            "JUKI_DATA_DIR": str(self.root),
-            "JUKI_LISTEN": f"127.0.0.1:{self.ports[name]}",
-            "JUKI_TLS_CA_FILE": str(self.ca.ca_cert_path),
-            "JUKI_TLS_CERT_FILE": str(cert),
-            "JUKI_TLS_KEY_FILE": str(key),
-            "JUKI_TLS_CRL_FILE": str(self.ca.crl_path),
-            "JUKI_DATABASE_URL": self.pg.url("juki_" + ("intake_p13" if name == "intake-prefecture-13" else "intake_national")),
-            "JUKI_NATIONAL_INTAKE_ADDRESS": self.national,
-            "JUKI_READY_FILE": str(self.root / f"{name}.ready"),
-            "JUKI_LOG_LEVEL": "WARNING",
-            "PYTHONUNBUFFERED": "1",
-        })
-        return env
-
-    def spawn(self, name: str) -> None:
-        ready = self.root / f"{name}.ready"
-        ready.unlink(missing_ok=True)
-        args = ["--tier", "national"] if name == "intake-national" else ["--tier", "prefecture", "--prefecture", "13"]
-        command = [sys.executable, "-m", "juki", "serve", "intake", *args]
-        if name == "echo":
-            command = [sys.executable, "-m", "juki.cli.bench_intake"]
-        if self.profile is not None:
-            self.profile.mkdir(parents=True, exist_ok=True)
-            py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-            command = [py_spy, "record", "--nonblocking", "-r", "250", "-f", "raw",
-                       "-o", str(self.profile / f"{name}.txt"), "--", *command]
-        with open(self.root / f"{name}.log", "ab") as log:  # the child keeps its own descriptor
-            self.processes[name] = subprocess.Popen(
-                command, env=self._env(name), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        while not ready.is_file():
-            if self.processes[name].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start:\n" + (self.root / f"{name}.log").read_text()[-3000:])
-            time.sleep(0.05)
-
-    def kill(self, name: str) -> None:
-        """SIGKILL a service (no drain, no clean shutdown)."""
-        process = self.processes[name]
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-
-    def tls(self, kind: str, name: str) -> Any:
-        from juki.mesh.settings import TlsFiles
-
-        cert, key = self.ca.paths(kind, name)
-        if not cert.is_file():
-            self.ca.issue(kind, name)
-        return TlsFiles(ca=self.ca.ca_cert_path, cert=cert, key=key)
-
-    def close(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT if self.profile is not None else signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self.pg is not None:
-            self.pg.stop()
-        if not self.keep:
-            shutil.rmtree(self.root, ignore_errors=True)
+        prefecture = name == "intake-prefecture-13"
+        return self.server_env(
+            name, ("prefecture", "13") if prefecture else ("service", "intake-national"),
+            listen=f"127.0.0.1:{self.ports[name]}",
+            JUKI_DATABASE_URL=self.pg.url("juki_" + ("intake_p13" if prefecture else "intake_national")),
+            JUKI_NATIONAL_INTAKE_ADDRESS=self.national,
+        )
 
 
 def births(first_sequence: int, count: int, code_offset: int) -> list[intake_pb2.Notification]:
@@ -244,11 +163,6 @@ async def wait_relayed(operator: intake_pb2_grpc.IntakeServiceStub, timeout: flo
         await asyncio.sleep(0.02)
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
-
-
 async def bench_intake(args: argparse.Namespace) -> dict[str, Any]:
     import asyncpg
 
@@ -310,9 +224,9 @@ async def bench_intake(args: argparse.Namespace) -> dict[str, Any]:
             "runs": args.runs,
             "run_throughputs": [round(r, 1) for r in rates],
             "prefecture_ack_throughput": round(statistics.median(prefecture_rates), 1),
-            "p50_ms": round(_percentile(latencies, 0.50), 2),
-            "p99_ms": round(_percentile(latencies, 0.99), 2),
-            "relay_lag_p99_ms": round(_percentile(lags, 0.99), 2),
+            "p50_ms": round(percentile(latencies, 0.50), 2),
+            "p99_ms": round(percentile(latencies, 0.99), 2),
+            "relay_lag_p99_ms": round(percentile(lags, 0.99), 2),
             "notifications_per_run": args.notifications,
             "batch": args.batch,
             "in_flight": args.in_flight,
@@ -327,7 +241,7 @@ async def bench_intake(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_bench_intake(args: argparse.Namespace) -> int:
-    print(json.dumps(await bench_intake(args)))
+    emit(await bench_intake(args))
     return 0
 
 
@@ -346,28 +260,9 @@ class _EchoServicer(intake_pb2_grpc.IntakeServiceServicer):
             )
 
 
-async def serve_echo() -> None:
-    import grpc
-
-    from juki.mesh.settings import TlsFiles
-    from juki.mesh.tls import SERVER_OPTIONS, server_credentials
-
-    tls = TlsFiles(ca=Path(os.environ["JUKI_TLS_CA_FILE"]), cert=Path(os.environ["JUKI_TLS_CERT_FILE"]),
-                   key=Path(os.environ["JUKI_TLS_KEY_FILE"]))
-    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+def _add_echo(server: Any) -> None:
     intake_pb2_grpc.add_IntakeServiceServicer_to_server(_EchoServicer(), server)  # type: ignore[abstract]
-    listen = os.environ["JUKI_LISTEN"]
-    port = server.add_secure_port(listen, server_credentials(tls))
-    await server.start()
-    ready = Path(os.environ["JUKI_READY_FILE"])
-    ready.write_text(json.dumps({"address": f"127.0.0.1:{port}", "pid": os.getpid()}))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(0)
 
 
 if __name__ == "__main__":
-    asyncio.run(serve_echo())
+    asyncio.run(serve_echo(_add_echo))

@@ -12,16 +12,14 @@ log_records, runs, and the same figures for the bare SQL.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
 from juki._gen.juki.common.v1 import common_pb2
+from juki.bench.harness import emit, json_flag, percentile
 from juki.domain import resident_code_from_body
 
 YEAR_US = 365 * 86_400 * 1_000_000
@@ -36,7 +34,7 @@ def register_bench(bench_sub: Any) -> None:
     parser.add_argument("--chunk", type=int, default=250_000, help="records per COPY")
     parser.add_argument("--seed", type=int, default=20020805)
     parser.add_argument("--verify", action="store_true", help="also verify the whole chain and checkpoint afterwards")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
+    json_flag(parser)
     parser.set_defaults(func=cmd_bench_disclose)
 
 
@@ -71,6 +69,10 @@ async def fill(env: Any, args: argparse.Namespace, codes: list[str], subjects: l
 
     from juki.accesslog import chain
     from juki.accesslog.writer import RECORD_COLUMNS, micros_timestamps
+    from juki.extras import need
+
+    need("rich", "cli", "juki bench disclose")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     rng = random.Random(args.seed)
     templates = _templates()
@@ -112,11 +114,6 @@ async def fill(env: Any, args: argparse.Namespace, codes: list[str], subjects: l
     finally:
         await conn.close()
     return sequence, previous, time.perf_counter() - started
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 async def measure(env: Any, args: argparse.Namespace, codes: list[str], pseudonym_key: bytes) -> dict[str, Any]:
@@ -166,19 +163,19 @@ async def measure(env: Any, args: argparse.Namespace, codes: list[str], pseudony
         await app.stop()
     return {
         "p50_ms": round(statistics.median(grpc_ms), 3),
-        "p99_ms": round(_percentile(grpc_ms, 0.99), 3),
+        "p99_ms": round(percentile(grpc_ms, 0.99), 3),
         "max_ms": round(max(grpc_ms), 3),
         "sql_p50_ms": round(statistics.median(sql_ms), 3),
-        "sql_p99_ms": round(_percentile(sql_ms, 0.99), 3),
+        "sql_p99_ms": round(percentile(sql_ms, 0.99), 3),
         "provisions_returned_per_run": round(returned / max(args.runs, 1), 1),
     }
 
 
 async def cmd_bench_disclose(args: argparse.Namespace) -> int:
     from juki.accesslog import chain
-    from juki.cli.bench_accesslog import BenchEnvironment
+    from juki.bench.accesslog import BenchEnvironment
 
-    env = BenchEnvironment()
+    env = BenchEnvironment("disclose")
     try:
         await env.migrate()
         pseudonym_key = bytes.fromhex(env.pseudonym_file.read_text().strip())
@@ -223,5 +220,5 @@ async def cmd_bench_disclose(args: argparse.Namespace) -> int:
                 await conn.close()
     finally:
         env.close()
-    print(json.dumps(figures))
+    emit(figures)
     return 0

@@ -22,10 +22,10 @@ import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from .changes import ChangeKind
-from .codes import is_municipality, municipality, resident_code_from_body
-from .validation import Notification
-from .values import Address, PartialDate, ResidentKind, Sex
+from juki.domain.changes import ChangeKind
+from juki.domain.codes import is_municipality, municipality, resident_code_from_body
+from juki.domain.validation import Notification
+from juki.domain.values import Address, PartialDate, ResidentKind, Sex
 
 __all__ = [
     "DEFAULT_MUNICIPALITIES",
@@ -372,6 +372,9 @@ class _Pools:
 
 
 def _build_pools(rng: random.Random) -> _Pools:
+    from juki.extras import need
+
+    need("faker", "seed", "the synthetic population")
     from faker.providers.person.en_US import Provider as English
     from faker.providers.person.id_ID import Provider as Indonesian
     from faker.providers.person.ja_JP import Provider as Japanese

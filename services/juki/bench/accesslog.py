@@ -15,16 +15,14 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki._gen.juki.common.v1 import common_pb2
+from juki.bench.harness import Harness, emit, json_flag
 from juki.domain import generate_resident_code
 
 
@@ -34,7 +32,7 @@ def register_bench(bench_sub: Any) -> None:
     parser.add_argument("--grpc-records", type=int, default=400_000, help="records to append over gRPC (0 to skip)")
     parser.add_argument("--batch", type=int, default=5_000, help="records per Append batch")
     parser.add_argument("--producers", type=int, default=4, help="concurrent producers / streams")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
+    json_flag(parser)
     parser.set_defaults(func=cmd_bench_accesslog)
 
 
@@ -57,26 +55,14 @@ def sample_records(count: int, seed: int = 1) -> list[accesslog_pb2.ProvisionRec
     return out
 
 
-class BenchEnvironment:
-    """A temporary embedded PostgreSQL, CA and access-log schema; removed on close."""
+class BenchEnvironment(Harness):
+    """The harness with the access-log schema; the service runs in this process (:meth:`settings`)."""
 
-    def __init__(self) -> None:
-        from juki.mesh import pki
-        from juki.mesh.embedded import start_embedded
-
-        self.root = Path(tempfile.mkdtemp(prefix="juki-bench-accesslog-"))
-        self.pg = start_embedded(self.root)
-        self.ca = pki.CertificateAuthority(self.root / "pki")
-        self.ca.create()
-        for kind, name in (("service", "accesslog"), ("signing", "accesslog"), ("service", "lookup")):
-            self.ca.issue(kind, name)
-        self.pseudonym_file = self.root / "pseudonym.key"
-        self.pseudonym_file.write_text(os.urandom(32).hex())
+    def __init__(self, name: str = "accesslog") -> None:
+        super().__init__(name)
 
     async def migrate(self, instance: str = "accesslog") -> None:
-        from juki.mesh import db
-
-        await db.migrate(self.pg.admin_url, [db.MigrationTarget("accesslog", instance)])
+        await self.prepare([("accesslog", instance)])
 
     def settings(self, instance: str = "accesslog", **extra: str) -> Any:
         from juki.mesh.settings import (
@@ -101,11 +87,6 @@ class BenchEnvironment:
                    "pseudonym_key_file": str(self.pseudonym_file), "accesslog_checkpoint_seconds": "5",
                    "accesslog_verify_seconds": "0", **extra},
         )
-
-    def close(self) -> None:
-        self.pg.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
 
 async def writer_phase(env: BenchEnvironment, records: int, batch: int, producers: int) -> dict[str, Any]:
     from juki.accesslog import chain
@@ -169,7 +150,7 @@ CLIENT = r"""
 import asyncio, json, sys, time
 from pathlib import Path
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
-from juki.cli.bench_accesslog import sample_records
+from juki.bench.accesslog import sample_records
 from juki.mesh.settings import TlsFiles
 from juki.mesh.tls import secure_channel
 
@@ -291,5 +272,5 @@ async def cmd_bench_accesslog(args: argparse.Namespace) -> int:
         figures.update(await verify_phase(env))
     finally:
         env.close()
-    print(json.dumps(figures))
+    emit(figures)
     return 0 if figures.get("verified_ok") else 1

@@ -18,15 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
-import shutil
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,6 +30,7 @@ import grpc
 
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2, lookup_pb2_grpc
+from juki.bench.harness import CpuMeter, Harness, emit, json_flag, percentile, serve_echo
 from juki.domain.codes import resident_code_from_body
 
 PENSION = "B1-PENSION-BENEFIT"
@@ -65,7 +60,7 @@ def register_bench(bench_sub: Any) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--residents", type=int, default=1_000_000, help="residents in the store (default 1,000,000)")
     parser.add_argument("--runs", type=int, default=3, help="measured runs of each side (default 3)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
+    json_flag(parser)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, profiles)")
     parser.add_argument("--profile", type=Path,
                         help="record each server with py-spy (must be installed) into this folder (raw stacks)")
@@ -117,35 +112,20 @@ def resident_code(index: int) -> str:
     return resident_code_from_body(BODY_BASE + index * BODY_STEP)
 
 
-class Environment:
-    """Temporary directory, CA, embedded PostgreSQL, loaded store and the three server processes."""
+class Environment(Harness):
+    """The harness with the loaded store and the three kinds of server process: the access log, the
+    lookup service(s) and, beside each lookup process, its echo twin (the ceiling)."""
 
     def __init__(self, residents: int, keep: bool = False, profile: Path | None = None, processes: int = 1) -> None:
+        super().__init__("lookup", keep=keep, profile=profile)
         self.residents = residents
         self.lookup_processes = processes
-        self.keep = keep
-        self.profile = profile
-        self.root = Path(tempfile.mkdtemp(prefix="juki-bench-lookup-"))
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.addresses: dict[str, str] = {}
-        self.pg: Any = None
-        self.ca: Any = None
         self.load_seconds = 0.0
 
     async def start(self) -> None:
-        from juki.mesh import db
-        from juki.mesh.embedded import start_embedded
-        from juki.mesh.supervisor import MeshLayout, ensure_pki
-
-        self.ca = ensure_pki(self.root, MeshLayout())
-        self.pg = start_embedded(self.root)
-        await db.migrate(self.pg.admin_url, [
-            db.MigrationTarget("accesslog", "accesslog"),
-            db.MigrationTarget("intake", "intake-national"),
-            db.MigrationTarget("lookup", "lookup"),
-        ])
+        await self.prepare([("accesslog", "accesslog"), ("intake", "intake-national"), ("lookup", "lookup")])
         await self._load()
-        (self.root / "pseudonym.key").write_text(os.urandom(32).hex())
         self.addresses["accesslog"] = self._spawn("accesslog", ["serve", "accesslog"], ("service", "accesslog"))
         for index in range(self.lookup_processes):
             suffix = f"-{index}" if index else ""
@@ -173,76 +153,25 @@ class Environment:
         self.load_seconds = time.perf_counter() - started
 
     def _env(self, name: str, identity: tuple[str, str], role: str | None = None) -> dict[str, str]:
-        cert, key = self.ca.paths(*identity)
         # A mesh's own settings must not leak in; lookup tuning (JUKI_LOOKUP_*) may, for experiments.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JUKI_") or k.startswith("JUKI_LOOKUP_")}
-        env = {**env, **{
-            "JUKI_DATA_DIR": str(self.root),
-            "JUKI_LISTEN": "127.0.0.1:0",
-            "JUKI_TLS_CA_FILE": str(self.ca.ca_cert_path),
-            "JUKI_TLS_CERT_FILE": str(cert),
-            "JUKI_TLS_KEY_FILE": str(key),
-            "JUKI_TLS_CRL_FILE": str(self.ca.crl_path),
-            "JUKI_DATABASE_URL": self.pg.url(role or "juki_" + name),
-            "JUKI_ACCESSLOG_ADDRESS": self.addresses.get("accesslog", ""),
-            "JUKI_ACCESSLOG_SIGNING_KEY_FILE": str(self.ca.paths("signing", "accesslog")[1]),
-            "JUKI_ACCESSLOG_SIGNING_CERT_FILE": str(self.ca.paths("signing", "accesslog")[0]),
-            "JUKI_PSEUDONYM_KEY_FILE": str(self.root / "pseudonym.key"),
-            "JUKI_READY_FILE": str(self.root / f"{name}.ready"),
+        return self.server_env(
+            name, identity, keep_prefixes=("JUKI_LOOKUP_",),
+            JUKI_DATABASE_URL=self.pg.url(role or "juki_" + name),
+            JUKI_ACCESSLOG_ADDRESS=self.addresses.get("accesslog", ""),
+            JUKI_ACCESSLOG_SIGNING_KEY_FILE=str(self.ca.paths("signing", "accesslog")[1]),
+            JUKI_ACCESSLOG_SIGNING_CERT_FILE=str(self.ca.paths("signing", "accesslog")[0]),
+            JUKI_PSEUDONYM_KEY_FILE=str(self.pseudonym_file),
             # The 別表 quota of the pension service (2,000/s) would cap the figure being measured.
-            "JUKI_LOOKUP_QUOTA_MULTIPLIER": os.environ.get("JUKI_LOOKUP_QUOTA_MULTIPLIER", "1000"),
-            "JUKI_LOG_LEVEL": "WARNING",
-            "PYTHONUNBUFFERED": "1",
-        }}
-        return env
+            JUKI_LOOKUP_QUOTA_MULTIPLIER=os.environ.get("JUKI_LOOKUP_QUOTA_MULTIPLIER", "1000"),
+        )
 
     def _spawn(
         self, name: str, args: list[str], identity: tuple[str, str], echo: bool = False, role: str | None = None
     ) -> str:
         env = self._env(name, identity, role)
-        command = [sys.executable, "-m", "juki.cli.bench_lookup"] if echo else [sys.executable, "-m", "juki", *args]
-        if self.profile is not None:
-            self.profile.mkdir(parents=True, exist_ok=True)
-            py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-            command = [py_spy, "record", *(["--native"] if os.environ.get("JUKI_BENCH_NATIVE") else ["--nonblocking"]), "-r", "250", "-f", "raw",
-                       "-o", str(self.profile / f"{name}.txt"), "--", *command]
-        log = open(self.root / f"{name}.log", "ab")
-        self.processes[name] = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )
-        ready = self.root / f"{name}.ready"
-        deadline = time.monotonic() + 60
-        while not ready.is_file():
-            if self.processes[name].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start; see {self.root / (name + '.log')}:\n"
-                                   + (self.root / f"{name}.log").read_text()[-3000:])
-            time.sleep(0.05)
-        return str(json.loads(ready.read_text())["address"])
-
-    def tls(self, kind: str, name: str) -> Any:
-        from juki.mesh.settings import TlsFiles
-
-        cert, key = self.ca.paths(kind, name)
-        return TlsFiles(ca=self.ca.ca_cert_path, cert=cert, key=key)
-
-    def pids(self) -> dict[str, int]:
-        return {name: process.pid for name, process in self.processes.items()}
-
-    def close(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                # py-spy writes its profile on SIGINT (and then stops the server it runs).
-                process.send_signal(signal.SIGINT if self.profile is not None else signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self.pg is not None:
-            self.pg.stop()
-        if not self.keep:
-            shutil.rmtree(self.root, ignore_errors=True)
+        if echo:
+            return self.spawn_echo(name, "juki.bench.lookup", env)
+        return self.spawn_service(name, args[1:], env)
 
 
 # -- the echo server (a child process) --------------------------------------------------------------------
@@ -277,13 +206,8 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-async def serve_echo() -> None:
-    """A bare mTLS grpc.aio server (no interceptors, no work) answering with lookup-shaped messages."""
-    from juki.mesh.settings import TlsFiles
-    from juki.mesh.tls import SERVER_OPTIONS, server_credentials
-
-    tls = TlsFiles(ca=Path(os.environ["JUKI_TLS_CA_FILE"]), cert=Path(os.environ["JUKI_TLS_CERT_FILE"]),
-                   key=Path(os.environ["JUKI_TLS_KEY_FILE"]))
+def echo_handlers() -> Any:
+    """The echo server's handlers (see :func:`juki.bench.harness.serve_echo`): lookup-shaped answers, no work."""
     record = _canned_record()
     unary_answer = lookup_pb2.LookupByCodeResponse(
         record=record, provided_fields=list(common_pb2.Field.values())[1:]).SerializeToString()
@@ -310,80 +234,10 @@ async def serve_echo() -> None:
         "LookupByCode": grpc.unary_unary_rpc_method_handler(unary, same, same),
         "VerifyBatch": grpc.stream_stream_rpc_method_handler(verify, same, same),
     })
-    server = grpc.aio.server(options=list(SERVER_OPTIONS))
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(tls))
-    await server.start()
-    ready = Path(os.environ["JUKI_READY_FILE"])
-    ready.with_suffix(".tmp").write_text(json.dumps({"address": f"127.0.0.1:{port}", "pid": os.getpid()}))
-    ready.with_suffix(".tmp").replace(ready)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(1)
+    return lambda server: server.add_generic_rpc_handlers((handler,))
 
 
 # -- measuring -----------------------------------------------------------------------------------------
-
-class CpuMeter:
-    """CPU seconds used by each server process, PostgreSQL and this client between two readings."""
-
-    def __init__(self, env: Environment) -> None:
-        self._pids = env.pids()
-        self._pgdata = str(env.pg.pgdata) if env.pg is not None else ""
-        self._start = self._read()
-        self.used: dict[str, float] = {}
-
-    @staticmethod
-    def _process_seconds(pid: int) -> float:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def _postgres_seconds(self) -> float:
-        """The benchmark's own PostgreSQL: its postmaster and every child (backends, WAL writer...)."""
-        try:
-            postmaster = int((Path(self._pgdata) / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return 0.0
-        total = self._process_seconds(postmaster)
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-                if parent == postmaster:
-                    total += self._process_seconds(int(entry.name))
-        return total
-
-    def _read(self) -> dict[str, float]:
-        reading = {name: self._process_seconds(pid) for name, pid in self._pids.items()}
-        reading["postgres"] = self._postgres_seconds()
-        reading["client"] = time.process_time()
-        return reading
-
-    def stop(self) -> None:
-        end = self._read()
-        for name, value in end.items():
-            self.used[name] = self.used.get(name, 0.0) + max(value - self._start.get(name, value), 0.0)
-
-    def restart(self) -> None:
-        self._start = self._read()
-
-    def per_unit(self, units: float) -> dict[str, float]:
-        """Microseconds of CPU per call (or record) by process; postgres counts every backend."""
-        return {name: round(seconds / units * 1e6, 1) for name, seconds in sorted(self.used.items()) if seconds}
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
 
 async def _closed_loop(call: Any, requests: list[Any], concurrency: int, seconds: float) -> tuple[float, list[float]]:
     """``concurrency`` workers calling back to back for ``seconds``; (calls/s, latencies in ms)."""
@@ -444,8 +298,8 @@ async def measure_visibility(env: Environment, call: Any, samples: int = 200) ->
             delays.append((time.perf_counter() - committed) * 1000)
     finally:
         await conn.close()
-    return {"visibility_p50_ms": round(_percentile(delays, 0.5), 3),
-            "visibility_p99_ms": round(_percentile(delays, 0.99), 3), "visibility_samples": samples}
+    return {"visibility_p50_ms": round(percentile(delays, 0.5), 3),
+            "visibility_p99_ms": round(percentile(delays, 0.99), 3), "visibility_samples": samples}
 
 
 async def bench_lookup(env: Environment, concurrency: int, seconds: float, runs: int) -> dict[str, Any]:
@@ -485,10 +339,10 @@ async def bench_lookup(env: Environment, concurrency: int, seconds: float, runs:
         "throughput": round(throughput, 1),
         "ceiling": round(ceiling_rate, 1),
         "ratio": round(throughput / ceiling_rate, 3),
-        "p50_ms": round(_percentile(latencies, 0.50), 3),
-        "p99_ms": round(_percentile(latencies, 0.99), 3),
-        "ceiling_p50_ms": round(_percentile(echo_latencies, 0.50), 3),
-        "ceiling_p99_ms": round(_percentile(echo_latencies, 0.99), 3),
+        "p50_ms": round(percentile(latencies, 0.50), 3),
+        "p99_ms": round(percentile(latencies, 0.99), 3),
+        "ceiling_p50_ms": round(percentile(echo_latencies, 0.50), 3),
+        "ceiling_p99_ms": round(percentile(echo_latencies, 0.99), 3),
         "runs": runs,
         "run_throughputs": [round(r, 1) for r, _ in service],
         "run_ceilings": [round(r, 1) for r, _ in ceiling],
@@ -686,7 +540,7 @@ async def _run(args: argparse.Namespace, kind: str) -> int:
             result["pids"] = env.pids()
     finally:
         env.close()
-    print(json.dumps(result, ensure_ascii=False))
+    emit(result)
     return 0
 
 
@@ -699,5 +553,5 @@ async def cmd_bench_verify(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve_echo())
+    asyncio.run(serve_echo(echo_handlers()))
 

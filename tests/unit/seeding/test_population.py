@@ -11,7 +11,7 @@ from juki.domain import (
     is_valid_resident_code,
     validate_notification,
 )
-from juki.domain.population import DEFAULT_REFERENCE_DATE, Relationship, generate
+from juki.seeding.population import DEFAULT_REFERENCE_DATE, Relationship, generate
 
 SAMPLE = 20_000
 

@@ -12,33 +12,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
-import json
 import random
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from juki import domain
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2, lookup_pb2_grpc
 from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
+from juki.bench.harness import emit, json_flag, percentile, rss_kib
 from juki.mesh.operator import sign_operator_proof
 from juki.mesh.settings import TlsFiles, schema_name
 from juki.mesh.supervisor import MeshLayout, Supervisor
 from juki.mesh.tls import secure_channel
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 PENSION = "B1-PENSION-BENEFIT"
 RECORD_CHANGE = "/juki.municipal.v1.MunicipalService/RecordChange"
@@ -51,25 +50,12 @@ def register_bench(bench_sub: Any) -> None:
     parser.add_argument("--fraction", type=float, default=0.8, help="share of the measured maximum to hold")
     parser.add_argument("--probe-seconds", type=float, default=15.0, help="length of the maximum-rate probe")
     parser.add_argument("--concurrency", type=int, default=32, help="lookups in flight while probing")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
+    json_flag(parser)
     parser.set_defaults(func=cmd_bench_soak)
 
 
 def _percentile(values: list[float], fraction: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 2)
-
-
-def rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return round(percentile(values, fraction), 2)
 
 
 @dataclass
@@ -234,7 +220,9 @@ def memory(supervisor: Supervisor) -> dict[str, int | None]:
 
 
 async def run_soak(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from juki.cli.seed import seed_population
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from juki.seeding.registers import seed_population
 
     data_dir = Path(tempfile.mkdtemp(prefix="juki-bench-soak-"))
     supervisor = Supervisor(data_dir, MeshLayout())
@@ -291,11 +279,17 @@ async def run_soak(args: argparse.Namespace, console: Console) -> dict[str, Any]
 
 
 async def cmd_bench_soak(args: argparse.Namespace) -> int:
+    from juki.extras import need
+
+    need("rich", "cli", "juki bench soak")
+    need("faker", "seed", "juki bench soak (it seeds a population)")
+    need("pgserver", "local", "juki bench soak (it runs a local mesh)")
+    from rich.console import Console
+
     console = Console(stderr=True)
     if args.minutes <= 0 or not 0 < args.fraction <= 1:
         console.print("--minutes must be positive and --fraction in (0, 1]")
         return 2
     result = await run_soak(args, console)
-    with contextlib.suppress(BrokenPipeError):
-        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+    emit(result)
     return 0 if not result["errors"] and not result["restarts"] else 1
