@@ -54,7 +54,7 @@ ACCESS = {
 DEFAULT_ORIGIN = "juki.local/accesslog"
 
 
-def read_pseudonym_key(path: str | None) -> bytes:
+def read_pseudonym_key(path: str | Path | None) -> bytes:
     if not path:
         raise SettingsError("the access log needs JUKI_PSEUDONYM_KEY_FILE (key of the resident-code pseudonym)")
     try:
@@ -178,20 +178,20 @@ class Checkpointer:
 class AccessLogApp:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        extra = settings.extra
-        key_file = extra.get("accesslog_signing_key_file")
-        cert_file = extra.get("accesslog_signing_cert_file")
+        options = settings.accesslog
+        key_file = options.signing_key_file
+        cert_file = options.signing_cert_file
         if not key_file or not cert_file:
             raise SettingsError("the access log needs JUKI_ACCESSLOG_SIGNING_KEY_FILE and _CERT_FILE")
-        self.signer = chain.Signer(Path(key_file))
-        self.verifier = chain.CheckpointVerifier(Path(cert_file), settings.tls.ca)
+        self.signer = chain.Signer(key_file)
+        self.verifier = chain.CheckpointVerifier(cert_file, settings.tls.ca)
         if self.verifier.key_id != self.signer.key_id:
             raise SettingsError("the access-log signing key does not match its certificate")
-        self.pseudonym_key = read_pseudonym_key(extra.get("pseudonym_key_file"))
-        self.checkpoint_seconds = float(extra.get("accesslog_checkpoint_seconds", "10"))
-        self.verify_seconds = float(extra.get("accesslog_verify_seconds", "600"))
-        self.max_group = int(extra.get("accesslog_max_group_records", "100000"))
-        self.origin = extra.get("accesslog_origin") or DEFAULT_ORIGIN
+        self.pseudonym_key = read_pseudonym_key(options.pseudonym_key_file)
+        self.checkpoint_seconds = options.checkpoint_seconds
+        self.verify_seconds = options.verify_seconds
+        self.max_group = options.max_group_records
+        self.origin = options.origin or DEFAULT_ORIGIN
         try:
             self.note_verifier = self.verifier.note_verifier(self.origin)
         except ValueError as exc:

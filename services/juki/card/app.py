@@ -118,7 +118,7 @@ class CardApp:
         self.pool = await create_pool(self.settings.database, self.settings.instance)
         self._operators = OperatorVerifier(
             self.settings.tls, self.pool,
-            passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
+            passwords=load_passwords(self.settings.operator_passwords_file),
         )
         counter = frozenset({"operator"})
         return [

@@ -22,6 +22,7 @@ from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
 from juki.mesh.db import create_pool
 from juki.mesh.errors import JukiError, Reason, SettingsError, invalid
 from juki.mesh.leader import LeaderLease
+from juki.mesh.methods import Method, OperatorProof, require_method
 from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import ServiceSettings
@@ -49,19 +50,19 @@ class MunicipalServicer(municipal_pb2_grpc.MunicipalServiceServicer):
     def __init__(self, app: MunicipalApp) -> None:
         self.app = app
 
-    async def _operator(self, method: str, request: Any, resident_code: str = "") -> None:
-        """An operator peer must prove who acts; services act on their certificate alone."""
-        peer = require_peer()
-        if peer.kind == "operator" or request.HasField("operator_proof"):
-            verified = await self.app.operators.verify(f"/{SERVICE_NAME}/{method}", request)
+    async def _operator(self, request: Any, resident_code: str = "") -> None:
+        """The method table's proof rule (an operator peer must prove who acts); a verified one is logged."""
+        verified = await self.app.operators.check(request)
+        if verified is not None:
             # Only a well-formed code is logged: the request is not validated yet (it may carry a NUL byte).
             logged_code = resident_code if domain.is_valid_resident_code(resident_code) else ""
-            await self.app.registry.log_operator(verified.operator_id, peer.spiffe_id, method, logged_code)
+            await self.app.registry.log_operator(verified.operator_id, require_peer().spiffe_id,
+                                                 require_method().log_name, logged_code)
 
     async def RecordChange(
         self, request: municipal_pb2.RecordChangeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> municipal_pb2.RecordChangeResponse:
-        await self._operator("RecordChange", request, request.entry.resident_code)
+        await self._operator(request, request.entry.resident_code)
         recorded = await self.app.registry.record_change(request, self.app.clock.today())
         self.app.sender.wake()
         if request.change_kind in _CARD_REVOKING:
@@ -125,7 +126,7 @@ class MunicipalServicer(municipal_pb2_grpc.MunicipalServiceServicer):
     async def ResyncToPrefecture(
         self, request: municipal_pb2.ResyncToPrefectureRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> municipal_pb2.ResyncToPrefectureResponse:
-        await self._operator("ResyncToPrefecture", request)
+        await self._operator(request)
         return await self.app.resync()
 
 
@@ -166,7 +167,7 @@ class MunicipalApp:
         self._registry = Registry(self.pool, self.municipality_code)
         self._operators = OperatorVerifier(
             self.settings.tls, self.pool,
-            passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
+            passwords=load_passwords(self.settings.operator_passwords_file),
         )
         self._sender = OutboxSender(self._registry, self.settings.peers.prefecture_intake, self.settings.tls,
                                     LeaderLease(self.settings.database, f"{self.settings.instance}:outbox"))
@@ -178,11 +179,11 @@ class MunicipalApp:
                 add_to_server=municipal_pb2_grpc.add_MunicipalServiceServicer_to_server,
                 servicer=MunicipalServicer(self),
                 access={
-                    "RecordChange": frozenset({"operator", CARD_SERVICE}),
+                    "RecordChange": Method(frozenset({"operator", CARD_SERVICE}), OperatorProof.FROM_OPERATORS),
                     "GetResidentEntry": frozenset({"municipality", "operator", CARD_SERVICE, DISCLOSURE_SERVICE}),
                     "ListHousehold": frozenset({"municipality", "operator", CARD_SERVICE, DISCLOSURE_SERVICE}),
                     "GetOutboxStatus": everyone_in_government,
-                    "ResyncToPrefecture": frozenset({"operator"}),
+                    "ResyncToPrefecture": Method(frozenset({"operator"}), OperatorProof.FROM_OPERATORS),
                 },
             )
         ]

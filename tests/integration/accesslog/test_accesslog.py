@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -183,8 +184,8 @@ async def test_shutdown_signs_a_checkpoint(settings_factory: Any, database: Any,
     instance = await fresh_instance(database)
     base = settings_factory("accesslog", instance, ("service", "accesslog"))
     settings = settings_factory("accesslog", instance, ("service", "accesslog"),
-                                extra={**base.extra, "accesslog_checkpoint_seconds": "3600",
-                                       "accesslog_verify_seconds": "0"})
+                                accesslog=dataclasses.replace(base.accesslog, checkpoint_seconds=3600,
+                                                              verify_seconds=0))
     app = create(settings)
     async with running(settings, app) as address:
         log = LiveLog(settings, app, address, settings.database.schema, ca)
@@ -207,8 +208,8 @@ async def test_periodic_checkpoints(settings_factory: Any, database: Any, ca: An
     instance = await fresh_instance(database)
     base = settings_factory("accesslog", instance, ("service", "accesslog"))
     settings = settings_factory("accesslog", instance, ("service", "accesslog"),
-                                extra={**base.extra, "accesslog_checkpoint_seconds": "0.2",
-                                       "accesslog_verify_seconds": "0"})
+                                accesslog=dataclasses.replace(base.accesslog, checkpoint_seconds=0.2,
+                                                              verify_seconds=0))
     app = create(settings)
     async with running(settings, app) as address:
         live = LiveLog(settings, app, address, settings.database.schema, ca)

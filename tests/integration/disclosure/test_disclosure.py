@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import random
@@ -72,8 +73,8 @@ async def mesh(settings_factory: Any, database: Any, ca: Any) -> AsyncIterator[M
     log_instance = await fresh_instance(database)
     base = settings_factory("accesslog", log_instance, ("service", "accesslog"))
     log_settings = settings_factory("accesslog", log_instance, ("service", "accesslog"),
-                                    extra={**base.extra, "accesslog_checkpoint_seconds": "0",
-                                           "accesslog_verify_seconds": "0"})
+                                    accesslog=dataclasses.replace(base.accesslog, checkpoint_seconds=0,
+                                                                  verify_seconds=0))
     intake_settings = settings_factory("intake", "intake-national", ("service", "intake-national"), tier="national")
     async with contextlib.AsyncExitStack() as stack:
         log_address = await stack.enter_async_context(running(log_settings, create_accesslog(log_settings)))
@@ -333,8 +334,8 @@ async def card_mesh(settings_factory: Any, database: Any, ca: Any) -> AsyncItera
     log_instance = await fresh_instance(database)
     base = settings_factory("accesslog", log_instance, ("service", "accesslog"))
     log_settings = settings_factory("accesslog", log_instance, ("service", "accesslog"),
-                                    extra={**base.extra, "accesslog_checkpoint_seconds": "0",
-                                           "accesslog_verify_seconds": "0"})
+                                    accesslog=dataclasses.replace(base.accesslog, checkpoint_seconds=0,
+                                                                  verify_seconds=0))
     intake_settings = settings_factory("intake", "intake-national", ("service", "intake-national"), tier="national")
     async with contextlib.AsyncExitStack() as stack:
         log_address = await stack.enter_async_context(running(log_settings, create_accesslog(log_settings)))
@@ -445,10 +446,9 @@ async def test_counter_operator_password_is_checked_when_configured(
 
     passwords = tmp_path / "operators.json"
     passwords.write_text(json.dumps({"demo-operator": hash_operator_password("窓口-secret")}))
-    base = settings_factory("disclosure", "disclosure", ("service", "disclosure"))
     settings = settings_factory("disclosure", "disclosure", ("service", "disclosure"),
                                 peers=Peers(accesslog=mesh.accesslog, national_intake=mesh.intake),
-                                extra={**base.extra, "operator_passwords_file": str(passwords)})
+                                operator_passwords_file=passwords)
     me = await seed_resident(database, random.Random("password"))
     cert, key = mesh.ca.paths("operator", "demo-operator")
     async with running(settings, create_disclosure(settings)) as address:

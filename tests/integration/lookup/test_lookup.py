@@ -143,7 +143,7 @@ async def test_a_disconnected_municipality_marks_the_record_stale(mesh: Mesh) ->
 async def test_quota_answers_resource_exhausted_with_a_retry_hint(mesh: Mesh) -> None:
     code = await add_resident(mesh.database)
     # 2,000/s for 日本年金機構 scaled down to 2/s: the third call within a second is over quota.
-    settings = mesh.lookup_settings(lookup_quota_multiplier="0.001")
+    settings = mesh.lookup_settings(quota_multiplier=0.001)
     async with running(settings, create(settings)) as address:
         stub = mesh.lookup_as("agency", "jps", address)
         request = lookup_pb2.LookupByCodeRequest(purpose=PENSION, resident_code=code)
@@ -156,7 +156,7 @@ async def test_quota_answers_resource_exhausted_with_a_retry_hint(mesh: Mesh) ->
 
 async def test_nothing_is_provided_when_the_access_log_is_unavailable(mesh: Mesh) -> None:
     code = await add_resident(mesh.database)
-    settings = mesh.lookup_settings(lookup_ack_timeout="2")
+    settings = mesh.lookup_settings(ack_timeout_seconds=2)
     from dataclasses import replace
 
     settings = replace(settings, peers=Peers(accesslog="127.0.0.1:1"))

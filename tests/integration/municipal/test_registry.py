@@ -173,7 +173,7 @@ async def test_operator_passwords_are_checked_when_configured(ca: Any, settings_
     passwords = tmp_path / "operators.json"
     passwords.write_text(json.dumps({"demo-operator": hash_operator_password("暗証-2002")}))
     settings = settings_factory("municipal", f"municipal-{CODE}", ("municipality", CODE), municipality=CODE,
-                                clock="2024-04-01", extra={"operator_passwords_file": str(passwords)})
+                                clock="2024-04-01", operator_passwords_file=passwords)
     async with running(settings, create(settings)) as address, \
             channel_as(ca, "operator", "demo-operator", address) as channel:
         stub = municipal_pb2_grpc.MunicipalServiceStub(channel)
