@@ -4,6 +4,7 @@ still proves into signed checkpoints (the tiles stay)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -187,8 +188,8 @@ async def test_a_log_made_before_partitions_migrates_with_its_rows(
         await conn.close()
     base = settings_factory("accesslog", instance, ("service", "accesslog"))
     settings = settings_factory("accesslog", instance, ("service", "accesslog"),
-                                extra={**base.extra, "accesslog_checkpoint_seconds": "0", "accesslog_verify_seconds": "0"})
-    key = read_pseudonym_key(settings.extra["pseudonym_key_file"])
+                                accesslog=dataclasses.replace(base.accesslog, checkpoint_seconds=0, verify_seconds=0))
+    key = read_pseudonym_key(settings.accesslog.pseudonym_key_file)
     conn = await asyncpg.connect(database.admin_url)
     try:
         await micros_timestamps(conn)

@@ -191,7 +191,8 @@ async def test_cosignatures_by_keys_the_ca_did_not_certify_are_refused(live_log:
         cosigned_checkpoint=notes.Cosigner(witness.key_name("w2"), w2_key).cosign(note, now),
         witness_certificate=ca.cosigning_paths("w2")[0].read_text()))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "witness w2" in error.details()
-    signing_cert = Path(live_log.settings.extra["accesslog_signing_cert_file"]).read_text()
+    assert live_log.settings.accesslog.signing_cert_file is not None
+    signing_cert = Path(live_log.settings.accesslog.signing_cert_file).read_text()
     error = await refused(accesslog_pb2.AddCosignatureRequest(
         cosigned_checkpoint=rogue.cosign(note, now), witness_certificate=signing_cert))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "witness identity" in error.details()
