@@ -44,9 +44,12 @@ ACCESS = {
     "VerifyLog": frozenset({"operator", "service"}),
     # Checkpoints and proofs: the disclosure service (proofs shown to residents), other services, and
     # operators auditing the log. They reveal hashes only, never a record.
-    "GetCheckpoint": frozenset({"operator", "service"}),
+    "GetCheckpoint": frozenset({"operator", "service", "witness"}),
     "GetInclusionProof": frozenset({"operator", "service"}),
-    "GetConsistencyProof": frozenset({"operator", "service"}),
+    "GetConsistencyProof": frozenset({"operator", "service", "witness"}),
+    # Witnesses (spiffe://juki.local/witness/NAME) fetch checkpoints and submit their cosignatures; they
+    # may call nothing else (deny by default).
+    "AddCosignature": frozenset({"witness"}),
 }
 DEFAULT_ORIGIN = "juki.local/accesslog"
 
@@ -199,15 +202,19 @@ class AccessLogApp:
         self.checkpointer: Checkpointer | None = None
         self.servicer: AccessLogServicer | None = None
         self._verifier_task: asyncio.Task[None] | None = None
+        self._partitions_task: asyncio.Task[None] | None = None
 
     async def start(self) -> Sequence[ServiceBinding]:
         self.pool = await db.create_pool(self.settings.database, self.settings.instance)
+        await ensure_partitions(self.pool)
+        self._partitions_task = asyncio.create_task(self._partitions_periodically(), name="accesslog-partitions")
         self.writer_pool = await create_writer_pool(self.settings)
         self.writer = LogWriter(self.writer_pool, self.settings.database.schema, max_group_records=self.max_group)
         await self.writer.start()
         self.checkpointer = Checkpointer(self.pool, self.writer, self.signer, self.checkpoint_seconds, self.origin)
         await self.checkpointer.start()
-        self.servicer = AccessLogServicer(self.pool, self.writer, self.pseudonym_key, self.verifier, self.checkpointer)
+        self.servicer = AccessLogServicer(self.pool, self.writer, self.pseudonym_key, self.verifier, self.checkpointer,
+                                          crl=self.settings.tls.crl)
         if self.verify_seconds > 0:
             self._verifier_task = asyncio.create_task(self._verify_periodically(), name="accesslog-verifier")
         return [ServiceBinding(SERVICE_NAME, accesslog_pb2_grpc.add_AccessLogServiceServicer_to_server,
@@ -227,8 +234,18 @@ class AccessLogApp:
                 log.warning("background verification failed: %s", exc)
             await asyncio.sleep(self.verify_seconds)
 
+    async def _partitions_periodically(self) -> None:
+        assert self.pool is not None
+        while True:
+            await asyncio.sleep(PARTITIONS_SECONDS)
+            try:
+                await ensure_partitions(self.pool)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("could not make the next months' partitions, will retry: %s", exc)
+
     async def stop(self) -> None:
         await cancel_and_wait(self._verifier_task)
+        await cancel_and_wait(self._partitions_task)
         if self.writer is not None:
             await self.writer.stop()
         if self.checkpointer is not None:
@@ -237,6 +254,18 @@ class AccessLogApp:
             await self.writer_pool.close()
         if self.pool is not None:
             await self.pool.close()
+
+
+# Monthly partitions of the records are made this far ahead, checked this often (migration 0004).
+PARTITIONS_AHEAD = "2 months"
+PARTITIONS_SECONDS = 6 * 3600
+
+
+async def ensure_partitions(pool: asyncpg.Pool) -> int:
+    """Make the partitions of this month and the next ones if missing (the function runs as the schema's
+    owner; the service's role cannot create tables). The number made."""
+    return int(await pool.fetchval(
+        f"SELECT ensure_partitions(now(), now() + interval '{PARTITIONS_AHEAD}')"))
 
 
 async def create_writer_pool(settings: ServiceSettings) -> asyncpg.Pool:

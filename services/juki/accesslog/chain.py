@@ -146,7 +146,9 @@ class CheckpointVerifier:
 
     def __init__(self, signing_cert_file: Path, ca_cert_file: Path) -> None:
         cert = x509.load_pem_x509_certificate(Path(signing_cert_file).read_bytes())
-        ca = x509.load_pem_x509_certificate(Path(ca_cert_file).read_bytes())
+        self.ca_path = Path(ca_cert_file)
+        self.ca_pem = self.ca_path.read_bytes()
+        ca = x509.load_pem_x509_certificate(self.ca_pem)
         try:
             cert.verify_directly_issued_by(ca)
         except (ValueError, TypeError, InvalidSignature) as exc:

@@ -16,6 +16,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "juki.bench.intake",
     "juki.bench.soak",
     # a bench kept beside its CLI tool in juki.cli is listed here too (e.g. `juki bench audit`)
+    "juki.cli.bench_audit",
 )
 
 

@@ -240,12 +240,18 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
         tree = await call("access log", self._accesslog.GetCheckpoint(
             accesslog_pb2.GetCheckpointRequest(), timeout=self._timeout))
         list_request.proof_tree_size = checkpoint_tree_size(tree.tree_checkpoint)
+        # A checkpoint a witness cosigned is preferred: every provision it holds is proven into it (a
+        # split view would have to fool the witness too); newer ones into the latest checkpoint.
+        witnessed_size = checkpoint_tree_size(tree.witnessed_checkpoint) if tree.witnessed_checkpoint else 0
+        if 0 < witnessed_size <= list_request.proof_tree_size:
+            list_request.witnessed_tree_size = witnessed_size
         listed = await call("access log", self._accesslog.ListProvisions(list_request, timeout=self._timeout),
                             caller_fields=PASSED_THROUGH)
         for logged in listed.provisions:
             shown = shown_provision(logged.record, logged.sequence, self._policy)
             shown.leaf = logged.leaf
             shown.inclusion_proof.extend(logged.inclusion_proof)
+            shown.proof_tree_size = logged.proof_tree_size or list_request.proof_tree_size
             response.provisions.append(shown)
         response.next_page_token = listed.next_page_token
 
@@ -266,6 +272,9 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
         response.integrity.verified_through_sequence = verified.through_sequence
         response.integrity.tree_checkpoint = tree.tree_checkpoint
         response.integrity.signing_certificate = tree.signing_certificate
+        if list_request.witnessed_tree_size:
+            response.integrity.witnessed_checkpoint = tree.witnessed_checkpoint
+            response.integrity.witness_certificates.extend(tree.witness_certificates)
         if verified.HasField("full_verified_at"):
             response.integrity.full_verified_at.CopyFrom(verified.full_verified_at)
         newest = max((p.sequence for p in response.provisions), default=0)
