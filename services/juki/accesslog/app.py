@@ -30,13 +30,13 @@ from juki.accesslog.writer import LogWriter, micros_timestamps
 from juki.mesh import db
 from juki.mesh.errors import SettingsError
 from juki.mesh.server import ServiceBinding
-from juki.mesh.settings import ServiceSettings
+from juki.mesh.settings import ServiceSettings, spiffe_id
 from juki.mesh.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "juki.accesslog.v1.AccessLogService"
-DISCLOSURE = "spiffe://juki.local/service/disclosure"
+DISCLOSURE = spiffe_id("service", "disclosure")
 ACCESS = {
     "Append": frozenset({"service"}),
     "AppendStream": frozenset({"service"}),

@@ -30,8 +30,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from juki.accesslog import merkle, notes
+from juki.mesh.settings import spiffe_id
 
-SPIFFE_PREFIX = "spiffe://juki.local/witness/"
+SPIFFE_PREFIX = spiffe_id("witness", "")
 KEY_NAME_PREFIX = "juki.local/witness/"
 
 

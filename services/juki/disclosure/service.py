@@ -33,12 +33,13 @@ from juki.domain import is_valid_resident_code
 from juki.domain.policy import Policy
 from juki.mesh.errors import JukiError, Reason, invalid, passed_on
 from juki.mesh.operator import OperatorVerifier
+from juki.mesh.settings import spiffe_id
 from juki.mesh.tls import require_peer
 
 log = logging.getLogger(__name__)
 
 METHOD = "/juki.disclosure.v1.DisclosureService/GetDisclosure"
-SELF = "spiffe://juki.local/service/disclosure"
+SELF = spiffe_id("service", "disclosure")
 DISCLOSURE_PURPOSE = "DISCLOSURE"
 DISCLOSURE_PURPOSE_NAME = "本人確認情報の開示（本人開示）"
 ALL_FIELDS = (common_pb2.FIELD_RESIDENT_CODE, common_pb2.FIELD_NAME, common_pb2.FIELD_BIRTH_DATE,
