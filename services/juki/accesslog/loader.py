@@ -52,15 +52,17 @@ async def load(
             sequence, previous = (int(row["sequence"]), bytes(row["chain_hash"])) if row else (0, chain.GENESIS)
             frontier = await tiles.load_frontier(conn, sequence)
             fragments = tiles.Fragments()
-            append_leaf = frontier.append
+            leaves: list[bytes] = []
+            add_leaf = leaves.append
             rows = []
             for subject, provided_us, outcome, payload in batch:
                 sequence += 1
                 at = stamp(sequence)
                 record_bytes = canonical(sequence, provided_us, at, outcome, subject, payload)
                 previous = next_hash(previous, record_bytes)
-                append_leaf(leaf_hash(record_bytes), fragments)
+                add_leaf(leaf_hash(record_bytes))
                 rows.append((sequence, subject, provided_us, at, outcome, payload, previous))
+            frontier.extend(leaves, fragments.run)
             if rows:
                 await conn.copy_records_to_table("records", records=rows, columns=RECORD_COLUMNS, schema_name=schema)
                 await conn.copy_records_to_table("tiles", records=fragments.rows(), columns=TILE_COLUMNS,

@@ -214,6 +214,39 @@ class Frontier:
         hashes.append(current)
         self.size += 1
 
+    def extend(self, leaves: Sequence[bytes],
+               completed: Callable[[int, int, Sequence[bytes]], None] | None = None) -> None:
+        """Append many leaves at once: the same tree as :meth:`append` one by one, built a level at a time.
+
+        ``completed(level, first_index, nodes)`` is called once per level with the nodes the leaves
+        complete there, in index order (``append``'s callback node by node). A group commit appends
+        thousands of leaves; pairing a whole level in one comprehension costs a fraction of a Python loop
+        step (and a callback) per node.
+        """
+        if not leaves:
+            return
+        size = self.size
+        # The frontier's subtrees by level: bit k of the size is a pending left node at level k.
+        pending = dict(zip([level for level, _ in self.nodes(size)], self.hashes, strict=True))
+        level, start, nodes = 0, size, list(leaves)
+        while nodes:
+            if completed is not None:
+                completed(level, start, nodes)
+            left = pending.pop(level, None)
+            if left is not None:  # the level's last old node is the left sibling of the first new one
+                nodes.insert(0, left)
+                start -= 1
+            if len(nodes) & 1:
+                pending[level] = nodes.pop()
+            pairs = iter(nodes)
+            nodes = [node_hash(a, b) for a, b in zip(pairs, pairs, strict=True)]
+            start >>= 1
+            level += 1
+        self.size = size + len(leaves)
+        self.hashes = [pending[level] for level in sorted(pending, reverse=True)]
+        if len(self.hashes) != bin(self.size).count("1"):  # pragma: no cover - an invariant, not an input
+            raise AssertionError("frontier out of step with its size")
+
     def root(self) -> bytes:
         if not self.hashes:
             return EMPTY_ROOT

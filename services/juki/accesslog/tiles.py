@@ -11,7 +11,7 @@ Every read goes through :func:`compute`: the node ids a computation needs are li
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import asyncpg
@@ -50,6 +50,22 @@ class Fragments:
             self._by_tile[key] = (index & (WIDTH - 1), [value])
         else:
             found[1].append(value)  # nodes of one level complete in index order
+
+    def run(self, level: int, index: int, values: Sequence[bytes]) -> None:
+        """``merkle.Frontier.extend``'s ``completed`` callback: a run of one level's nodes from ``index``."""
+        if level % HEIGHT or not values:
+            return
+        tile_level, count, done = level // HEIGHT, len(values), 0
+        while done < count:
+            tile, offset = index >> HEIGHT, index & (WIDTH - 1)
+            take = min(count - done, WIDTH - offset)
+            found = self._by_tile.get((tile_level, tile))
+            if found is None:
+                self._by_tile[(tile_level, tile)] = (offset, list(values[done:done + take]))
+            else:
+                found[1].extend(values[done:done + take])
+            done += take
+            index += take
 
     def rows(self) -> list[TileRow]:
         return [(level, tile, start + len(hashes), b"".join(hashes))

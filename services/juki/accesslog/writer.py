@@ -310,7 +310,8 @@ class LogWriter:
         sequence, previous = head[0], head[1]
         frontier = head[2].copy()
         fragments = tiles.Fragments()
-        append_leaf = frontier.append
+        leaves: list[bytes] = []
+        add_leaf = leaves.append
         leaf_hash = merkle.leaf_hash
         canonical = chain.canonical_bytes
         next_hash = chain.next_hash
@@ -324,13 +325,14 @@ class LogWriter:
                 sequence += 1
                 record_bytes = canonical(sequence, provided_us, recorded_us, outcome, subject, payload)
                 previous = next_hash(previous, record_bytes)
-                append_leaf(leaf_hash(record_bytes), fragments)
+                add_leaf(leaf_hash(record_bytes))
                 rows.append((sequence, subject, provided_us, recorded_us, outcome, payload, previous))
             ack = Ack(first, len(item.records))
             built.answers[index] = ack
             if item.batch_id:
                 known[item.batch_id] = ack
                 built.new_batches.append((item.batch_id, ack.first_sequence, ack.count, recorded_us))
+        frontier.extend(leaves, fragments.run)  # the group's leaves onto the tree, a level at a time
         built.end_sequence, built.end_hash = sequence, previous
         built.end_frontier, built.tile_rows = frontier, fragments.rows()
         return built

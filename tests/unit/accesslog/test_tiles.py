@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from juki.accesslog import merkle, tiles
 
 
@@ -46,3 +49,35 @@ def test_a_gap_or_an_overlap_in_fragments_is_a_tile_error() -> None:
         tiles.assemble(0, 0, [(2, h * 2), (3, h * 2)])
     with pytest.raises(tiles.TileError):
         tiles.oracle({(0, 0): [h]})(1, 0)
+
+
+def _mth(leaves: list[bytes]) -> bytes:
+    """RFC 9162 MTH over already hashed leaves, by its recursive definition."""
+    if not leaves:
+        return merkle.EMPTY_ROOT
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1 << ((len(leaves) - 1).bit_length() - 1)
+    return merkle.node_hash(_mth(leaves[:k]), _mth(leaves[k:]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(start=st.integers(0, 1500), chunks=st.lists(st.integers(1, 600), max_size=6))
+def test_extending_by_runs_builds_the_tree_and_fragments_of_appending_one_by_one(start: int, chunks: list[int]) -> None:
+    """The writer appends a group's leaves a level at a time (Frontier.extend, Fragments.run); the tree,
+    its frontier and the tile fragments must be exactly those of appending leaf by leaf."""
+    leaves = [hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(start + sum(chunks))]
+    one_by_one, by_runs = merkle.Frontier(), merkle.Frontier()
+    for leaf in leaves[:start]:
+        one_by_one.append(leaf)
+        by_runs.append(leaf)
+    expected, got = tiles.Fragments(), tiles.Fragments()
+    for leaf in leaves[start:]:
+        one_by_one.append(leaf, expected)
+    position = start
+    for size in chunks:
+        by_runs.extend(leaves[position:position + size], got.run)
+        position += size
+    assert (by_runs.size, by_runs.hashes) == (one_by_one.size, one_by_one.hashes)
+    assert by_runs.root() == _mth(leaves)
+    assert got.rows() == expected.rows()
