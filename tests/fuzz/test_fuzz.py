@@ -42,7 +42,7 @@ MODULES = {
     "accesslog": accesslog_pb2, "disclosure": disclosure_pb2, "card": card_pb2, f"municipal-{NAKANO}": municipal_pb2,
 }
 CANDIDATES = (("operator", "demo-operator"), ("service", "disclosure"), ("service", "lookup"), ("agency", "jps"),
-              ("municipality", NAKANO), ("prefecture", "13"), ("service", "card"))
+              ("municipality", NAKANO), ("prefecture", "13"), ("service", "card"), ("witness", "fuzz-witness"))
 # Values a hostile or broken client sends in text fields.
 NASTY = ["", " ", "'; DROP TABLE residents; --", "' OR '1'='1", "../../../etc/passwd", "..\\..\\windows",
          "%00", "\x00", "𠮷" * 50, "\u202e", "１２３４５６７８９０１", "00000000000", "99999999999",
