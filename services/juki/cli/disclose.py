@@ -16,40 +16,26 @@ import datetime as dt
 import html
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.disclosure.v1 import disclosure_pb2, disclosure_pb2_grpc
+from juki.cli.disclosure_rows import (
+    LOG_KEY,
+    PROOF_KEY,
+    provision_row,
+    stamp,
+)
 from juki.cli.main import add_data_dir
 from juki.domain import JAPAN_TIME
 from juki.extras import need
 from juki.mesh.errors import SettingsError
-from juki.mesh.settings import spiffe_id
 
 TITLE = "本人確認情報の提供状況の開示"
 METHOD = "/juki.disclosure.v1.DisclosureService/GetDisclosure"
 
-QUERY_MODE_LABELS = {
-    common_pb2.QUERY_MODE_BY_CODE: "住民票コードによる照会",
-    common_pb2.QUERY_MODE_BY_FOUR_ITEMS: "基本4情報による検索",
-    common_pb2.QUERY_MODE_BATCH_VERIFY: "一括照会",
-    common_pb2.QUERY_MODE_CHANGE_FEED: "異動情報の提供",
-    common_pb2.QUERY_MODE_WIDE_AREA_COPY: "住民票の写しの広域交付",
-    common_pb2.QUERY_MODE_DISCLOSURE: "本人開示",
-    common_pb2.QUERY_MODE_CARD_USE: "住基カードの利用",
-}
-FIELD_LABELS = {
-    common_pb2.FIELD_RESIDENT_CODE: "住民票コード",
-    common_pb2.FIELD_NAME: "氏名",
-    common_pb2.FIELD_BIRTH_DATE: "生年月日",
-    common_pb2.FIELD_SEX: "性別",
-    common_pb2.FIELD_ADDRESS: "住所",
-    common_pb2.FIELD_CHANGE_INFO: "異動情報",
-}
-TIER_LABELS = {common_pb2.TIER_MUNICIPALITY: "市町村", common_pb2.TIER_PREFECTURE: "都道府県",
-               common_pb2.TIER_NATIONAL: "全国センター（J-LIS）"}
 CHANGE_LABELS = {
     common_pb2.CHANGE_KIND_MOVE_IN: "転入", common_pb2.CHANGE_KIND_SPECIAL_MOVE_IN: "特例転入",
     common_pb2.CHANGE_KIND_BIRTH: "出生", common_pb2.CHANGE_KIND_EX_OFFICIO_ENTRY: "職権記載",
@@ -60,11 +46,6 @@ CHANGE_LABELS = {
     common_pb2.CHANGE_KIND_EX_OFFICIO_CORRECTION: "職権修正",
 }
 SEX_LABELS = {common_pb2.SEX_MALE: "男", common_pb2.SEX_FEMALE: "女"}
-PROVIDER_NAMES = {
-    spiffe_id("service", "lookup"): "地方公共団体情報システム機構（本人確認情報照会）",
-    spiffe_id("service", "disclosure"): "地方公共団体情報システム機構（本人開示）",
-    spiffe_id("service", "card"): "住基カード処理",
-}
 
 
 def register(sub: Any) -> None:
@@ -104,16 +85,68 @@ class Document:
     signing_certificate: str = ""
     # Certificates (by the mesh CA) of the witnesses whose cosignatures the checkpoints carry.
     witness_certificates: list[str] = field(default_factory=list)
+    # The mesh CA certificate (from endpoints.json): what the proofs are checked with before printing.
+    ca_pem: bytes = b""
+    # This program's own check of the proofs (juki proof verify's, on the document it is about to write).
+    checked: ProofCheck | None = None
+
+
+@dataclass(frozen=True)
+class ProofCheck:
+    """The result of checking every shown provision's proof with the CA certificate alone."""
+
+    ok: bool
+    provisions: int = 0
+    key_id: str = ""
+    checkpoints: dict[int, str] = field(default_factory=dict)  # base64 root by tree size
+    proof_sizes: list[int] = field(default_factory=list)  # per shown provision
+    witnesses: list[str] = field(default_factory=list)
+    problem: str = ""
+
+
+def check_proofs(doc: Document) -> ProofCheck:
+    """Run ``juki proof verify``'s checks on the JSON form of ``doc``, as a resident would on the file."""
+    from juki.cli.proof import DEFAULT_ORIGIN, ProofFailure, verify_document
+
+    summary: dict[str, Any] = {}
+    try:
+        count = verify_document(json.loads(json.dumps(as_dict(doc), ensure_ascii=False)), doc.ca_pem,
+                                DEFAULT_ORIGIN, summary)
+    except ProofFailure as failure:
+        return ProofCheck(ok=False, problem=str(failure))
+    return ProofCheck(ok=True, provisions=count, key_id=summary["key_id"], checkpoints=summary["checkpoints"],
+                      proof_sizes=summary["proof_sizes"], witnesses=summary["witnesses"])
+
+
+def proof_statement(doc: Document) -> str:
+    """What this program checked of the document's proofs, in the resident's words."""
+    check = doc.checked
+    if check is None:
+        return ""
+    if not check.ok:
+        return (f"この文書の証明: 検証に失敗しました（{check.problem}）。提供状況の記載が提供記録簿（透明性ログ）と"
+                "一致しないか、証明が署名付きチェックポイントに至りません。")
+    trees = "、".join(f"木のサイズ{size}（ルート {root}）" for size, root in sorted(check.checkpoints.items()))
+    witnessed = f"証人 {'、'.join(check.witnesses)} の連署も確認しました。" if check.witnesses else ""
+    return (f"この文書の証明: 検証済み。本書を作成したプログラムが、認証局の証明書だけを用いて、提供状況の"
+            f"{check.provisions}件それぞれについて、記載が提供記録簿（透明性ログ）の記録と一致し、その包含証明が"
+            f"署名付きチェックポイント（{trees}。署名鍵ID {check.key_id[:16]}…）の根に至ることを確認しました。"
+            f"{witnessed}同じ検証は、`juki disclose --format json` の出力と認証局の証明書だけで、"
+            "`juki proof verify` により誰でも行えます。")
+
+
+def proof_column(doc: Document, position: int) -> str:
+    """The 証明 cell of one provision row: whether its inclusion proof verified, into which tree."""
+    check = doc.checked
+    if check is None:
+        return "—"
+    if not check.ok:
+        return "未確認"
+    return f"検証済み（木のサイズ{check.proof_sizes[position]}）"
 
 
 def _date(value: dt.date | None) -> common_pb2.Date | None:
     return common_pb2.Date(year=value.year, month=value.month, day=value.day) if value else None
-
-
-def _stamp(ts: Any) -> str:
-    if not (ts.seconds or ts.nanos):
-        return "—"
-    return str(ts.ToDatetime(tzinfo=dt.UTC).astimezone(JAPAN_TIME).strftime("%Y年%m月%d日 %H:%M:%S"))
 
 
 def _day(value: common_pb2.Date) -> str:
@@ -149,6 +182,7 @@ async def fetch(args: argparse.Namespace) -> Document:
     async with MeshClient(args.data_dir, identity="operator") as client:
         stub = disclosure_pb2_grpc.DisclosureServiceStub(client.channel("disclosure"))
         operator = client.endpoints["clients"]["operator"]
+        ca_pem = Path(client.endpoints["ca"]).read_bytes()
         provisions: list[disclosure_pb2.Provision] = []
         token = ""
         reply: disclosure_pb2.GetDisclosureResponse | None = None
@@ -193,7 +227,7 @@ async def fetch(args: argparse.Namespace) -> Document:
                     "住基カード及び暗証番号" if args.card else "窓口における本人確認（写真付き身分証明書）",
                     truncated=truncated, checkpoints=checkpoints, proof_sizes=proof_sizes,
                     signing_certificate=reply.integrity.signing_certificate,
-                    witness_certificates=list(witness_certificates))
+                    witness_certificates=list(witness_certificates), ca_pem=ca_pem)
 
 
 def witness_statement(doc: Document) -> str:
@@ -216,31 +250,11 @@ def integrity_statement(doc: Document) -> str:
             f"記録のハッシュ連鎖（SHA-256）を再計算し、"
             f"電子署名付きチェックポイント{report.checkpoints_checked}件（Ed25519、鍵ID {report.signing_key_id[:16]}…）"
             f"の署名と連鎖値を確認しました。最新チェックポイント: 記録番号{report.checkpoint_sequence}"
-            f"（{_stamp(report.checkpoint_signed_at)} 署名）。検証日時: {_stamp(report.verified_at)}"
-            + (f"（全件の再計算: {_stamp(report.full_verified_at)}）" if report.HasField("full_verified_at") else "")
+            f"（{stamp(report.checkpoint_signed_at)} 署名）。検証日時: {stamp(report.verified_at)}"
+            + (f"（全件の再計算: {stamp(report.full_verified_at)}）" if report.HasField("full_verified_at") else "")
             + "。" + witness_statement(doc)
         )
     return f"提供記録の完全性: 検証に失敗しました（{report.problem}）。この開示内容は改ざんされている可能性があります。"
-
-
-def provision_row(p: disclosure_pb2.Provision, resident_code: str) -> dict[str, Any]:
-    """One provision as the resident reads it (the same words in every format)."""
-    return {
-        "記録番号": p.sequence,
-        "提供年月日": _stamp(p.provided_at),
-        "機能区分": QUERY_MODE_LABELS.get(p.query_mode, "—"),
-        "利用事由": p.reason,
-        "提供事務区分": f"{p.purpose_name}（{p.purpose}）",
-        "提供元": PROVIDER_NAMES.get(p.provider, p.provider) + f"［{TIER_LABELS.get(p.provider_tier, '—')}］",
-        "提供先": p.recipient_name or p.recipient,
-        "提供した情報": "・".join(FIELD_LABELS.get(f, "?") for f in p.fields)
-        + (f"（旧住民票コード {p.resident_code} による提供）"
-           if p.resident_code and p.resident_code != resident_code else ""),
-    }
-
-
-PROOF_KEY = "透明性ログの証明"
-LOG_KEY = "透明性ログ"
 
 
 def _with_proof(row: dict[str, Any], p: disclosure_pb2.Provision, tree_size: int) -> dict[str, Any]:
@@ -273,7 +287,7 @@ def as_dict(doc: Document) -> dict[str, Any]:
         },
         "異動履歴": [
             {"版": h.version, "異動事由": CHANGE_LABELS.get(h.change_kind, "—"), "異動年月日": _day(h.occurred_on),
-             "届出年月日": _day(h.notified_on), "記録日時": _stamp(h.recorded_at)}
+             "届出年月日": _day(h.notified_on), "記録日時": stamp(h.recorded_at)}
             for h in doc.history
         ],
         "提供状況": [
@@ -295,8 +309,16 @@ def as_dict(doc: Document) -> dict[str, Any]:
     }
 
 
-def render_text(doc: Document) -> str:
+def readable(doc: Document) -> dict[str, Any]:
+    """The document as the human formats show it: the JSON form, each provision with its 証明 cell."""
     data = as_dict(doc)
+    for position, row in enumerate(data["提供状況"]):
+        row["証明"] = proof_column(doc, position)
+    return data
+
+
+def render_text(doc: Document) -> str:
+    data = readable(doc)
     lines = [TITLE, "=" * 40, f"作成日時: {doc.created_at:%Y年%m月%d日 %H:%M}", f"本人確認の方法: {doc.proof}", "",
              "■ 本人確認情報"]
     lines += [f"  {key}: {value}" for key, value in data["本人確認情報"].items()]
@@ -308,14 +330,15 @@ def render_text(doc: Document) -> str:
         lines.append(f"      提供先: {p['提供先']}  提供元: {p['提供元']}")
         lines.append(f"      提供事務区分: {p['提供事務区分']}  利用事由: {p['利用事由']}")
         lines.append(f"      提供した情報: {p['提供した情報']}")
+        lines.append(f"      証明: {p['証明']}")
     if doc.truncated:
         lines.append("  （件数が多いため以降を省略しました）")
-    lines += ["", "■ " + integrity_statement(doc), ""]
+    lines += ["", "■ " + integrity_statement(doc), "", "■ " + proof_statement(doc), ""]
     return "\n".join(lines)
 
 
 def render_html(doc: Document) -> str:
-    data = as_dict(doc)
+    data = readable(doc)
     e = html.escape
 
     def table(headers: list[str], rows: list[dict[str, Any]]) -> str:
@@ -325,6 +348,7 @@ def render_html(doc: Document) -> str:
 
     identity_rows = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in data["本人確認情報"].items())
     status_class = "ok" if doc.integrity.chain_verified else "bad"
+    proof_class = "ok" if doc.checked is not None and doc.checked.ok else "bad"
     return f"""<!DOCTYPE html>
 <html lang="ja"><head><meta charset="utf-8"><title>{e(TITLE)}</title>
 <style>
@@ -339,8 +363,10 @@ th, td {{ border: 1px solid #444; padding: 0.25em 0.5em; font-size: 0.9em; text-
 <h2>本人確認情報</h2><table>{identity_rows}</table>
 <h2>異動履歴</h2>{table(["版", "異動事由", "異動年月日", "届出年月日", "記録日時"], data["異動履歴"])}
 <h2>提供状況（新しい順、{len(doc.provisions)}件）</h2>
-{table(["記録番号", "提供年月日", "機能区分", "利用事由", "提供事務区分", "提供元", "提供先", "提供した情報"], data["提供状況"])}
+{table(["記録番号", "提供年月日", "機能区分", "利用事由", "提供事務区分", "提供元", "提供先", "提供した情報", "証明"],
+        data["提供状況"])}
 <h2>提供記録の完全性</h2><p class="{status_class}">{e(integrity_statement(doc))}</p>
+<h2>この文書の証明</h2><p class="{proof_class}">{e(proof_statement(doc))}</p>
 </body></html>
 """
 
@@ -360,7 +386,7 @@ def render_pdf(doc: Document, out: Path) -> None:
     small = ParagraphStyle("small", parent=body, fontSize=7.5, leading=9.5)
     heading = ParagraphStyle("heading", fontName=font, fontSize=12, leading=16, spaceBefore=6)
     title = ParagraphStyle("title", fontName=font, fontSize=16, leading=22)
-    data = as_dict(doc)
+    data = readable(doc)
     grid = TableStyle([
         ("GRID", (0, 0), (-1, -1), 0.4, colors.black),
         ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#e8e8e8")),
@@ -383,12 +409,13 @@ def render_pdf(doc: Document, out: Path) -> None:
                     repeatRows=1)
     history.setStyle(grid)
     story += [history, Paragraph(f"提供状況（新しい順、{len(doc.provisions)}件）", heading)]
-    headers = ["記録番号", "提供年月日", "機能区分", "利用事由", "提供事務区分", "提供元", "提供先", "提供した情報"]
-    widths = [16, 30, 26, 34, 52, 40, 36, 30]
+    headers = ["記録番号", "提供年月日", "機能区分", "利用事由", "提供事務区分", "提供元", "提供先", "提供した情報", "証明"]
+    widths = [14, 28, 24, 30, 46, 38, 32, 30, 28]
     provisions = Table(cells([headers] + [[str(p[k]) for k in headers] for p in data["提供状況"]]),
                        colWidths=[w * mm for w in widths], repeatRows=1)
     provisions.setStyle(grid)
-    story += [provisions, Paragraph("提供記録の完全性", heading), Paragraph(html.escape(integrity_statement(doc)), body)]
+    story += [provisions, Paragraph("提供記録の完全性", heading), Paragraph(html.escape(integrity_statement(doc)), body),
+              Paragraph("この文書の証明", heading), Paragraph(html.escape(proof_statement(doc)), body)]
     SimpleDocTemplate(str(out), pagesize=landscape(A4), title=TITLE, leftMargin=12 * mm, rightMargin=12 * mm,
                       topMargin=12 * mm, bottomMargin=12 * mm).build(story)
 
@@ -412,7 +439,12 @@ async def cmd_disclose(args: argparse.Namespace) -> int:
     if args.format == "pdf":
         need("reportlab", "cli", "juki disclose --format pdf")  # before the call, which records a provision
     doc = await fetch(args)
+    if args.format != "json":  # the JSON form is the evidence itself, for `juki proof verify`
+        doc = replace(doc, checked=check_proofs(doc))
     write(doc, args.format, args.out)
     if args.out is not None:
         print(f"wrote {args.out} ({args.format}, {len(doc.provisions)} provisions)", file=sys.stderr)
+    if doc.checked is not None and not doc.checked.ok:
+        print(f"the document's proofs do not verify: {doc.checked.problem}", file=sys.stderr)
+        return 1
     return 0 if doc.integrity.chain_verified else 1

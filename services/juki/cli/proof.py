@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki.accesslog import chain, merkle, notes, witness
-from juki.cli.disclose import LOG_KEY, PROOF_KEY, provision_row
+from juki.cli.disclosure_rows import LOG_KEY, PROOF_KEY, provision_row
 from juki.cli.main import add_data_dir
 from juki.disclosure.service import shown_provision
 from juki.domain.policy import Policy
@@ -86,7 +86,9 @@ def parse_leaf(leaf: bytes, where: str) -> tuple[int, int, accesslog_pb2.Provisi
 def verify_document(document: Any, ca_pem: bytes, origin: str, summary: dict[str, Any] | None = None) -> int:
     """Check everything; the number of provisions proven. ProofFailure at the first that fails.
 
-    ``summary`` receives ``witnesses`` (names of the witnesses whose cosignatures verified) and
+    ``summary`` receives ``key_id`` (the log's signing key, hex SHA-256 of the raw key), ``checkpoints``
+    (base64 root by tree size of every verified checkpoint), ``proof_sizes`` (the tree size each shown
+    provision is proven into), ``witnesses`` (names of the witnesses whose cosignatures verified) and
     ``witnessed_provisions`` (provisions proven into a checkpoint a witness cosigned)."""
     if not isinstance(document, dict) or not isinstance(document.get(LOG_KEY), dict):
         raise ProofFailure(LOG_KEY, "the file carries no access-log proofs (not `juki disclose --format json` output)")
@@ -151,6 +153,9 @@ def verify_document(document: Any, ca_pem: bytes, origin: str, summary: dict[str
             raise ProofFailure(f"{where}.{PROOF_KEY}",
                                f"the inclusion proof does not lead to the signed root of tree size {size}")
     if summary is not None:
+        summary["key_id"] = chain.key_id(public_key)
+        summary["checkpoints"] = {size: base64.b64encode(root).decode() for size, root in sorted(roots.items())}
+        summary["proof_sizes"] = [shown[PROOF_KEY].get("tree_size") for shown in provisions]
         summary["witnesses"] = sorted({name for names in witnessed.values() for name in names})
         summary["witnessed_provisions"] = sum(
             1 for shown in provisions if shown[PROOF_KEY].get("tree_size") in witnessed)

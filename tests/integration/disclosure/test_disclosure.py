@@ -256,6 +256,30 @@ async def test_juki_disclose_documents(mesh: Mesh, database: Any, fmt: str, tmp_
         assert len(document["提供状況"]) == 3 and document["完全性"]["検証結果"] == "検証済み"
     else:
         assert "検証済み" in text and "チェックポイント" in text
+        # This program checked each provision's proof with the CA certificate before writing the document.
+        assert "この文書の証明: 検証済み" in text and "提供状況の3件それぞれ" in text
+        assert text.count("検証済み（木のサイズ") == 3
+
+
+async def test_a_disclosure_whose_shown_provision_differs_from_the_log_says_so_and_fails(
+    mesh: Mesh, database: Any, tmp_path: Path
+) -> None:
+    """The check behind 'この文書の証明' is juki proof verify's: a shown field that is not what the log holds
+    (here the recipient) is named, the document says the proofs failed, and no row claims a verified proof."""
+    from juki.cli.disclose import check_proofs, fetch, proof_column, proof_statement, render_text
+    from juki.cli.main import build_parser
+
+    me = await seed_resident(database, random.Random("disclose-tampered"))
+    await mesh.log().Append(accesslog_pb2.AppendRequest(records=[provision(me, purpose="B1-PENSION-BENEFIT")]))
+    args = build_parser().parse_args(["disclose", me, "--data-dir", str(endpoints_for(tmp_path, mesh))])
+    doc = await fetch(args)
+    assert check_proofs(doc).ok
+    pension = next(p for p in doc.provisions if p.purpose == "B1-PENSION-BENEFIT")
+    pension.recipient_name = "誰か別の機関"
+    doc.checked = check_proofs(doc)
+    assert not doc.checked.ok and "提供先" in doc.checked.problem
+    assert proof_statement(doc).startswith("この文書の証明: 検証に失敗しました")
+    assert "検証済み（木のサイズ" not in render_text(doc) and proof_column(doc, 0) == "未確認"
 
 
 async def proof_verify(path: Path, ca: Path) -> tuple[int, str]:
