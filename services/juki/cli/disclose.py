@@ -384,7 +384,7 @@ def render_pdf(doc: Document, out: Path) -> None:
     font = japanese_font()
     body = ParagraphStyle("body", fontName=font, fontSize=8.5, leading=11)
     small = ParagraphStyle("small", parent=body, fontSize=7.5, leading=9.5)
-    heading = ParagraphStyle("heading", fontName=font, fontSize=12, leading=16, spaceBefore=6)
+    heading = ParagraphStyle("heading", fontName=font, fontSize=12, leading=16, spaceBefore=6, keepWithNext=1)
     title = ParagraphStyle("title", fontName=font, fontSize=16, leading=22)
     data = readable(doc)
     grid = TableStyle([
