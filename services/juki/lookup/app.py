@@ -68,6 +68,7 @@ class LookupApp:
         self.pool: asyncpg.Pool | None = None
         self.provisions: ProvisionLog | None = None
         self._channel: grpc.aio.Channel | None = None
+        self.servicer: LookupServicer | None = None
 
     async def start(self) -> Sequence[ServiceBinding]:
         address = self.settings.peers.require("accesslog")
@@ -79,7 +80,7 @@ class LookupApp:
             self._channel, ack_timeout=self.settings.lookup.ack_timeout_seconds,
             max_in_flight=self.settings.lookup.log_in_flight,
         )
-        servicer = LookupServicer(
+        servicer = self.servicer = LookupServicer(
             self.pool, self.policy, self.provisions, Quotas(self.pool, self.settings.lookup.quota_multiplier), PROVIDER,
             OperatorVerifier(
                 self.settings.tls, self.pool, passwords=load_passwords(self.settings.operator_passwords_file),
@@ -111,6 +112,8 @@ class LookupApp:
         await self.provisions.record([record.SerializeToString()])
 
     async def stop(self) -> None:
+        if self.servicer is not None:
+            await self.servicer.close()
         if self.provisions is not None:
             await self.provisions.close()
         if self._channel is not None:

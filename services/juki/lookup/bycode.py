@@ -1,0 +1,128 @@
+"""Lookups by code that share their work: one store read and one access-log append for many calls.
+
+A busy lookup process answers many ``LookupByCode`` calls at once, each of which used to read the store
+on its own (a pool acquire, a bind and execute, a release) and wait on its own for the access log's
+acknowledgement. Here a call hands over its code and its provision record and awaits one future; calls
+that arrive while a read is under way are taken together by the next one: one ``= ANY($1)`` query for
+all their codes, then one append of the provision records of the residents found, and every call is
+answered once that append is durable. The order of a call is unchanged: the record leaves only after its
+provision is in the access log; a code the store does not know is answered "not found" and logs nothing.
+
+At most ``MAX_RUNNING`` groups are under way at a time (one reading while another waits for the log);
+calls arriving meanwhile wait for the next group, which is what makes groups larger under load. A call
+abandoned before its group starts (its deadline passed) is left out of the group, so its provision is
+not logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+
+from juki.lookup.provisions import ProvisionLog
+from juki.mesh.errors import JukiError, Reason
+
+# Groups under way at once; calls arriving meanwhile wait for the next group.
+MAX_RUNNING = 2
+# Codes per store query; a larger backlog is split into several groups.
+MAX_GROUP = 512
+
+_Waiter = tuple[str, bytes, "asyncio.Future[Mapping[str, Any] | None]"]
+
+
+class CodeReads:
+    """Group reads of the store by resident code, with their provision records, across concurrent calls."""
+
+    def __init__(self, pool: asyncpg.Pool, query: str, provisions: ProvisionLog, *,
+                 max_running: int = MAX_RUNNING, max_group: int = MAX_GROUP) -> None:
+        self._pool = pool
+        self._query = query  # SELECT ... WHERE r.resident_code = ANY($1::text[]), rows with resident_code
+        self._provisions = provisions
+        self._max_running = max_running
+        self._max_group = max_group
+        self._waiting: collections.deque[_Waiter] = collections.deque()
+        self._running: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+        self._closed = False
+        # Groups run in a context of their own: not the first caller's (its span, peer and method).
+        self._context = contextvars.Context()
+        self.groups = 0  # how many groups were read (for tests and benchmarks)
+
+    async def read(self, code: str, provision: bytes) -> Mapping[str, Any] | None:
+        """The store row of ``code`` once ``provision`` is durable in the access log; None if the store has
+        no such resident (then nothing is logged). Raises what the read or the log raised."""
+        if self._closed:
+            raise JukiError(Reason.ACCESS_LOG_UNAVAILABLE, "the lookup service is stopping")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Mapping[str, Any] | None] = loop.create_future()
+        self._waiting.append((code, provision, future))
+        if not self._scheduled and len(self._running) < self._max_running:
+            # Started on the next turn of the loop, so that calls arriving in this one join the group.
+            self._scheduled = True
+            loop.call_soon(self._launch, context=self._context)
+        return await future
+
+    def _launch(self) -> None:
+        self._scheduled = False
+        loop = asyncio.get_running_loop()
+        while self._waiting and len(self._running) < self._max_running:
+            group: list[_Waiter] = []
+            while self._waiting and len(group) < self._max_group:
+                waiter = self._waiting.popleft()
+                if not waiter[2].done():  # its caller gave up: neither read nor logged
+                    group.append(waiter)
+            if group:
+                task = loop.create_task(self._serve(group))
+                self._running.add(task)
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if not task.cancelled():
+            task.exception()  # _serve hands every failure to its callers; nothing is left to retrieve
+        if self._waiting and not self._closed:
+            self._launch()
+
+    async def _serve(self, group: list[_Waiter]) -> None:
+        self.groups += 1
+        try:
+            codes = list({code for code, _, _ in group})
+            rows = {row["resident_code"]: row for row in await self._pool.fetch(self._query, codes)}
+            found: list[_Waiter] = []
+            for waiter in group:
+                if waiter[2].done():
+                    continue
+                if waiter[0] in rows:
+                    found.append(waiter)
+                else:
+                    waiter[2].set_result(None)
+            if found:
+                await self._provisions.record([provision for _, provision, _ in found])
+            for code, _, future in found:
+                if not future.done():
+                    future.set_result(rows[code])
+        except asyncio.CancelledError:
+            _fail(group, JukiError(Reason.ACCESS_LOG_UNAVAILABLE, "the lookup service is stopping"))
+            raise
+        except Exception as error:  # the store or the log failed: every call of the group fails with it
+            _fail(group, error)
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._running):
+            task.cancel()
+        if self._running:
+            await asyncio.wait(list(self._running))
+        _fail(list(self._waiting), JukiError(Reason.ACCESS_LOG_UNAVAILABLE, "the lookup service is stopping"))
+        self._waiting.clear()
+
+
+def _fail(group: list[_Waiter], error: BaseException) -> None:
+    for _, _, future in group:
+        if not future.done():
+            future.set_exception(error)
