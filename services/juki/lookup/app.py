@@ -9,6 +9,8 @@ Settings beyond the common ones (``JUKI_*`` environment variables, parsed and ch
   ``JUKI_LOOKUP_QUOTA_MULTIPLIER``  scales every 別表 quota (default 1; benchmarks raise it).
   ``JUKI_LOOKUP_ACK_TIMEOUT``       seconds to wait for the access log's acknowledgement (default 5).
   ``JUKI_LOOKUP_LOG_IN_FLIGHT``     access-log batches sent and not yet acknowledged (default 4).
+  ``JUKI_LOOKUP_READ_GROUPS``       groups of lookups by code read and logged at once (default 1; see
+                                    ``lookup.bycode``).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class LookupApp:
             OperatorVerifier(
                 self.settings.tls, self.pool, passwords=load_passwords(self.settings.operator_passwords_file),
             ),
+            read_groups=self.settings.lookup.read_groups,
         )
         return [ServiceBinding(SERVICE_NAME, add_to_server, servicer, METHODS)]
 

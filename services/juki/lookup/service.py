@@ -41,7 +41,7 @@ from juki.domain.policy import (
     QueryMode,
 )
 from juki.lookup import records as rec
-from juki.lookup.bycode import CodeReads
+from juki.lookup.bycode import MAX_RUNNING, CodeReads
 from juki.lookup.provisions import ProvisionLog
 from juki.lookup.quota import Quotas
 from juki.lookup.records import RecordEncoder
@@ -268,6 +268,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         quotas: Quotas,
         provider: str,
         operators: OperatorVerifier,
+        read_groups: int = MAX_RUNNING,
     ) -> None:
         self._pool = pool
         self._policy = policy
@@ -275,7 +276,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         self._quotas = quotas
         self._provider = provider
         self._operators = operators
-        self._reads = CodeReads(pool, _FIELDS_BY_CODES, provisions)
+        self._reads = CodeReads(pool, _FIELDS_BY_CODES, provisions, max_running=read_groups)
 
     async def close(self) -> None:
         """Fail the lookups still waiting for a shared read (the service is stopping)."""

@@ -250,6 +250,7 @@ VARIABLES: Mapping[str, str] = {
     "JUKI_LOOKUP_QUOTA_MULTIPLIER": "lookup: scales every 別表 quota (> 0, default 1)",
     "JUKI_LOOKUP_ACK_TIMEOUT": "lookup: seconds to wait for the access log's acknowledgement (> 0, default 5)",
     "JUKI_LOOKUP_LOG_IN_FLIGHT": "lookup: access-log batches sent and not yet acknowledged (>= 1, default 4)",
+    "JUKI_LOOKUP_READ_GROUPS": "lookup: groups of lookups by code read and logged at once (>= 1, default 1)",
     # access log
     "JUKI_ACCESSLOG_SIGNING_KEY_FILE": "accesslog: checkpoint signing key",
     "JUKI_ACCESSLOG_SIGNING_CERT_FILE": "accesslog: checkpoint signing certificate",
@@ -354,6 +355,7 @@ class LookupSettings:
     quota_multiplier: float = 1.0  # scales every 別表 quota; benchmarks raise it
     ack_timeout_seconds: float = 5.0  # wait for the access log's acknowledgement
     log_in_flight: int = 4  # access-log batches sent and not yet acknowledged
+    read_groups: int = 1  # groups of lookups by code under way at once (lookup.bycode)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> LookupSettings:
@@ -361,6 +363,7 @@ class LookupSettings:
             quota_multiplier=_number(environ, "JUKI_LOOKUP_QUOTA_MULTIPLIER", 1.0, exclusive=True),
             ack_timeout_seconds=_number(environ, "JUKI_LOOKUP_ACK_TIMEOUT", 5.0, exclusive=True),
             log_in_flight=_count(environ, "JUKI_LOOKUP_LOG_IN_FLIGHT", 4),
+            read_groups=_count(environ, "JUKI_LOOKUP_READ_GROUPS", 1),
         )
 
 
