@@ -236,6 +236,7 @@ VARIABLES: Mapping[str, str] = {
     "JUKI_OPERATOR_PASSWORDS_FILE": "service: operators' scrypt password hashes (JSON)",
     "JUKI_MIGRATE_ON_START": "service: must be false; a serving process never migrates (juki migrate does)",
     "JUKI_READY_FILE": "service: file written once the server listens (supervisor, benches)",
+    "JUKI_REUSE_PORT": "service: bind the listen port with SO_REUSEPORT (set by `juki serve --processes N`)",
     "JUKI_NATIVE_LOG_FILE": "service (juki serve): where gRPC's C core writes its stderr",
     "JUKI_REPLICA": "service: replica key given by the supervisor (for its logs)",
     # peers
@@ -337,6 +338,8 @@ class ServerSettings:
     max_connection_age_seconds: float = 300.0
     # How long in-flight calls may finish after SIGTERM (Kubernetes: below terminationGracePeriodSeconds).
     shutdown_grace_seconds: float = 10.0
+    # Share the listen port with the other processes of `juki serve --processes N` (mesh.processes).
+    reuse_port: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ServerSettings:
@@ -345,6 +348,7 @@ class ServerSettings:
         return cls(
             max_connection_age_seconds=_number(environ, "JUKI_MAX_CONNECTION_AGE_SECONDS", 300.0, exclusive=True),
             shutdown_grace_seconds=_number(environ, "JUKI_SHUTDOWN_GRACE_SECONDS", 10.0),
+            reuse_port=_flag(environ, "JUKI_REUSE_PORT"),
         )
 
 
