@@ -48,7 +48,7 @@ class CodeReads:
         self._max_group = max_group
         self._waiting: collections.deque[_Waiter] = collections.deque()
         self._running: set[asyncio.Task[None]] = set()
-        self._scheduled = False
+        self._starting = False  # a group's task is created and has not taken its calls yet
         self._closed = False
         # Groups run in a context of their own: not the first caller's (its span, peer and method).
         self._context = contextvars.Context()
@@ -62,34 +62,38 @@ class CodeReads:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Mapping[str, Any] | None] = loop.create_future()
         self._waiting.append((code, provision, future))
-        if not self._scheduled and len(self._running) < self._max_running:
-            # Started on the next turn of the loop, so that calls arriving in this one join the group.
-            self._scheduled = True
-            loop.call_soon(self._launch, context=self._context)
+        if not self._starting and len(self._running) < self._max_running:
+            self._start()
         return await future
 
-    def _launch(self) -> None:
-        self._scheduled = False
-        loop = asyncio.get_running_loop()
-        while self._waiting and len(self._running) < self._max_running:
-            group: list[_Waiter] = []
-            while self._waiting and len(group) < self._max_group:
-                waiter = self._waiting.popleft()
-                if not waiter[2].done():  # its caller gave up: neither read nor logged
-                    group.append(waiter)
-            if group:
-                task = loop.create_task(self._serve(group))
-                self._running.add(task)
-                task.add_done_callback(self._finished)
+    def _start(self) -> None:
+        # The group is taken when its task first runs, on the next turn of the loop: the calls arriving in
+        # this turn join it. Its task runs in a context of its own (not this caller's span, peer or method).
+        self._starting = True
+        task = asyncio.get_running_loop().create_task(self._serve(), context=self._context)
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+
+    def _take(self) -> list[_Waiter]:
+        self._starting = False
+        group: list[_Waiter] = []
+        while self._waiting and len(group) < self._max_group:
+            waiter = self._waiting.popleft()
+            if not waiter[2].done():  # its caller gave up: neither read nor logged
+                group.append(waiter)
+        return group
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         if not task.cancelled():
             task.exception()  # _serve hands every failure to its callers; nothing is left to retrieve
-        if self._waiting and not self._closed:
-            self._launch()
+        if self._waiting and not self._closed and not self._starting and len(self._running) < self._max_running:
+            self._start()
 
-    async def _serve(self, group: list[_Waiter]) -> None:
+    async def _serve(self) -> None:
+        group = self._take()
+        if not group:
+            return
         self.groups += 1
         try:
             codes = list({code for code, _, _ in group})
@@ -115,10 +119,11 @@ class CodeReads:
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._running):
+        running = list(self._running)
+        for task in running:
             task.cancel()
-        if self._running:
-            await asyncio.wait(list(self._running))
+        if running:
+            await asyncio.wait(running)
         _fail(list(self._waiting), JukiError(Reason.ACCESS_LOG_UNAVAILABLE, "the lookup service is stopping"))
         self._waiting.clear()
 
