@@ -32,6 +32,9 @@ from juki.mesh.errors import JukiError, Reason
 MAX_RUNNING = 1
 # Codes per store query; a larger backlog is split into several groups.
 MAX_GROUP = 512
+# A store read that takes longer fails its group (retryable), so that a stalled connection cannot hold
+# back the calls queued behind it.
+STORE_TIMEOUT_SECONDS = 5.0
 
 _Waiter = tuple[str, bytes, "asyncio.Future[Mapping[str, Any] | None]"]
 
@@ -40,12 +43,14 @@ class CodeReads:
     """Group reads of the store by resident code, with their provision records, across concurrent calls."""
 
     def __init__(self, pool: asyncpg.Pool, query: str, provisions: ProvisionLog, *,
-                 max_running: int = MAX_RUNNING, max_group: int = MAX_GROUP) -> None:
+                 max_running: int = MAX_RUNNING, max_group: int = MAX_GROUP,
+                 store_timeout: float = STORE_TIMEOUT_SECONDS) -> None:
         self._pool = pool
         self._query = query  # SELECT ... WHERE r.resident_code = ANY($1::text[]), rows with resident_code
         self._provisions = provisions
         self._max_running = max_running
         self._max_group = max_group
+        self._store_timeout = store_timeout
         self._waiting: collections.deque[_Waiter] = collections.deque()
         self._running: set[asyncio.Task[None]] = set()
         self._starting = False  # a group's task is created and has not taken its calls yet
@@ -97,7 +102,13 @@ class CodeReads:
         self.groups += 1
         try:
             codes = list({code for code, _, _ in group})
-            rows = {row["resident_code"]: row for row in await self._pool.fetch(self._query, codes)}
+            try:
+                fetched = await self._pool.fetch(self._query, codes, timeout=self._store_timeout)
+            except TimeoutError:
+                raise JukiError(Reason.DEPENDENCY_UNAVAILABLE,
+                                f"the identity store did not answer within {self._store_timeout:g} s",
+                                retry_after_seconds=1.0) from None
+            rows = {row["resident_code"]: row for row in fetched}
             found: list[_Waiter] = []
             for waiter in group:
                 if waiter[2].done():

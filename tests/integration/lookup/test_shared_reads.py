@@ -19,6 +19,7 @@ from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2, lookup_pb2_grpc
 from juki.lookup.app import PROVIDER, LookupApp, create
 from juki.lookup.bycode import CodeReads
+from juki.lookup.service import _FIELDS_BY_CODES
 from juki.mesh.errors import JukiError, Reason, from_grpc_error
 
 from tests.conftest import channel_as, running
@@ -119,3 +120,27 @@ async def test_stopping_fails_the_calls_still_waiting(mesh: Mesh) -> None:
         with pytest.raises(JukiError) as failure:
             await waiting
         assert failure.value.reason is Reason.ACCESS_LOG_UNAVAILABLE
+
+
+async def test_a_stalled_store_read_fails_its_group_as_retryable_and_the_next_group_reads(
+        app: tuple[LookupApp, str], mesh: Mesh) -> None:
+    service = app[0]
+    assert service.pool is not None and service.provisions is not None
+    reads = CodeReads(service.pool, _FIELDS_BY_CODES, service.provisions, store_timeout=0.5)
+    code = await add_resident(mesh.database)
+    holder = await mesh.database.admin()
+    try:
+        # A lock that every SELECT on the store waits for: the group's read cannot finish.
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("LOCK TABLE intake_national.residents IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(JukiError) as stalled:
+            await reads.read(code, _provision(code))
+        assert stalled.value.reason is Reason.DEPENDENCY_UNAVAILABLE and stalled.value.retryable
+        await transaction.rollback()
+        row = await reads.read(code, _provision(code))
+        assert row is not None and row["resident_code"] == code
+        assert len(await mesh.provisions(code)) == 1  # only the answered call is logged
+    finally:
+        await holder.close()
+        await reads.close()
