@@ -8,10 +8,15 @@ all their codes, then one append of the provision records of the residents found
 answered once that append is durable. The order of a call is unchanged: the record leaves only after its
 provision is in the access log; a code the store does not know is answered "not found" and logs nothing.
 
-At most ``MAX_RUNNING`` groups are under way at a time (by default one);
+At most ``MAX_RUNNING`` groups are under way at a time (by default one, ``JUKI_LOOKUP_READ_GROUPS``);
 calls arriving meanwhile wait for the next group, which is what makes groups larger under load. A call
 abandoned before its group starts (its deadline passed) is left out of the group, so its provision is
-not logged.
+not logged; one abandoned later may be logged and not answered, as before (the log errs on the side of
+recording). A store read is bounded (``STORE_TIMEOUT_SECONDS``) and fails its group as retryable.
+
+Calls whose span is recorded (a sampled trace) do not come here: they read and log on their own, inside
+their own spans (``identity_store.read``, ``access_log.provision_durable``), so that a sampled trace
+shows where its time went; the group's work has no caller's span to belong to.
 """
 
 from __future__ import annotations
