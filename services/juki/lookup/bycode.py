@@ -12,7 +12,9 @@ At most ``MAX_RUNNING`` groups are under way at a time (by default one, ``JUKI_L
 calls arriving meanwhile wait for the next group, which is what makes groups larger under load. A call
 abandoned before its group starts (its deadline passed) is left out of the group, so its provision is
 not logged; one abandoned later may be logged and not answered, as before (the log errs on the side of
-recording). A store read is bounded (``STORE_TIMEOUT_SECONDS``) and fails its group as retryable.
+recording). A store read is bounded (``STORE_TIMEOUT_SECONDS``) and fails its group as retryable. A call
+that finds nothing under way (an idle service) does not wait for a group: it reads and logs on its own,
+in its own task, and the calls arriving meanwhile form the next group.
 
 Calls whose span is recorded (a sampled trace) do not come here: they read and log on their own, inside
 their own spans (``identity_store.read``, ``access_log.provision_durable``), so that a sampled trace
@@ -59,6 +61,7 @@ class CodeReads:
         self._waiting: collections.deque[_Waiter] = collections.deque()
         self._running: set[asyncio.Task[None]] = set()
         self._starting = False  # a group's task is created and has not taken its calls yet
+        self._alone = False  # a call found nothing under way and reads on its own
         self._closed = False
         # Groups run in a context of their own: not the first caller's (its span, peer and method).
         self._context = contextvars.Context()
@@ -69,12 +72,43 @@ class CodeReads:
         no such resident (then nothing is logged). Raises what the read or the log raised."""
         if self._closed:
             raise JukiError(Reason.ACCESS_LOG_UNAVAILABLE, "the lookup service is stopping")
+        if not self._alone and not self._running and not self._starting and not self._waiting:
+            # Nothing under way: this call reads and logs on its own, in its own task, without waiting a turn
+            # of the loop for a group's task; calls arriving meanwhile queue for the next group.
+            self._alone = True
+            try:
+                return await self._read_alone(code, provision)
+            finally:
+                self._alone = False
+                self._start_if_due()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Mapping[str, Any] | None] = loop.create_future()
         self._waiting.append((code, provision, future))
-        if not self._starting and len(self._running) < self._max_running:
-            self._start()
+        self._start_if_due()
         return await future
+
+    async def _read_alone(self, code: str, provision: bytes) -> Mapping[str, Any] | None:
+        self.groups += 1
+        fetched = await self._fetch([code])
+        if not fetched:
+            return None
+        await self._provisions.record([provision])
+        row: Mapping[str, Any] = fetched[0]
+        return row
+
+    async def _fetch(self, codes: list[str]) -> list[Mapping[str, Any]]:
+        try:
+            rows: list[Mapping[str, Any]] = await self._pool.fetch(self._query, codes, timeout=self._store_timeout)
+            return rows
+        except TimeoutError:
+            raise JukiError(Reason.DEPENDENCY_UNAVAILABLE,
+                            f"the identity store did not answer within {self._store_timeout:g} s",
+                            retry_after_seconds=1.0) from None
+
+    def _start_if_due(self) -> None:
+        busy = len(self._running) + (1 if self._alone else 0)
+        if self._waiting and not self._closed and not self._starting and busy < self._max_running:
+            self._start()
 
     def _start(self) -> None:
         # The group is taken when its task first runs, on the next turn of the loop: the calls arriving in
@@ -97,8 +131,7 @@ class CodeReads:
         self._running.discard(task)
         if not task.cancelled():
             task.exception()  # _serve hands every failure to its callers; nothing is left to retrieve
-        if self._waiting and not self._closed and not self._starting and len(self._running) < self._max_running:
-            self._start()
+        self._start_if_due()
 
     async def _serve(self) -> None:
         group = self._take()
@@ -107,13 +140,7 @@ class CodeReads:
         self.groups += 1
         try:
             codes = list({code for code, _, _ in group})
-            try:
-                fetched = await self._pool.fetch(self._query, codes, timeout=self._store_timeout)
-            except TimeoutError:
-                raise JukiError(Reason.DEPENDENCY_UNAVAILABLE,
-                                f"the identity store did not answer within {self._store_timeout:g} s",
-                                retry_after_seconds=1.0) from None
-            rows = {row["resident_code"]: row for row in fetched}
+            rows = {row["resident_code"]: row for row in await self._fetch(codes)}
             found: list[_Waiter] = []
             for waiter in group:
                 if waiter[2].done():

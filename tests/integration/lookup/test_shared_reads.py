@@ -1,8 +1,9 @@
 """Lookups by code in flight together share one store read and one access-log append (lookup.bycode).
 
 Against the real store and the real access log: calls of one group are each answered with their own
-resident and each logged, a code the store does not know is answered "not found" and logged nowhere, and
-a call abandoned before its group starts is neither read nor logged.
+resident and each logged, a code the store does not know is answered "not found" and logged nowhere, a
+call abandoned before its group starts is neither read nor logged, and a call that finds nothing under
+way reads on its own.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ async def test_calls_of_one_turn_share_one_read_and_each_is_answered_and_logged(
     asked = [*known, *known, unknown]
     before = reads.groups
     rows = await asyncio.gather(*(reads.read(code, _provision(code)) for code in asked))
-    assert reads.groups - before == 1  # seven calls, one store read and one append
+    # The first finds nothing under way and reads on its own; the six arriving meanwhile share one read.
+    assert reads.groups - before == 2
     assert [row["resident_code"] if row is not None else None for row in rows] == [*known, *known, None]
     assert [row["family_name"] for row in rows[:3] if row is not None] == ["佐藤", "鈴木", "高橋"]
     for code in known:
@@ -72,11 +74,13 @@ async def test_calls_of_one_turn_share_one_read_and_each_is_answered_and_logged(
 async def test_a_call_abandoned_before_its_group_starts_is_neither_read_nor_logged(
         app: tuple[LookupApp, str], mesh: Mesh) -> None:
     reads = _reads(app[0])
-    abandoned, kept = await add_resident(mesh.database), await add_resident(mesh.database)
+    alone, abandoned, kept = [await add_resident(mesh.database) for _ in range(3)]
+    leading = asyncio.ensure_future(reads.read(alone, _provision(alone)))  # reads on its own
     first = asyncio.ensure_future(reads.read(abandoned, _provision(abandoned)))
     second = asyncio.ensure_future(reads.read(kept, _provision(kept)))
-    await asyncio.sleep(0)  # both are queued; the group starts on the next turn of the loop
+    await asyncio.sleep(0)  # the two others are queued behind the lone read; their group starts after it
     first.cancel()
+    assert await leading is not None
     row = await second
     assert row is not None and row["resident_code"] == kept
     with contextlib.suppress(asyncio.CancelledError):
@@ -114,12 +118,14 @@ async def test_stopping_fails_the_calls_still_waiting(mesh: Mesh) -> None:
     async with running(settings, service):
         reads = _reads(service)
         code = await add_resident(mesh.database)
-        waiting = asyncio.ensure_future(reads.read(code, _provision(code)))
+        alone = asyncio.ensure_future(reads.read(code, _provision(code)))  # under way: it is answered
+        waiting = asyncio.ensure_future(reads.read(code, _provision(code)))  # queued behind it: it fails
         await asyncio.sleep(0)
         await reads.close()
         with pytest.raises(JukiError) as failure:
             await waiting
         assert failure.value.reason is Reason.ACCESS_LOG_UNAVAILABLE
+        assert await alone is not None
 
 
 async def test_a_stalled_store_read_fails_its_group_as_retryable_and_the_next_group_reads(
