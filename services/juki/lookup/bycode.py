@@ -49,11 +49,13 @@ _Waiter = tuple[str, bytes, "asyncio.Future[Mapping[str, Any] | None]"]
 class CodeReads:
     """Group reads of the store by resident code, with their provision records, across concurrent calls."""
 
-    def __init__(self, pool: asyncpg.Pool, query: str, provisions: ProvisionLog, *,
+    def __init__(self, pool: asyncpg.Pool, query: str, provisions: ProvisionLog, *, query_one: str | None = None,
                  max_running: int = MAX_RUNNING, max_group: int = MAX_GROUP,
                  store_timeout: float = STORE_TIMEOUT_SECONDS) -> None:
         self._pool = pool
         self._query = query  # SELECT ... WHERE r.resident_code = ANY($1::text[]), rows with resident_code
+        # SELECT ... WHERE r.resident_code = $1, for a call reading on its own (the plain index probe).
+        self._query_one = query_one
         self._provisions = provisions
         self._max_running = max_running
         self._max_group = max_group
@@ -93,11 +95,14 @@ class CodeReads:
         if not fetched:
             return None
         await self._provisions.record([provision])
-        row: Mapping[str, Any] = fetched[0]
-        return row
+        return fetched[0]
 
     async def _fetch(self, codes: list[str]) -> list[Mapping[str, Any]]:
         try:
+            if len(codes) == 1 and self._query_one is not None:
+                row: Mapping[str, Any] | None = await self._pool.fetchrow(
+                    self._query_one, codes[0], timeout=self._store_timeout)
+                return [] if row is None else [row]
             rows: list[Mapping[str, Any]] = await self._pool.fetch(self._query, codes, timeout=self._store_timeout)
             return rows
         except TimeoutError:

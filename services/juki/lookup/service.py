@@ -276,7 +276,8 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         self._quotas = quotas
         self._provider = provider
         self._operators = operators
-        self._reads = CodeReads(pool, _FIELDS_BY_CODES, provisions, max_running=read_groups)
+        self._reads = CodeReads(pool, _FIELDS_BY_CODES, provisions, query_one=_FIELDS_BY_CODE,
+                                 max_running=read_groups)
 
     async def close(self) -> None:
         """Fail the lookups still waiting for a shared read (the service is stopping)."""
