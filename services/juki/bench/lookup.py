@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import statistics
@@ -47,6 +48,9 @@ def register_bench(bench_sub: Any) -> None:
     _common(lookup)
     lookup.add_argument("--concurrency", type=int, default=8, help="calls in flight (default 8)")
     lookup.add_argument("--seconds", type=float, default=5.0, help="length of each measured run (default 5)")
+    lookup.add_argument("--processes", type=int, default=1,
+                        help="lookup processes sharing one port (juki serve lookup --processes N), each with an "
+                             "echo twin; the client spreads its calls over 4 connections per process")
     lookup.set_defaults(func=cmd_bench_lookup)
 
     verify = bench_sub.add_parser("verify", help="batch verification of a pension file vs the same stream shape")
@@ -117,10 +121,14 @@ class Environment(Harness):
     """The harness with the loaded store and the three kinds of server process: the access log, the
     lookup service(s) and, beside each lookup process, its echo twin (the ceiling)."""
 
-    def __init__(self, residents: int, keep: bool = False, profile: Path | None = None, processes: int = 1) -> None:
+    def __init__(self, residents: int, keep: bool = False, profile: Path | None = None, processes: int = 1,
+                 shared_port: bool = False) -> None:
         super().__init__("lookup", keep=keep, profile=profile)
         self.residents = residents
         self.lookup_processes = processes
+        # One `juki serve lookup --processes N` (one port) instead of N lookup services on their own ports.
+        self.shared_port = shared_port and processes > 1
+        self.children: dict[str, int] = {}
         self.addresses: dict[str, str] = {}
         self.load_seconds = 0.0
 
@@ -128,11 +136,22 @@ class Environment(Harness):
         await self.prepare([("accesslog", "accesslog"), ("intake", "intake-national"), ("lookup", "lookup")])
         await self._load()
         self.addresses["accesslog"] = self._spawn("accesslog", ["serve", "accesslog"], ("service", "accesslog"))
+        if self.shared_port:
+            self.addresses["lookup"] = self._spawn(
+                "lookup", ["serve", "lookup", "--processes", str(self.lookup_processes)], ("service", "lookup"),
+                role="juki_lookup")
+            ready = json.loads((self.root / "lookup.ready").read_text())
+            self.children = {f"lookup.{index}": pid for index, pid in enumerate(ready["pids"])}
         for index in range(self.lookup_processes):
             suffix = f"-{index}" if index else ""
-            self.addresses["lookup" + suffix] = self._spawn(
-                "lookup" + suffix, ["serve", "lookup"], ("service", "lookup"), role="juki_lookup")
+            if not self.shared_port:
+                self.addresses["lookup" + suffix] = self._spawn(
+                    "lookup" + suffix, ["serve", "lookup"], ("service", "lookup"), role="juki_lookup")
             self.addresses["echo" + suffix] = self._spawn("echo" + suffix, [], ("service", "lookup"), echo=True)
+
+    def pids(self) -> dict[str, int]:
+        """Every server process, the processes of a shared-port lookup included (its parent serves nothing)."""
+        return {**super().pids(), **self.children}
 
     async def _load(self) -> None:
         import asyncpg
@@ -231,13 +250,16 @@ def echo_handlers() -> Any:
 
 # -- measuring -----------------------------------------------------------------------------------------
 
-async def _closed_loop(call: Any, requests: list[Any], concurrency: int, seconds: float) -> tuple[float, list[float]]:
-    """``concurrency`` workers calling back to back for ``seconds``; (calls/s, latencies in ms)."""
+async def _closed_loop(calls: list[Any], requests: list[Any], concurrency: int,
+                       seconds: float) -> tuple[float, list[float]]:
+    """``concurrency`` workers calling back to back for ``seconds``, worker i on ``calls[i % len(calls)]``
+    (one per connection); (calls/s, latencies in ms)."""
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
     count = len(requests)
 
     async def worker(offset: int) -> None:
+        call = calls[offset % len(calls)]
         index = offset
         clock = time.perf_counter
         while clock() < deadline:
@@ -299,30 +321,39 @@ async def bench_lookup(env: Environment, concurrency: int, seconds: float, runs:
 
     tls = env.tls("agency", "jps")
     requests = _lookup_requests(env.residents)
-    lookup_channel = secure_channel(env.addresses["lookup"], tls)
-    echo_channel = secure_channel(env.addresses["echo"], tls)
-    lookup_call = lookup_pb2_grpc.LookupServiceStub(lookup_channel).LookupByCode
-    echo_call = echo_channel.unary_unary(
+    processes = env.lookup_processes
+    # Several processes: several connections (the kernel spreads connections, not calls, over the processes
+    # of one port), each a channel of its own (an option of its own, so that no subchannel is shared).
+    connections = 1 if processes == 1 else 4 * processes
+    suffixes = [f"-{index}" if index else "" for index in range(processes)]
+    lookup_channels = [
+        secure_channel(env.addresses["lookup" if env.shared_port else "lookup" + suffixes[i % processes]], tls,
+                       options=[("juki.bench.connection", i)]) for i in range(connections)]
+    echo_channels = [secure_channel(env.addresses["echo" + suffixes[i % processes]], tls,
+                                    options=[("juki.bench.connection", i)]) for i in range(connections)]
+    lookup_calls = [lookup_pb2_grpc.LookupServiceStub(channel).LookupByCode for channel in lookup_channels]
+    echo_calls = [channel.unary_unary(
         ECHO_UNARY, request_serializer=lookup_pb2.LookupByCodeRequest.SerializeToString,
         response_deserializer=lookup_pb2.LookupByCodeResponse.FromString,
-    )
+    ) for channel in echo_channels]
     try:
-        answer = await lookup_call(requests[0])  # fails loudly if the service refuses
-        assert answer.record.resident_code == requests[0].resident_code
-        await _closed_loop(echo_call, requests, concurrency, 1.0)  # warm-up
-        await _closed_loop(lookup_call, requests, concurrency, 1.0)
+        for call in lookup_calls:
+            answer = await call(requests[0])  # fails loudly if the service refuses
+            assert answer.record.resident_code == requests[0].resident_code
+        await _closed_loop(echo_calls, requests, concurrency, 1.0)  # warm-up
+        await _closed_loop(lookup_calls, requests, concurrency, 1.0)
         service: list[tuple[float, list[float]]] = []
         ceiling: list[tuple[float, list[float]]] = []
         meter = CpuMeter(env)
         for _ in range(runs):
-            ceiling.append(await _closed_loop(echo_call, requests, concurrency, seconds))
+            ceiling.append(await _closed_loop(echo_calls, requests, concurrency, seconds))
             meter.restart()
-            service.append(await _closed_loop(lookup_call, requests, concurrency, seconds))
+            service.append(await _closed_loop(lookup_calls, requests, concurrency, seconds))
             meter.stop()
-        visibility = await measure_visibility(env, lookup_call)
+        visibility = await measure_visibility(env, lookup_calls[0])
     finally:
-        await lookup_channel.close()
-        await echo_channel.close()
+        for channel in [*lookup_channels, *echo_channels]:
+            await channel.close()
     throughput = statistics.median(r for r, _ in service)
     ceiling_rate = statistics.median(r for r, _ in ceiling)
     latencies = [latency for _, run in service for latency in run]
@@ -340,10 +371,19 @@ async def bench_lookup(env: Environment, concurrency: int, seconds: float, runs:
         "run_ceilings": [round(r, 1) for r, _ in ceiling],
         "concurrency": concurrency,
         "seconds_per_run": seconds,
-        # Where the CPU of one lookup went, by process (postgres: the benchmark's server and backends).
-        "cpu_us_per_call": meter.per_unit(sum(len(run) for _, run in service)),
+        # Where the CPU of one lookup went, by process (postgres: the benchmark's server and backends); the
+        # processes of a shared-port lookup are also summed as "lookup".
+        "cpu_us_per_call": _lookup_summed(meter.per_unit(sum(len(run) for _, run in service))),
+        "lookup_processes": processes,
         **visibility,
     }
+
+
+def _lookup_summed(per_call: dict[str, float]) -> dict[str, float]:
+    children = [value for name, value in per_call.items() if name.startswith("lookup.")]
+    if children:
+        per_call["lookup"] = round(per_call.get("lookup", 0.0) + sum(children), 1)
+    return per_call
 
 
 def _verify_messages(residents: int, codes: int, batch: int) -> list[lookup_pb2.VerifyBatchRequest]:
@@ -513,7 +553,7 @@ async def _store_facts(env: Environment, before: dict[str, int], codes: list[str
 
 async def _run(args: argparse.Namespace, kind: str) -> int:
     env = Environment(args.residents, keep=args.keep, profile=args.profile,
-                      processes=getattr(args, "processes", 1))
+                      processes=getattr(args, "processes", 1), shared_port=kind == "lookup")
     try:
         await env.start()
         before = await _store_io(env)

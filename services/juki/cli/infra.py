@@ -38,6 +38,8 @@ def register(sub: Any) -> None:
     serve.add_argument("--prefecture")
     serve.add_argument("--municipality")
     serve.add_argument("--listen", help="host:port (default $JUKI_LISTEN)")
+    serve.add_argument("--processes", type=int, default=1,
+                       help="lookup only: run N processes sharing the listen port (SO_REUSEPORT), one per core")
     serve.set_defaults(func=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="apply database migrations for every service of the local layout")
@@ -198,6 +200,12 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_service_settings(
         args.service, tier=args.tier, prefecture=args.prefecture, municipality=args.municipality, listen=args.listen
     )
+    if args.processes != 1:
+        from juki.mesh.processes import serve_processes
+
+        flags = [f"--{name}={value}" for name in ("tier", "prefecture", "municipality")
+                 if (value := getattr(args, name))]
+        return await serve_processes(settings, [args.service, *flags], args.processes)
     module = importlib.import_module(f"juki.{args.service}.app")
     service = module.create(settings)
     await serve(settings, service)

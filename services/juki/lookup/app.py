@@ -9,6 +9,8 @@ Settings beyond the common ones (``JUKI_*`` environment variables, parsed and ch
   ``JUKI_LOOKUP_QUOTA_MULTIPLIER``  scales every 別表 quota (default 1; benchmarks raise it).
   ``JUKI_LOOKUP_ACK_TIMEOUT``       seconds to wait for the access log's acknowledgement (default 5).
   ``JUKI_LOOKUP_LOG_IN_FLIGHT``     access-log batches sent and not yet acknowledged (default 4).
+  ``JUKI_LOOKUP_READ_GROUPS``       groups of lookups by code read and logged at once (default 1; see
+                                    ``lookup.bycode``).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class LookupApp:
         self.pool: asyncpg.Pool | None = None
         self.provisions: ProvisionLog | None = None
         self._channel: grpc.aio.Channel | None = None
+        self.servicer: LookupServicer | None = None
 
     async def start(self) -> Sequence[ServiceBinding]:
         address = self.settings.peers.require("accesslog")
@@ -79,11 +82,12 @@ class LookupApp:
             self._channel, ack_timeout=self.settings.lookup.ack_timeout_seconds,
             max_in_flight=self.settings.lookup.log_in_flight,
         )
-        servicer = LookupServicer(
+        servicer = self.servicer = LookupServicer(
             self.pool, self.policy, self.provisions, Quotas(self.pool, self.settings.lookup.quota_multiplier), PROVIDER,
             OperatorVerifier(
                 self.settings.tls, self.pool, passwords=load_passwords(self.settings.operator_passwords_file),
             ),
+            read_groups=self.settings.lookup.read_groups,
         )
         return [ServiceBinding(SERVICE_NAME, add_to_server, servicer, METHODS)]
 
@@ -111,6 +115,8 @@ class LookupApp:
         await self.provisions.record([record.SerializeToString()])
 
     async def stop(self) -> None:
+        if self.servicer is not None:
+            await self.servicer.close()
         if self.provisions is not None:
             await self.provisions.close()
         if self._channel is not None:

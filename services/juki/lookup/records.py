@@ -168,6 +168,7 @@ class RecordEncoder:
         self._freshness: dict[tuple[Any, Any], bytes] = {}
         self._dates: dict[tuple[bytes, _dt.date], bytes] = {}
         self._births: dict[tuple[int, int, int], bytes] = {}
+        self._places: dict[tuple[str, str, str], bytes] = {}
 
     def _date(self, tag: bytes, value: _dt.date | None) -> bytes:
         if value is None:
@@ -192,49 +193,75 @@ class RecordEncoder:
             cached = self._freshness[key] = part
         return cached
 
+    def _place(self, code: str, prefecture: str, municipality: str) -> bytes:
+        """The municipality's part of an address (its code and names), the same for all its residents."""
+        key = (code, prefecture, municipality)
+        cached = self._places.get(key)
+        if cached is None:
+            cached = self._places[key] = (
+                _text(_A_MUNICIPALITY_CODE, code) + _text(_A_PREFECTURE, prefecture)
+                + _text(_A_MUNICIPALITY, municipality))
+        return cached
+
     def encode(self, row: Mapping[str, Any]) -> bytes:
+        # Straight-line code with the tags as module constants: this runs once per verified item.
         parts: list[bytes] = []
         append = parts.append
         if self._code:
-            append(_text(_RECORD["resident_code"], row["resident_code"]))
+            append(_text(_R_CODE, row["resident_code"]))
         if self._name:
-            if row["resident_kind"]:
-                append(_RECORD["resident_kind"] + _varint(row["resident_kind"]))
-            name = b"".join((
-                _text(_NAME["family_name"], row["family_name"]), _text(_NAME["given_name"], row["given_name"]),
-                _text(_NAME["family_name_kana"], row["family_name_kana"]),
-                _text(_NAME["given_name_kana"], row["given_name_kana"]),
-                _text(_NAME["alphabetic_name"], row["alphabetic_name"]),
-                _text(_NAME["common_name"], row["common_name"]),
-                _text(_NAME["former_family_name"], row["former_family_name"]),
-            ))
-            append(_message(_RECORD["name"], name))
+            kind = row["resident_kind"]
+            if kind:
+                append(_R_KIND + _varint(kind))
+            append(_message(_R_NAME, b"".join((
+                _text(_N_FAMILY, row["family_name"]), _text(_N_GIVEN, row["given_name"]),
+                _text(_N_FAMILY_KANA, row["family_name_kana"]), _text(_N_GIVEN_KANA, row["given_name_kana"]),
+                _text(_N_ALPHABETIC, row["alphabetic_name"]), _text(_N_COMMON, row["common_name"]),
+                _text(_N_FORMER, row["former_family_name"]),
+            ))))
         if self._birth:
             birth = (row["birth_year"], row["birth_month"], row["birth_day"])
             cached = self._births.get(birth)
             if cached is None:
                 cached = self._births[birth] = _message(
-                    _RECORD["birth_date"], birth_date_message(*birth).SerializeToString())
+                    _R_BIRTH, birth_date_message(*birth).SerializeToString())
             append(cached)
-        if self._sex and row["sex"]:
-            append(_RECORD["sex"] + _varint(row["sex"]))
+        if self._sex:
+            sex = row["sex"]
+            if sex:
+                append(_R_SEX + _varint(sex))
         if self._address:
-            address = b"".join((
-                _text(_ADDRESS["municipality_code"], row["municipality_code"]),
-                _text(_ADDRESS["prefecture"], row["prefecture"]),
-                _text(_ADDRESS["municipality"], row["municipality"]), _text(_ADDRESS["street"], row["street"]),
-            ))
-            append(_message(_RECORD["address"], address))
+            append(_message(_R_ADDRESS, self._place(row["municipality_code"], row["prefecture"], row["municipality"])
+                            + _text(_A_STREET, row["street"])))
         if self._change:
-            if row["status"]:
-                append(_RECORD["status"] + _varint(row["status"]))
-            if row["last_change_kind"]:
-                append(_RECORD["last_change_kind"] + _varint(row["last_change_kind"]))
-            append(self._date(_RECORD["last_changed_on"], row["last_changed_on"]))
-            append(_text(_RECORD["successor_code"], row["successor_code"]))
-        if row["version"]:
-            append(_RECORD["version"] + _varint(row["version"]))
-        append(self._fresh(row["municipality_as_of"], row["municipality_connected"]))
+            status = row["status"]
+            if status:
+                append(_R_STATUS + _varint(status))
+            kind = row["last_change_kind"]
+            if kind:
+                append(_R_CHANGE_KIND + _varint(kind))
+            changed = row["last_changed_on"]
+            if changed is not None:
+                append(self._date(_R_CHANGED_ON, changed))
+            append(_text(_R_SUCCESSOR, row["successor_code"]))
+        version = row["version"]
+        if version:
+            append(_R_VERSION + _varint(version))
+        fresh = self._freshness.get((row["municipality_as_of"], row["municipality_connected"]))
+        append(fresh if fresh is not None else self._fresh(row["municipality_as_of"], row["municipality_connected"]))
         if self._change:
-            append(self._date(_RECORD["last_notified_on"], row["last_notified_on"]))
+            notified = row["last_notified_on"]
+            if notified is not None:
+                append(self._date(_R_NOTIFIED_ON, notified))
         return b"".join(parts)
+
+
+_R_CODE, _R_KIND, _R_NAME, _R_BIRTH = (_RECORD[n] for n in ("resident_code", "resident_kind", "name", "birth_date"))
+_R_SEX, _R_ADDRESS, _R_STATUS, _R_CHANGE_KIND = (_RECORD[n] for n in ("sex", "address", "status", "last_change_kind"))
+_R_CHANGED_ON, _R_SUCCESSOR, _R_VERSION, _R_NOTIFIED_ON = (
+    _RECORD[n] for n in ("last_changed_on", "successor_code", "version", "last_notified_on"))
+_N_FAMILY, _N_GIVEN, _N_FAMILY_KANA, _N_GIVEN_KANA, _N_ALPHABETIC, _N_COMMON, _N_FORMER = (_NAME[n] for n in (
+    "family_name", "given_name", "family_name_kana", "given_name_kana", "alphabetic_name", "common_name",
+    "former_family_name"))
+_A_MUNICIPALITY_CODE, _A_PREFECTURE, _A_MUNICIPALITY, _A_STREET = (
+    _ADDRESS[n] for n in ("municipality_code", "prefecture", "municipality", "street"))

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime as _dt
+import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import grpc
+from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
@@ -38,10 +41,11 @@ from juki.domain.policy import (
     QueryMode,
 )
 from juki.lookup import records as rec
+from juki.lookup.bycode import MAX_RUNNING, CodeReads
 from juki.lookup.provisions import ProvisionLog
 from juki.lookup.quota import Quotas
 from juki.lookup.records import RecordEncoder
-from juki.mesh import wire
+from juki.mesh import telemetry, wire
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
 from juki.mesh.operator import OperatorVerifier
 from juki.mesh.pagination import decode_token, encode_token, page_size
@@ -88,6 +92,8 @@ _POLICY_REASONS: dict[type[PolicyError], Reason] = {
 _PROVISION = wire.tags(accesslog_pb2.ProvisionRecord)
 _VERIFY_RESULT = wire.tags(lookup_pb2.VerifyResult)
 _VERIFY_RESPONSE = wire.tags(lookup_pb2.VerifyBatchResponse)
+_BY_CODE = wire.tags(lookup_pb2.LookupByCodeResponse)
+_TIMESTAMP = wire.tags(timestamp_pb2.Timestamp)
 
 _TRACER = trace.get_tracer("juki.lookup")
 _STORE_SPAN = {"db.system": "postgresql", "db.operation": "SELECT", "db.sql.table": "intake_national.residents"}
@@ -158,7 +164,7 @@ def _code_violation(code: str, field: str) -> FieldViolation | None:
 class Authorised:
     """A granted call: who asks, for which 事務 and mode, and which fields it receives."""
 
-    __slots__ = ("fields", "grant", "operator_id", "peer", "proto_fields", "template")
+    __slots__ = ("_head", "_trace_id", "fields", "grant", "operator_id", "peer", "proto_fields")
 
     def __init__(self, peer: Peer, grant: Grant, fields: frozenset[IdentityField], provider: str,
                  operator_id: str) -> None:
@@ -166,21 +172,17 @@ class Authorised:
         self.grant = grant
         self.fields = fields
         self.operator_id = operator_id
-        self.proto_fields = rec.proto_fields(fields)
-        # Everything but the resident code, the time and the fields is the same for every record of
-        # this call, so each record is written as template bytes plus its own fields.
-        self.template = accesslog_pb2.ProvisionRecord(
-            recipient=peer.spiffe_id,
-            recipient_name=grant.agency.name,
-            purpose=grant.purpose.code,
-            purpose_name=grant.purpose.name,
-            query_mode=rec.MODE_TO_PROTO[grant.mode],
-            provider_tier=common_pb2.TIER_NATIONAL,
-            provider=provider,
-            outcome=accesslog_pb2.PROVISION_OUTCOME_PROVIDED,
-            trace_id=current_trace_id() or "",
-            operator_id=operator_id,
-        )
+        self.proto_fields = _proto_fields(fields)
+        self._trace_id = current_trace_id() or ""
+        # Everything but the resident code, the time, the trace and the fields is the same for every record
+        # of this recipient, 事務 and operator: serialised once and kept (see ``_record_head``).
+        self._head = _record_head(peer.spiffe_id, grant.agency.name, grant.purpose.code, grant.purpose.name,
+                                  rec.MODE_TO_PROTO[grant.mode], provider, operator_id)
+
+    @property
+    def template(self) -> accesslog_pb2.ProvisionRecord:
+        """The PROVIDED record of this call without a time, resident code or fields, as a message."""
+        return accesslog_pb2.ProvisionRecord.FromString(self._head + wire.text(_PROVISION["trace_id"], self._trace_id))
 
     def record_templates(self) -> tuple[bytes, bytes]:
         """Serialised provision records stamped now, without a resident code: (with the fields, without).
@@ -188,12 +190,8 @@ class Authorised:
         Protobuf allows fields in any order, so one provision record is a template followed by its
         resident code (field 10); the access log re-serialises deterministically before hashing.
         """
-        stamped = accesslog_pb2.ProvisionRecord()
-        stamped.CopyFrom(self.template)
-        stamped.provided_at.GetCurrentTime()
-        without_fields = stamped.SerializeToString()
-        stamped.fields.extend(self.proto_fields)
-        return stamped.SerializeToString(), without_fields
+        without_fields = self._head + wire.text(_PROVISION["trace_id"], self._trace_id) + _stamp_now()
+        return without_fields + _fields_part(self.proto_fields), without_fields
 
     def refusal(self, reason: Reason) -> bytes:
         """A serialised REFUSED provision record of this call, stamped now, naming no resident.
@@ -201,8 +199,7 @@ class Authorised:
         It is what a malformed item of a batch leaves in the access log: the attempt is on record, but a
         code that is not a 住民票コード names nobody (and the log keeps only well-formed codes).
         """
-        refused = accesslog_pb2.ProvisionRecord()
-        refused.CopyFrom(self.template)
+        refused = self.template
         refused.provided_at.GetCurrentTime()
         refused.outcome = accesslog_pb2.PROVISION_OUTCOME_REFUSED
         refused.refusal_reason = common_pb2.ErrorReason.Value(f"ERROR_REASON_{reason.name}")
@@ -212,6 +209,47 @@ class Authorised:
         """Serialised provision records, one per (resident code, whether the granted fields were provided)."""
         with_fields, without_fields = self.record_templates()
         return [(with_fields if provided else without_fields) + code_field(code) for code, provided in items]
+
+    def by_code_answer(self, row: Mapping[str, Any]) -> bytes:
+        """The serialised LookupByCodeResponse of one store row: the filtered record and the provided fields."""
+        return (wire.length_delimited(_BY_CODE["record"], RecordEncoder(self.fields).encode(row))
+                + _provided_part(self.proto_fields))
+
+
+@functools.lru_cache(maxsize=1024)
+def _record_head(recipient: str, recipient_name: str, purpose: str, purpose_name: str, mode: int, provider: str,
+                 operator_id: str) -> bytes:
+    """The serialised fields of a PROVIDED provision record that do not change from call to call."""
+    return accesslog_pb2.ProvisionRecord(
+        recipient=recipient, recipient_name=recipient_name, purpose=purpose, purpose_name=purpose_name,
+        query_mode=mode,  # type: ignore[arg-type]
+        provider_tier=common_pb2.TIER_NATIONAL, provider=provider,
+        outcome=accesslog_pb2.PROVISION_OUTCOME_PROVIDED, operator_id=operator_id,
+    ).SerializeToString()
+
+
+@functools.lru_cache(maxsize=256)
+def _proto_fields(fields: frozenset[IdentityField]) -> tuple[rec.FieldNumber, ...]:
+    return tuple(rec.proto_fields(fields))
+
+
+@functools.lru_cache(maxsize=256)
+def _fields_part(proto_fields: tuple[rec.FieldNumber, ...]) -> bytes:
+    """The ``fields`` of a provision record (a packed repeated enum), serialised."""
+    return accesslog_pb2.ProvisionRecord(fields=proto_fields).SerializeToString()
+
+
+@functools.lru_cache(maxsize=256)
+def _provided_part(proto_fields: tuple[rec.FieldNumber, ...]) -> bytes:
+    """The ``provided_fields`` of a LookupByCodeResponse, serialised."""
+    return lookup_pb2.LookupByCodeResponse(provided_fields=proto_fields).SerializeToString()
+
+
+def _stamp_now() -> bytes:
+    """The ``provided_at`` field of a provision record: now, as ``Timestamp.GetCurrentTime`` writes it."""
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    return wire.length_delimited(
+        _PROVISION["provided_at"], wire.number(_TIMESTAMP["seconds"], seconds) + wire.number(_TIMESTAMP["nanos"], nanos))
 
 
 def code_field(code: str) -> bytes:
@@ -230,6 +268,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         quotas: Quotas,
         provider: str,
         operators: OperatorVerifier,
+        read_groups: int = MAX_RUNNING,
     ) -> None:
         self._pool = pool
         self._policy = policy
@@ -237,6 +276,12 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         self._quotas = quotas
         self._provider = provider
         self._operators = operators
+        self._reads = CodeReads(pool, _FIELDS_BY_CODES, provisions, query_one=_FIELDS_BY_CODE,
+                                 max_running=read_groups)
+
+    async def close(self) -> None:
+        """Fail the lookups still waiting for a shared read (the service is stopping)."""
+        await self._reads.close()
 
     # -- authorisation ---------------------------------------------------------------------------------
 
@@ -279,22 +324,28 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
 
     # -- by code -----------------------------------------------------------------------------------------
 
-    async def LookupByCode(
+    async def LookupByCode(  # type: ignore[override]
         self, request: lookup_pb2.LookupByCodeRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> lookup_pb2.LookupByCodeResponse:
-        call = await self._authorise(
-            request.purpose, QueryMode.BY_CODE, request.requested_fields, request, request.resident_code,
-        )
-        _check_code(request.resident_code, "resident_code")
-        with _TRACER.start_as_current_span("identity_store.read", attributes=_STORE_SPAN):
-            row = await self._pool.fetchrow(_FIELDS_BY_CODE, request.resident_code)
-        if row is None:
-            raise JukiError(Reason.RESIDENT_NOT_FOUND, f"no resident has code {request.resident_code}")
-        record = rec.identity_record(row, call.fields)
+    ) -> bytes:
+        """Answers a serialised LookupByCodeResponse (the binding's serializer passes bytes through)."""
+        code = request.resident_code
+        call = await self._authorise(request.purpose, QueryMode.BY_CODE, request.requested_fields, request, code)
+        _check_code(code, "resident_code")
+        provision = call.provisions([(code, True)])[0]
         # The answer leaves only once its provision record is durable in the access log.
-        with _TRACER.start_as_current_span("access_log.provision_durable"):
-            await self._provisions.record(call.provisions([(request.resident_code, True)]))
-        return lookup_pb2.LookupByCodeResponse(record=record, provided_fields=call.proto_fields)
+        if telemetry.recording():
+            # A sampled call: its store read and its wait for the log are spans of their own.
+            with _TRACER.start_as_current_span("identity_store.read", attributes=_STORE_SPAN):
+                row = await self._pool.fetchrow(_FIELDS_BY_CODE, code)
+            if row is not None:
+                with _TRACER.start_as_current_span("access_log.provision_durable"):
+                    await self._provisions.record([provision])
+        else:
+            # Otherwise the read and the log's acknowledgement are shared with the calls in flight.
+            row = await self._reads.read(code, provision)
+        if row is None:
+            raise JukiError(Reason.RESIDENT_NOT_FOUND, f"no resident has code {code}")
+        return call.by_code_answer(row)
 
     # -- by four items -------------------------------------------------------------------------------------
 

@@ -442,8 +442,13 @@ async def start_server(
     mesh = MeshInterceptor(_full_access(bindings), RevocationList(settings.tls), on_refusal)
     # One interceptor does identity, access, errors, metrics and the server span (W3C context from
     # the call's metadata): a second, tracing-only interceptor would add a handler layer to every call.
-    server = grpc.aio.server(
-        interceptors=[mesh], options=server_options(settings.server.max_connection_age_seconds))
+    # Several processes of one pod share the port only when started to (`juki serve --processes N`); gRPC
+    # reads the first value of an option, so the default (0) is replaced, not followed.
+    reuse = [("grpc.so_reuseport", 1)] if settings.server.reuse_port else []
+    options = server_options(settings.server.max_connection_age_seconds)
+    if reuse:
+        options = [option for option in options if option[0] != "grpc.so_reuseport"] + reuse
+    server = grpc.aio.server(interceptors=[mesh], options=options)
     names = [b.name for b in bindings]
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
@@ -460,7 +465,7 @@ async def start_server(
     if settings.health_listen:
         # Kubernetes' native gRPC probes speak plaintext only: this second port serves health and
         # nothing else, so no identity information is reachable without mTLS.
-        health_server = grpc.aio.server()
+        health_server = grpc.aio.server(options=reuse)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         health_server.add_insecure_port(settings.health_listen)
         await health_server.start()

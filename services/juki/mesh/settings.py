@@ -241,6 +241,7 @@ VARIABLES: Mapping[str, str] = {
     "JUKI_OPERATOR_PASSWORDS_FILE": "service: operators' scrypt password hashes (JSON)",
     "JUKI_MIGRATE_ON_START": "service: must be false; a serving process never migrates (juki migrate does)",
     "JUKI_READY_FILE": "service: file written once the server listens (supervisor, benches)",
+    "JUKI_REUSE_PORT": "service: bind the listen port with SO_REUSEPORT (set by `juki serve --processes N`)",
     "JUKI_NATIVE_LOG_FILE": "service (juki serve): where gRPC's C core writes its stderr",
     "JUKI_REPLICA": "service: replica key given by the supervisor (for its logs)",
     # peers
@@ -255,6 +256,7 @@ VARIABLES: Mapping[str, str] = {
     "JUKI_LOOKUP_QUOTA_MULTIPLIER": "lookup: scales every 別表 quota (> 0, default 1)",
     "JUKI_LOOKUP_ACK_TIMEOUT": "lookup: seconds to wait for the access log's acknowledgement (> 0, default 5)",
     "JUKI_LOOKUP_LOG_IN_FLIGHT": "lookup: access-log batches sent and not yet acknowledged (>= 1, default 4)",
+    "JUKI_LOOKUP_READ_GROUPS": "lookup: groups of lookups by code read and logged at once (>= 1, default 1)",
     # access log
     "JUKI_ACCESSLOG_SIGNING_KEY_FILE": "accesslog: checkpoint signing key",
     "JUKI_ACCESSLOG_SIGNING_CERT_FILE": "accesslog: checkpoint signing certificate",
@@ -341,6 +343,8 @@ class ServerSettings:
     max_connection_age_seconds: float = 300.0
     # How long in-flight calls may finish after SIGTERM (Kubernetes: below terminationGracePeriodSeconds).
     shutdown_grace_seconds: float = 10.0
+    # Share the listen port with the other processes of `juki serve --processes N` (mesh.processes).
+    reuse_port: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ServerSettings:
@@ -349,6 +353,7 @@ class ServerSettings:
         return cls(
             max_connection_age_seconds=_number(environ, "JUKI_MAX_CONNECTION_AGE_SECONDS", 300.0, exclusive=True),
             shutdown_grace_seconds=_number(environ, "JUKI_SHUTDOWN_GRACE_SECONDS", 10.0),
+            reuse_port=_flag(environ, "JUKI_REUSE_PORT"),
         )
 
 
@@ -359,6 +364,7 @@ class LookupSettings:
     quota_multiplier: float = 1.0  # scales every 別表 quota; benchmarks raise it
     ack_timeout_seconds: float = 5.0  # wait for the access log's acknowledgement
     log_in_flight: int = 4  # access-log batches sent and not yet acknowledged
+    read_groups: int = 1  # groups of lookups by code under way at once (lookup.bycode)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> LookupSettings:
@@ -366,6 +372,7 @@ class LookupSettings:
             quota_multiplier=_number(environ, "JUKI_LOOKUP_QUOTA_MULTIPLIER", 1.0, exclusive=True),
             ack_timeout_seconds=_number(environ, "JUKI_LOOKUP_ACK_TIMEOUT", 5.0, exclusive=True),
             log_in_flight=_count(environ, "JUKI_LOOKUP_LOG_IN_FLIGHT", 4),
+            read_groups=_count(environ, "JUKI_LOOKUP_READ_GROUPS", 1),
         )
 
 

@@ -2,8 +2,14 @@
 
 The exporter is chosen by the standard variables: ``OTEL_TRACES_EXPORTER`` (``otlp``, ``console`` or
 ``none``) and ``OTEL_EXPORTER_OTLP_ENDPOINT``/``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``. When neither is
-set, spans are still created (W3C context still crosses every hop and logs still carry trace ids) but
-nothing is exported. ``OTEL_SERVICE_NAME`` names the process; the mesh sets it per service.
+set, nothing is exported. ``OTEL_SERVICE_NAME`` names the process; the mesh sets it per service.
+
+Which spans are recorded is the sampler's choice, set by the standard ``OTEL_TRACES_SAMPLER`` and
+``OTEL_TRACES_SAMPLER_ARG`` (for example ``parentbased_traceidratio`` with ``0.01``). When the first is not
+set, the sampler is parent-based: a call whose caller sampled its trace is recorded; a call starting a
+trace is recorded when spans are exported, and not recorded when nothing would export them (recording a
+span nobody reads costs a busy service a large share of its CPU). A span that is not recorded still has
+its ids: W3C context still crosses every hop, and logs and access-log records still carry the trace id.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
 
 _configured = False
 
@@ -61,12 +68,25 @@ def setup_tracing(service_name: str) -> bool:
     _configured = True
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name),
                                 "service.namespace": "juki"})
-    provider = TracerProvider(resource=resource)
     exporter = _choose_exporter()
+    provider = TracerProvider(resource=resource, sampler=choose_sampler(exporter is not None))
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return True
+
+
+def choose_sampler(exporting: bool) -> Sampler | None:
+    """The sampler of this process: ``None`` (the SDK reads ``OTEL_TRACES_SAMPLER``/``_ARG``) when the
+    variable is set; otherwise parent-based, starting traces recorded only when spans are exported."""
+    if os.environ.get("OTEL_TRACES_SAMPLER", "").strip():
+        return None
+    return ParentBased(ALWAYS_ON if exporting else ALWAYS_OFF)
+
+
+def recording() -> bool:
+    """Whether the current span is recorded: inner spans of a call that is not sampled are not started."""
+    return trace.get_current_span().is_recording()
 
 
 def export_requested() -> bool:

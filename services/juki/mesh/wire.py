@@ -74,21 +74,25 @@ def tags(message: type[Message]) -> Mapping[str, bytes]:
 
 def length_delimited(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field: an embedded message, a string's UTF-8 or bytes."""
-    return tag + varint(len(payload)) + payload
+    size = len(payload)
+    # Inlined for short payloads (most fields of a record): this runs for every field of every answer.
+    return tag + (_ONE_BYTE[size] if size < 128 else varint(size)) + payload
 
 
 def text(tag: bytes, value: str | None) -> bytes:
     """A string field; empty (not written) for an empty string, as proto3 serialises it."""
     if not value:
         return b""
-    return length_delimited(tag, value.encode())
+    data = value.encode()
+    size = len(data)
+    return tag + (_ONE_BYTE[size] if size < 128 else varint(size)) + data
 
 
 def number(tag: bytes, value: int | None) -> bytes:
     """A varint field (integer, enum, bool); empty for zero, as proto3 serialises it."""
     if not value:
         return b""
-    return tag + varint(value)
+    return tag + (_ONE_BYTE[value] if 0 < value < 128 else varint(value))
 
 
 def repeated_messages(tag: bytes, payloads: Sequence[bytes]) -> bytes:

@@ -129,6 +129,9 @@ def test_server_values_are_typed(tmp_path: Path) -> None:
         tmp_path, JUKI_METRICS_LISTEN="0.0.0.0:9464", JUKI_READY_FILE=str(tmp_path / "card.ready")))
     assert (listed.metrics_listen, listed.ready_file) == ("0.0.0.0:9464", tmp_path / "card.ready")
     assert load_service_settings("card", environ=_environ(tmp_path)).server == ServerSettings()
+    # Set by `juki serve lookup --processes N` for its processes only; never on by default.
+    assert load_service_settings("lookup", environ=_environ(tmp_path, JUKI_REUSE_PORT="true")).server.reuse_port
+    assert not load_service_settings("lookup", environ=_environ(tmp_path)).server.reuse_port
 
 
 @pytest.mark.parametrize(("name", "value"), [
@@ -137,6 +140,7 @@ def test_server_values_are_typed(tmp_path: Path) -> None:
     ("JUKI_LOOKUP_ACK_TIMEOUT", "five"),
     ("JUKI_LOOKUP_LOG_IN_FLIGHT", "0"),
     ("JUKI_LOOKUP_LOG_IN_FLIGHT", "2.5"),
+    ("JUKI_LOOKUP_READ_GROUPS", "0"),
 ])
 def test_lookup_values_are_checked_at_start(tmp_path: Path, name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
@@ -145,10 +149,11 @@ def test_lookup_values_are_checked_at_start(tmp_path: Path, name: str, value: st
 
 def test_lookup_and_accesslog_sections_are_typed(tmp_path: Path) -> None:
     environ = _environ(tmp_path, JUKI_LOOKUP_QUOTA_MULTIPLIER="1000", JUKI_LOOKUP_ACK_TIMEOUT="2.5",
-                       JUKI_LOOKUP_LOG_IN_FLIGHT="8", JUKI_ACCESSLOG_CHECKPOINT_SECONDS="0.5",
+                       JUKI_LOOKUP_LOG_IN_FLIGHT="8", JUKI_LOOKUP_READ_GROUPS="3", JUKI_ACCESSLOG_CHECKPOINT_SECONDS="0.5",
                        JUKI_ACCESSLOG_MAX_GROUP_RECORDS="10", JUKI_PSEUDONYM_KEY_FILE="/k")
     lookup = load_service_settings("lookup", environ=environ)
-    assert lookup.lookup == LookupSettings(quota_multiplier=1000.0, ack_timeout_seconds=2.5, log_in_flight=8)
+    assert lookup.lookup == LookupSettings(quota_multiplier=1000.0, ack_timeout_seconds=2.5, log_in_flight=8,
+                                           read_groups=3)
     assert lookup.accesslog == AccessLogSettings()  # another service's section is not its business
     log = load_service_settings("accesslog", environ=environ).accesslog
     assert (log.checkpoint_seconds, log.max_group_records, log.pseudonym_key_file) == (0.5, 10, Path("/k"))
