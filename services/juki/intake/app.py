@@ -34,6 +34,8 @@ def access(tier: str) -> dict[str, frozenset[str]]:
         "SubmitNotifications": senders,
         "StreamNotifications": senders,
         "BulkLoad": senders,
+        # A load's progress: only its sender (the municipality, or its prefecture at the national tier).
+        "GetBulkLoad": frozenset({"municipality"}) if tier == "prefecture" else frozenset({"prefecture"}),
         "GetSequenceState": frozenset({"municipality", "prefecture", "operator"}),
         "SetConnectionState": frozenset({"operator"}) if tier == "prefecture" else frozenset({"operator", "prefecture"}),
         "GetIntakeStatus": frozenset({"operator", "prefecture", "municipality"}),

@@ -36,6 +36,7 @@ SERVICE_NAME = "juki.municipal.v1.MunicipalService"
 CARD_SERVICE = "spiffe://juki.local/service/card"
 DISCLOSURE_SERVICE = "spiffe://juki.local/service/disclosure"
 RESYNC_BATCH = 1000
+RESYNC_DEADLINE_SECONDS = 24 * 3600  # a national-size register takes hours; a dead peer ends the call at once
 # Changes after which the resident's 住基カード are revoked (the card service is told at once).
 _CARD_REVOKING = {
     common_pb2.CHANGE_KIND_DEATH: "死亡",
@@ -135,6 +136,7 @@ class MunicipalApp:
             raise SettingsError("the municipal CS needs --municipality")
         self.settings = settings
         self.municipality_code = settings.municipality
+        self.resync_batch = _resync_batch(settings.extra.get("resync_batch"))
         try:
             self.clock = domain.parse_clock(settings.clock)
         except ValueError as exc:
@@ -211,34 +213,78 @@ class MunicipalApp:
             log.warning("could not revoke the cards after %s: %s", reason, error.code().name)
 
     async def resync(self) -> municipal_pb2.ResyncToPrefectureResponse:
-        """Send the whole register to the prefecture (IntakeService.BulkLoad) as one snapshot."""
+        """Send the whole register to the prefecture (IntakeService.BulkLoad) as one ordered load.
+
+        The load's id and snapshot sequence are kept in this CS's database until the prefecture has the
+        whole load, so a resync interrupted by the death of any process on the way (this CS, the
+        prefecture intake, the national intake) continues with the same load id after the point
+        GetBulkLoad names: records already applied at both tiers are not sent again. Memory holds a
+        batch or two, whatever the register's size (a server-side cursor in resident-code order).
+        """
         address = self.settings.peers.prefecture_intake
         if not address:
             raise JukiError(Reason.DEPENDENCY_UNAVAILABLE, "no prefecture intake is configured")
-        load_id = str(uuid.uuid4())
-        sent = 0
-        through = 0
-
-        async def batches() -> AsyncIterator[intake_pb2.BulkLoadRequest]:
-            nonlocal sent, through
-            async for snapshot_sequence, entries in self.registry.snapshot(RESYNC_BATCH):
-                through = snapshot_sequence
-                sent += len(entries)
-                yield intake_pb2.BulkLoadRequest(
-                    load_id=load_id, municipality_code=self.municipality_code, through_sequence=snapshot_sequence,
-                    records=[convert.identity_record(e) for e in entries],
-                )
-
+        batch = self.resync_batch
         async with self.sender.lock, secure_channel(address, self.settings.tls) as channel:
             stub = intake_pb2_grpc.IntakeServiceStub(channel)
-            summary = await stub.BulkLoad(batches(), timeout=600)
-            await self.registry.acknowledge_through(through)
+            load_id, through = await self.registry.resync_in_progress()
+            after = ""
+            if load_id:
+                state = await stub.GetBulkLoad(intake_pb2.GetBulkLoadRequest(
+                    load_id=load_id, municipality_code=self.municipality_code), timeout=30)
+                if state.state == intake_pb2.BULK_LOAD_STATE_FINISHED:
+                    await self.registry.finish_resync(load_id, through)
+                    self.sender.wake()
+                    return municipal_pb2.ResyncToPrefectureResponse(
+                        load_id=load_id, through_sequence=through, records_sent=0,
+                        records_applied=state.records_applied + state.records_unchanged,
+                        records_rejected=state.records_rejected)
+                after = state.last_resident_code
+                log.info("resuming resync %s after %s… (%d records at the prefecture)", load_id, after[:3],
+                         state.records_received)
+            sent = 0
+
+            async def batches() -> AsyncIterator[intake_pb2.BulkLoadRequest]:
+                nonlocal sent, load_id, through
+                async for snapshot_sequence, entries in self.registry.snapshot(batch, after):
+                    if not load_id:
+                        # A new load: remembered (with the sequence its snapshot reflects) before its first
+                        # batch leaves. A resumed one keeps its first snapshot's sequence, so every
+                        # notification after it is still sent (a newer snapshot of the rest loses nothing).
+                        load_id, through = str(uuid.uuid4()), snapshot_sequence
+                        await self.registry.begin_resync(load_id, through)
+                    sent += len(entries)
+                    yield intake_pb2.BulkLoadRequest(
+                        load_id=load_id, municipality_code=self.municipality_code, through_sequence=through,
+                        records=[convert.identity_record(e) for e in entries],
+                    )
+
+            try:
+                summary = await stub.BulkLoad(batches(), timeout=RESYNC_DEADLINE_SECONDS)
+            except grpc.aio.AioRpcError as error:
+                if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED):
+                    await self.registry.abandon_resync(load_id)  # refused, not interrupted: start afresh
+                raise
+            await self.registry.finish_resync(load_id, through)
         self.sender.wake()
         return municipal_pb2.ResyncToPrefectureResponse(
             load_id=load_id, through_sequence=through, records_sent=sent,
             records_applied=summary.records_applied + summary.records_unchanged,
             records_rejected=summary.records_rejected,
         )
+
+
+def _resync_batch(setting: str | None) -> int:
+    """Records per BulkLoad batch (JUKI_RESYNC_BATCH, default RESYNC_BATCH)."""
+    if not setting:
+        return RESYNC_BATCH
+    try:
+        value = int(setting)
+    except ValueError:
+        raise SettingsError(f"JUKI_RESYNC_BATCH must be a whole number, got {setting!r}") from None
+    if not 1 <= value <= 10_000:
+        raise SettingsError("JUKI_RESYNC_BATCH must be 1..10000")
+    return value
 
 
 def create(settings: ServiceSettings) -> MunicipalApp:
