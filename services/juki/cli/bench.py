@@ -15,6 +15,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "juki.bench.disclose",
     "juki.bench.intake",
     "juki.bench.soak",
+    "juki.bench.load",
     # a bench kept beside its CLI tool in juki.cli is listed here too (e.g. `juki bench audit`)
 )
 
