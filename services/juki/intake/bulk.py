@@ -120,7 +120,9 @@ async def _load(store: Store, peer: Peer, summary: intake_pb2.BulkLoadResponse,
     replay = False
     stream_last = ""  # the highest code of this stream so far (in order: each batch starts above it)
     in_order = True
+    more = False
     async for request in requests:
+        more = request.more_batches
         if not summary.load_id:
             if not request.load_id or len(request.load_id) > 128:
                 raise invalid("load_id", "1..128 characters, the same on every batch")
@@ -150,6 +152,12 @@ async def _load(store: Store, peer: Peer, summary: intake_pb2.BulkLoadResponse,
             await forwarder.put(request)  # passed on as applied: memory holds a few batches, not the load
     if not summary.load_id:
         raise invalid("load_id", "a load needs at least one batch")
+    if more and not replay:
+        # The stream ended after a batch that announced more: its sender was cut off (a dying client's
+        # stream can end like a complete one). Not finished here, nor (the national stream is cancelled,
+        # not closed) at the national intake: the load stays in progress, to be resumed.
+        raise invalid("more_batches", "the stream ended before the load's last batch; the load stays in "
+                      "progress: resume it after GetBulkLoad's last_resident_code")
     if replay:
         return summary
     if forwarder is not None:

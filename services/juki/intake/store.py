@@ -529,7 +529,9 @@ class Store:
         assert row is not None
         if row["municipality_code"] != batch.municipality_code:
             raise invalid("load_id", "names a load of another municipality")
-        return str(row["last_resident_code"]) if row["in_order"] else ""
+        # Records up to the resume point were applied before only if the load and this batch are in order
+        # (a batch out of order may bring codes below it that were never sent).
+        return str(row["last_resident_code"]) if row["in_order"] and batch.in_order else ""
 
     @staticmethod
     async def _advance_bulk_load(conn: asyncpg.Connection, batch: BulkBatch, counts: BulkCounts) -> None:

@@ -246,6 +246,7 @@ class MunicipalApp:
 
             async def batches() -> AsyncIterator[intake_pb2.BulkLoadRequest]:
                 nonlocal sent, load_id, through
+                ready: intake_pb2.BulkLoadRequest | None = None
                 async for snapshot_sequence, entries in self.registry.snapshot(batch, after):
                     if not load_id:
                         # A new load: remembered (with the sequence its snapshot reflects) before its first
@@ -253,11 +254,16 @@ class MunicipalApp:
                         # notification after it is still sent (a newer snapshot of the rest loses nothing).
                         load_id, through = str(uuid.uuid4()), snapshot_sequence
                         await self.registry.begin_resync(load_id, through)
+                    if ready is not None:
+                        yield ready  # a batch leaves once the next is read: all but the last announce more
                     sent += len(entries)
-                    yield intake_pb2.BulkLoadRequest(
+                    ready = intake_pb2.BulkLoadRequest(
                         load_id=load_id, municipality_code=self.municipality_code, through_sequence=through,
-                        records=[convert.identity_record(e) for e in entries],
+                        records=[convert.identity_record(e) for e in entries], more_batches=True,
                     )
+                if ready is not None:
+                    ready.more_batches = False
+                    yield ready
 
             try:
                 summary = await stub.BulkLoad(batches(), timeout=RESYNC_DEADLINE_SECONDS)

@@ -593,6 +593,7 @@ class BulkLoadRequest(_message.Message):
     MUNICIPALITY_CODE_FIELD_NUMBER: _builtins.int
     THROUGH_SEQUENCE_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
+    MORE_BATCHES_FIELD_NUMBER: _builtins.int
     load_id: _builtins.str
     """Id of the load, the same on every batch of the stream; loading an id again is idempotent. A load
     sent in ascending resident_code order can be resumed: after an interruption, send the records after
@@ -603,6 +604,11 @@ class BulkLoadRequest(_message.Message):
     through_sequence: _builtins.int
     """The municipality's notification sequence the snapshot reflects; after the load, sequences up to it
     count as applied.
+    """
+    more_batches: _builtins.bool
+    """Set on every batch of a load but its last. A stream that ends after a batch with more_batches set was
+    interrupted (its sender died): the load is not finished at any tier, and stays resumable. A load
+    whose batches all leave it unset is finished by the end of its stream.
     """
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.IdentityRecord]:
@@ -615,10 +621,11 @@ class BulkLoadRequest(_message.Message):
         municipality_code: _builtins.str = ...,
         through_sequence: _builtins.int = ...,
         records: _abc.Iterable[_common_pb2.IdentityRecord] | None = ...,
+        more_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_id", b"load_id", "municipality_code", b"municipality_code", "records", b"records", "through_sequence", b"through_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_id", b"load_id", "more_batches", b"more_batches", "municipality_code", b"municipality_code", "records", b"records", "through_sequence", b"through_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
