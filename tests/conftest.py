@@ -23,6 +23,7 @@ import pytest
 from juki.mesh import db
 from juki.mesh.embedded import start_embedded
 from juki.mesh.settings import (
+    AccessLogSettings,
     DatabaseSettings,
     Peers,
     Secret,
@@ -107,11 +108,11 @@ def make_settings(
         database=database.settings(instance),
         data_dir=data_dir,
         peers=Peers(),
-        extra={
-            "accesslog_signing_key_file": str(ca.paths("signing", "accesslog")[1]),
-            "accesslog_signing_cert_file": str(ca.paths("signing", "accesslog")[0]),
-            "pseudonym_key_file": str(_pseudonym_key(data_dir)),
-        },
+        accesslog=AccessLogSettings(
+            signing_key_file=ca.paths("signing", "accesslog")[1],
+            signing_cert_file=ca.paths("signing", "accesslog")[0],
+            pseudonym_key_file=_pseudonym_key(data_dir),
+        ),
     )
     return replace(settings, **overrides)
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import asyncpg
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from juki import domain
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.municipal.v1 import municipal_pb2
+from juki.mesh.errors import from_grpc_error
 from juki.mesh.operator import sign_operator_proof
 from juki.mesh.settings import TlsFiles, schema_name
 from juki.mesh.supervisor import MeshLayout, Supervisor
@@ -169,22 +169,8 @@ class Refusal:
 
 
 def refusal(error: grpc.aio.AioRpcError) -> Refusal:
-    reason = ""
-    fields: list[str] = []
-    for key, value in error.trailing_metadata() or ():
-        if key != "grpc-status-details-bin":
-            continue
-        status = status_pb2.Status.FromString(value if isinstance(value, bytes) else value.encode())
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                fields += [v.field for v in bad.field_violations]
-    return Refusal(error.code(), reason, tuple(fields), error.details() or "")
+    remote = from_grpc_error(error)
+    return Refusal(remote.code, remote.reason_name, tuple(v.field for v in remote.violations), remote.message)
 
 
 # The same mTLS identity as a blocking channel, for each aio channel handed out by a Mesh (see call_raw).

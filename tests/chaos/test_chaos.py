@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class Load:
     statuses: Counter[str] = field(default_factory=Counter)  # every non-OK status the clients saw
     unexpected: list[str] = field(default_factory=list)  # non-retryable failures and wrong data
     retries: int = 0
-    lost_answers: int = 0  # retries answered "already registered": the first attempt committed, its answer lost
+    lost_answers: int = 0  # retries answered from an earlier attempt (replayed): its answer was lost
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     ack_times: list[float] = field(default_factory=list)  # time.monotonic() of every acknowledgement
     answer_times: list[float] = field(default_factory=list)  # time.monotonic() of every lookup answer
@@ -81,6 +82,9 @@ class Load:
     async def _notify_once(self, municipality: str, rng: random.Random, today: dt.date) -> None:
         parent = rng.choice(self.parents[municipality])
         request = birth(parent, rng, today)
+        # One request id per birth, kept across retries: a retry whose first attempt committed before the
+        # process died is answered from that attempt (replayed), never refused or applied twice.
+        request.request_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         code = request.entry.resident_code
         stub = municipal_pb2_grpc.MunicipalServiceStub(self.mesh.channel(f"municipal-{municipality}", "operator",
                                                                          "demo-operator"))
@@ -91,14 +95,6 @@ class Load:
             try:
                 reply = await stub.RecordChange(request, timeout=20)
             except grpc.aio.AioRpcError as error:
-                if attempts > 1 and error.code() is grpc.StatusCode.FAILED_PRECONDITION \
-                        and "already registered" in (error.details() or ""):
-                    # An earlier attempt committed but its answer was lost with the process: not acknowledged
-                    # to the client, yet it must still arrive exactly once. Checked like an acknowledged one,
-                    # and counted apart from the statuses (it is the expected answer to that retry).
-                    self.lost_answers += 1
-                    self.acked[code] = ""
-                    return
                 self.statuses[error.code().name] += 1
                 if error.code() in RETRYABLE and attempts < 2000:
                     self.retries += 1
@@ -108,6 +104,8 @@ class Load:
                 return
             if reply.resident_code != code:
                 self.unexpected.append(f"RecordChange {code} answered for {reply.resident_code}")
+            if reply.replayed:
+                self.lost_answers += 1  # an earlier attempt committed; its answer was lost with the process
             self.acked[code] = reply.notification_id
             self.ack_times.append(time.monotonic())
             return

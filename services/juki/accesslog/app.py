@@ -30,13 +30,13 @@ from juki.accesslog.writer import LogWriter, micros_timestamps
 from juki.mesh import db
 from juki.mesh.errors import SettingsError
 from juki.mesh.server import ServiceBinding
-from juki.mesh.settings import ServiceSettings
+from juki.mesh.settings import ServiceSettings, spiffe_id
 from juki.mesh.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "juki.accesslog.v1.AccessLogService"
-DISCLOSURE = "spiffe://juki.local/service/disclosure"
+DISCLOSURE = spiffe_id("service", "disclosure")
 ACCESS = {
     "Append": frozenset({"service"}),
     "AppendStream": frozenset({"service"}),
@@ -44,14 +44,17 @@ ACCESS = {
     "VerifyLog": frozenset({"operator", "service"}),
     # Checkpoints and proofs: the disclosure service (proofs shown to residents), other services, and
     # operators auditing the log. They reveal hashes only, never a record.
-    "GetCheckpoint": frozenset({"operator", "service"}),
+    "GetCheckpoint": frozenset({"operator", "service", "witness"}),
     "GetInclusionProof": frozenset({"operator", "service"}),
-    "GetConsistencyProof": frozenset({"operator", "service"}),
+    "GetConsistencyProof": frozenset({"operator", "service", "witness"}),
+    # Witnesses (spiffe://juki.local/witness/NAME) fetch checkpoints and submit their cosignatures; they
+    # may call nothing else (deny by default).
+    "AddCosignature": frozenset({"witness"}),
 }
 DEFAULT_ORIGIN = "juki.local/accesslog"
 
 
-def read_pseudonym_key(path: str | None) -> bytes:
+def read_pseudonym_key(path: str | Path | None) -> bytes:
     if not path:
         raise SettingsError("the access log needs JUKI_PSEUDONYM_KEY_FILE (key of the resident-code pseudonym)")
     try:
@@ -175,20 +178,20 @@ class Checkpointer:
 class AccessLogApp:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        extra = settings.extra
-        key_file = extra.get("accesslog_signing_key_file")
-        cert_file = extra.get("accesslog_signing_cert_file")
+        options = settings.accesslog
+        key_file = options.signing_key_file
+        cert_file = options.signing_cert_file
         if not key_file or not cert_file:
             raise SettingsError("the access log needs JUKI_ACCESSLOG_SIGNING_KEY_FILE and _CERT_FILE")
-        self.signer = chain.Signer(Path(key_file))
-        self.verifier = chain.CheckpointVerifier(Path(cert_file), settings.tls.ca)
+        self.signer = chain.Signer(key_file)
+        self.verifier = chain.CheckpointVerifier(cert_file, settings.tls.ca)
         if self.verifier.key_id != self.signer.key_id:
             raise SettingsError("the access-log signing key does not match its certificate")
-        self.pseudonym_key = read_pseudonym_key(extra.get("pseudonym_key_file"))
-        self.checkpoint_seconds = float(extra.get("accesslog_checkpoint_seconds", "10"))
-        self.verify_seconds = float(extra.get("accesslog_verify_seconds", "600"))
-        self.max_group = int(extra.get("accesslog_max_group_records", "100000"))
-        self.origin = extra.get("accesslog_origin") or DEFAULT_ORIGIN
+        self.pseudonym_key = read_pseudonym_key(options.pseudonym_key_file)
+        self.checkpoint_seconds = options.checkpoint_seconds
+        self.verify_seconds = options.verify_seconds
+        self.max_group = options.max_group_records
+        self.origin = options.origin or DEFAULT_ORIGIN
         try:
             self.note_verifier = self.verifier.note_verifier(self.origin)
         except ValueError as exc:
@@ -199,15 +202,19 @@ class AccessLogApp:
         self.checkpointer: Checkpointer | None = None
         self.servicer: AccessLogServicer | None = None
         self._verifier_task: asyncio.Task[None] | None = None
+        self._partitions_task: asyncio.Task[None] | None = None
 
     async def start(self) -> Sequence[ServiceBinding]:
         self.pool = await db.create_pool(self.settings.database, self.settings.instance)
+        await ensure_partitions(self.pool)
+        self._partitions_task = asyncio.create_task(self._partitions_periodically(), name="accesslog-partitions")
         self.writer_pool = await create_writer_pool(self.settings)
         self.writer = LogWriter(self.writer_pool, self.settings.database.schema, max_group_records=self.max_group)
         await self.writer.start()
         self.checkpointer = Checkpointer(self.pool, self.writer, self.signer, self.checkpoint_seconds, self.origin)
         await self.checkpointer.start()
-        self.servicer = AccessLogServicer(self.pool, self.writer, self.pseudonym_key, self.verifier, self.checkpointer)
+        self.servicer = AccessLogServicer(self.pool, self.writer, self.pseudonym_key, self.verifier, self.checkpointer,
+                                          crl=self.settings.tls.crl)
         if self.verify_seconds > 0:
             self._verifier_task = asyncio.create_task(self._verify_periodically(), name="accesslog-verifier")
         return [ServiceBinding(SERVICE_NAME, accesslog_pb2_grpc.add_AccessLogServiceServicer_to_server,
@@ -227,8 +234,18 @@ class AccessLogApp:
                 log.warning("background verification failed: %s", exc)
             await asyncio.sleep(self.verify_seconds)
 
+    async def _partitions_periodically(self) -> None:
+        assert self.pool is not None
+        while True:
+            await asyncio.sleep(PARTITIONS_SECONDS)
+            try:
+                await ensure_partitions(self.pool)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("could not make the next months' partitions, will retry: %s", exc)
+
     async def stop(self) -> None:
         await cancel_and_wait(self._verifier_task)
+        await cancel_and_wait(self._partitions_task)
         if self.writer is not None:
             await self.writer.stop()
         if self.checkpointer is not None:
@@ -237,6 +254,18 @@ class AccessLogApp:
             await self.writer_pool.close()
         if self.pool is not None:
             await self.pool.close()
+
+
+# Monthly partitions of the records are made this far ahead, checked this often (migration 0004).
+PARTITIONS_AHEAD = "2 months"
+PARTITIONS_SECONDS = 6 * 3600
+
+
+async def ensure_partitions(pool: asyncpg.Pool) -> int:
+    """Make the partitions of this month and the next ones if missing (the function runs as the schema's
+    owner; the service's role cannot create tables). The number made."""
+    return int(await pool.fetchval(
+        f"SELECT ensure_partitions(now(), now() + interval '{PARTITIONS_AHEAD}')"))
 
 
 async def create_writer_pool(settings: ServiceSettings) -> asyncpg.Pool:

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from juki.accesslog import notes
+from juki.mesh.settings import spiffe_id
 
 GENESIS = bytes(32)
 CHECKPOINT_PREFIX = "juki-accesslog-checkpoint-v1"
@@ -92,7 +93,7 @@ def key_id(public_key: ed25519.Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-SIGNING_IDENTITY = "spiffe://juki.local/signing/accesslog"
+SIGNING_IDENTITY = spiffe_id("signing", "accesslog")
 
 
 def signing_public_key(cert_pem: bytes, ca_pem: bytes, *, at: dt.datetime | None = None) -> ed25519.Ed25519PublicKey:
@@ -146,7 +147,9 @@ class CheckpointVerifier:
 
     def __init__(self, signing_cert_file: Path, ca_cert_file: Path) -> None:
         cert = x509.load_pem_x509_certificate(Path(signing_cert_file).read_bytes())
-        ca = x509.load_pem_x509_certificate(Path(ca_cert_file).read_bytes())
+        self.ca_path = Path(ca_cert_file)
+        self.ca_pem = self.ca_path.read_bytes()
+        ca = x509.load_pem_x509_certificate(self.ca_pem)
         try:
             cert.verify_directly_issued_by(ca)
         except (ValueError, TypeError, InvalidSignature) as exc:

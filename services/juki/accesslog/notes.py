@@ -19,6 +19,7 @@ import base64
 import binascii
 import hashlib
 import re
+import struct
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -155,3 +156,82 @@ class NoteVerifier:
         if checkpoint.origin != self.name:
             raise NoteError(f"the checkpoint is of origin {checkpoint.origin}, not {self.name}")
         return checkpoint
+
+
+# C2SP tlog-cosignature (cosignature/v1): a witness's signature line on a checkpoint. Its key id uses
+# signature type 0x04 and its blob is key id (4) || timestamp (8, big-endian seconds) || Ed25519 signature
+# over "cosignature/v1\ntime <timestamp>\n" followed by the checkpoint body.
+COSIGNATURE_TYPE = b"\x04"
+_TIMESTAMP = struct.Struct(">Q")
+
+
+def cosignature_key_id(name: str, public_key: ed25519.Ed25519PublicKey) -> bytes:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(name.encode() + b"\n" + COSIGNATURE_TYPE + raw).digest()[:4]
+
+
+def cosigned_message(body: str, timestamp: int) -> bytes:
+    return f"cosignature/v1\ntime {timestamp}\n".encode() + body.encode()
+
+
+class Cosigner:
+    """A witness's Ed25519 key signing cosignature/v1 lines under its key name."""
+
+    def __init__(self, name: str, private_key: ed25519.Ed25519PrivateKey) -> None:
+        if not _KEY_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} cannot be a note key name (no spaces or '+')")
+        self.name = name
+        self._key = private_key
+        self.key_id = cosignature_key_id(name, private_key.public_key())
+
+    def cosignature_line(self, body: str, timestamp: int) -> str:
+        if not 0 <= timestamp < 1 << 63:
+            raise ValueError("a cosignature timestamp is a POSIX time below 2**63")
+        blob = self.key_id + _TIMESTAMP.pack(timestamp) + self._key.sign(cosigned_message(body, timestamp))
+        return f"{SIGNATURE_PREFIX}{self.name} {base64.b64encode(blob).decode()}\n"
+
+    def cosign(self, note: str, timestamp: int) -> str:
+        """The signed note with this witness's cosignature line added."""
+        body, _ = split_note(note)
+        return note + self.cosignature_line(body, timestamp)
+
+
+class CosignatureVerifier:
+    """Checks the cosignature/v1 line of one named witness key on a note."""
+
+    def __init__(self, name: str, public_key: ed25519.Ed25519PublicKey) -> None:
+        if not _KEY_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} cannot be a note key name (no spaces or '+')")
+        self.name = name
+        self._key = public_key
+        self.key_id = cosignature_key_id(name, public_key)
+
+    def verify(self, note: str) -> int:
+        """The timestamp of this witness's cosignature on the note; NoteError when it has none that verifies."""
+        body, signatures = split_note(note)
+        found = False
+        for name, blob in signatures:
+            if name != self.name:
+                continue
+            found = True
+            if blob[:4] != self.key_id:
+                continue
+            if len(blob) != 4 + 8 + 64:
+                raise NoteError(f"the cosignature of {name} is not key id, timestamp and Ed25519 signature")
+            (timestamp,) = _TIMESTAMP.unpack_from(blob, 4)
+            if timestamp >= 1 << 63:
+                raise NoteError(f"the cosignature of {name} has a timestamp beyond 2**63 - 1")
+            try:
+                self._key.verify(blob[12:], cosigned_message(body, timestamp))
+            except InvalidSignature as exc:
+                raise NoteError(f"the cosignature of {name} does not verify") from exc
+            return int(timestamp)
+        if found:
+            raise NoteError(f"the cosignature of {self.name} is by a key other than the certified one"
+                            f" (key id {self.key_id.hex()})")
+        raise NoteError(f"the note carries no cosignature of {self.name}")
+
+
+def signer_names(note: str) -> list[str]:
+    """The key names of a note's signature lines, in order."""
+    return [name for name, _ in split_note(note)[1]]

@@ -1,29 +1,39 @@
-"""Retention: purge records older than the kept period (7 years by default) without breaking the chain.
+"""Retention: drop the monthly partitions of records older than the kept period (7 years by default),
+without deleting a row and without breaking the chain or the Merkle tree.
 
 This is the one privileged path of the access log. The service's own role can never delete, so the
 purge runs with the administrative database role (``juki audit purge``, or a scheduled Job in
 Kubernetes), holding the checkpoint signing key. In one transaction, under the writers' advisory lock:
 
-1. the part to be purged is verified (a purge must not launder tampering);
-2. a *purge checkpoint* signs (last purged sequence, its chain hash) with its own payload prefix;
-3. the records up to that sequence are deleted (their batch ids too).
+1. the log is verified first (a purge must not launder tampering);
+2. the partitions to drop are the months (``records_YYYYMM``, migration 0004) that end before the
+   cut-off and whose records are a prefix of the log: every remaining record has a larger sequence (a
+   month never holds an earlier record than the one before it unless clocks of replicas disagreed; the
+   prefix then stops there);
+3. a *purge checkpoint* signs (last dropped sequence, its chain hash) with its own payload prefix, and a
+   C2SP tree checkpoint signs the stored tree at its current size: the tiles stay, so every remaining
+   record keeps its inclusion proof, and the tree's signed roots stay checkable;
+4. the partitions (and the batch ids of the same months) are detached and dropped: no DELETE.
 
 Verification then starts from the latest purge checkpoint instead of the genesis hash: the first
-remaining record must chain from it, and nothing but a record purged that way may be missing.
+remaining record must chain from it, and nothing but records purged that way may be missing. Records of
+a month without a partition (the DEFAULT partition) are never dropped.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
-from juki.accesslog import chain
-from juki.accesslog.verify import verify_log
+from juki.accesslog import chain, notes, tiles
+from juki.accesslog.verify import DEFAULT_ORIGIN, verify_log
 
 DEFAULT_RETENTION = dt.timedelta(days=7 * 365 + 2)  # 7 years, as prefectures keep provision records
+_MONTHLY = re.compile(r"records_(\d{4})(\d{2})")
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,32 @@ class PurgeResult:
     purged: int
     anchor_sequence: int
     problem: str = ""
+    partitions: list[str] = field(default_factory=list)  # the records partitions dropped
+    kept: str = ""  # why an older partition was kept, if one was
+
+
+@dataclass(frozen=True)
+class _Partition:
+    name: str
+    end: dt.datetime  # exclusive upper bound of its month
+    first: int | None  # sequences it holds (None when empty)
+    last: int | None
+
+
+async def _partitions(conn: asyncpg.Connection, schema: str, parent: str) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace"
+        " WHERE n.nspname = $1 AND p.relname = $2 ORDER BY c.relname", schema, parent)
+    return [str(row["relname"]) for row in rows]
+
+
+def _month_end(name: str) -> dt.datetime | None:
+    match = _MONTHLY.fullmatch(name)
+    if match is None:
+        return None
+    year, month = int(match.group(1)), int(match.group(2))
+    return dt.datetime(year + month // 12, month % 12 + 1, 1, tzinfo=dt.UTC)
 
 
 async def purge(
@@ -40,34 +76,60 @@ async def purge(
     verifier: chain.CheckpointVerifier,
     *,
     older_than: dt.datetime,
+    origin: str = DEFAULT_ORIGIN,
 ) -> PurgeResult:
-    """Delete the records recorded before ``older_than`` (a prefix of the log), anchored by a signed checkpoint.
-
-    ``conn`` must be an administrative connection. Records are purged by sequence up to the last one
-    recorded before the cut-off, so the remaining log is always a contiguous suffix.
-    """
-    verified = await verify_log(conn, verifier, schema=schema)
+    """Drop the monthly partitions that end before ``older_than`` and hold a prefix of the log, anchored
+    by a signed purge checkpoint. ``conn`` must be an administrative connection."""
+    verified = await verify_log(conn, verifier, schema=schema, origin=origin)
     if not verified.ok:
         return PurgeResult(0, 0, f"refusing to purge a log that does not verify: {verified.problem}")
     async with conn.transaction():
-        await conn.execute(f"SELECT pg_advisory_xact_lock(hashtext('juki-accesslog-writer:' || '{schema}'))")
-        row = await conn.fetchrow(
-            f'SELECT sequence, chain_hash FROM "{schema}".records WHERE recorded_at < $1'
-            " ORDER BY sequence DESC LIMIT 1",
-            older_than,
-        )
-        if row is None:
-            return PurgeResult(0, 0)
-        anchor, anchor_hash = int(row["sequence"]), bytes(row["chain_hash"])
-        signed_at_ns = time.time_ns()
-        signature = signer.sign(anchor, anchor_hash, signed_at_ns, purge=True)
-        await conn.execute(
-            f'INSERT INTO "{schema}".checkpoints (sequence, chain_hash, signed_at_ns, signature, key_id, kind)'
-            " VALUES ($1, $2, $3, $4, $5, 'purge')",
-            anchor, anchor_hash, signed_at_ns, signature, signer.key_id,
-        )
-        status = await conn.execute(f'DELETE FROM "{schema}".records WHERE sequence <= $1', anchor)
-        await conn.execute(
-            f'DELETE FROM "{schema}".batches WHERE first_sequence + count - 1 <= $1', anchor
-        )
-    return PurgeResult(int(status.split()[-1]), anchor)
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('juki-accesslog-writer:' || $1))", schema)
+        partitions: list[_Partition] = []
+        for name in await _partitions(conn, schema, "records"):
+            bounds = await conn.fetchrow(f'SELECT min(sequence) AS first, max(sequence) AS last FROM "{schema}"."{name}"')
+            end = _month_end(name)
+            partitions.append(_Partition(name, end or dt.datetime.max.replace(tzinfo=dt.UTC),
+                                         bounds["first"], bounds["last"]))
+        candidates = sorted((p for p in partitions if p.end <= older_than and _month_end(p.name)),
+                            key=lambda p: p.end)
+        chosen: list[_Partition] = []
+        kept = ""
+        for index in range(len(candidates), 0, -1):
+            prefix = candidates[:index]
+            rest = [p for p in partitions if p not in prefix and p.first is not None]
+            last = max((p.last for p in prefix if p.last is not None), default=0)
+            first_kept = min((p.first for p in rest if p.first is not None), default=None)
+            if first_kept is None or last < first_kept:
+                chosen = prefix
+                break
+            kept = (f"{candidates[index - 1].name} holds record {last}, after record {first_kept} of a newer"
+                    " partition: kept until the whole prefix can go")
+        anchor = max((p.last for p in chosen if p.last is not None), default=0)
+        purged = 0
+        if anchor:
+            anchor_hash = bytes(await conn.fetchval(
+                f'SELECT chain_hash FROM "{schema}".records WHERE sequence = $1', anchor))
+            signed_at_ns = time.time_ns()
+            await conn.execute(
+                f'INSERT INTO "{schema}".checkpoints (sequence, chain_hash, signed_at_ns, signature, key_id, kind)'
+                " VALUES ($1, $2, $3, $4, $5, 'purge')",
+                anchor, anchor_hash, signed_at_ns, signer.sign(anchor, anchor_hash, signed_at_ns, purge=True),
+                signer.key_id,
+            )
+            size = await tiles.tree_size(conn, schema)
+            root = await tiles.root_at(conn, size, schema)
+            await conn.execute(
+                f'INSERT INTO "{schema}".tree_checkpoints (tree_size, root_hash, signed_at_ns, note)'
+                " VALUES ($1, $2, $3, $4)",
+                size, root, signed_at_ns, signer.note_signer(origin).sign(notes.Checkpoint(origin, size, root).body()),
+            )
+        chosen_months = {p.name.removeprefix("records_") for p in chosen}
+        for p in chosen:
+            purged += int(await conn.fetchval(f'SELECT count(*) FROM "{schema}"."{p.name}"'))
+        for parent in ("records", "batches"):
+            for name in await _partitions(conn, schema, parent):
+                if name.removeprefix(f"{parent}_") in chosen_months:
+                    await conn.execute(f'ALTER TABLE "{schema}"."{parent}" DETACH PARTITION "{schema}"."{name}"')
+                    await conn.execute(f'DROP TABLE "{schema}"."{name}"')
+    return PurgeResult(purged, anchor, partitions=[p.name for p in chosen], kept=kept)

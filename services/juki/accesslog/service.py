@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -18,16 +19,20 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2, accesslog_pb2_grpc
 from juki._gen.juki.common.v1 import common_pb2
-from juki.accesslog import chain, merkle, notes, tiles
+from juki.accesslog import chain, merkle, notes, tiles, witness
 from juki.accesslog.verify import TreeState, verify_log
 from juki.accesslog.writer import LogWriter, prepare
 from juki.domain import JAPAN_TIME, is_valid_resident_code
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
+from juki.mesh.pki import load_revoked_serials
+from juki.mesh.tls import require_peer
 
 MAX_BATCH_RECORDS = 100_000
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_OTHER_CODES = 16
+# A cosignature dated further ahead than this (clock skew) is refused (C2SP tlog-cosignature allows it).
+MAX_COSIGNATURE_SKEW_SECONDS = 300
 
 
 def valid_code(code: str) -> bool:
@@ -132,6 +137,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         pseudonym_key: bytes,
         verifier: chain.CheckpointVerifier,
         checkpointer: Any,
+        crl: Path | None = None,
     ) -> None:
         self._pool = pool
         self._writer = writer
@@ -141,6 +147,8 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         self._checkpointer = checkpointer
         self._note_verifier = verifier.note_verifier(checkpointer.origin)
         self._verify_lock = asyncio.Lock()
+        self._crl = crl  # revoked witness cosigning keys are refused
+        self._revoked: tuple[float, frozenset[int]] = (-1.0, frozenset())
         self.last_verification: tuple[float, accesslog_pb2.VerifyLogResponse] | None = None
         self._reached: TreeState | None = None  # what the last good verification reached (tree frontier included)
         self._full_at: tuple[float, Any] | None = None  # when the last full verification succeeded
@@ -238,6 +246,11 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         proof_size = request.proof_tree_size
         if proof_size:
             await self._check_size("proof_tree_size", proof_size)
+        witnessed_size = request.witnessed_tree_size
+        if witnessed_size and not proof_size:
+            raise invalid("witnessed_tree_size", "only with proof_tree_size")
+        if witnessed_size > proof_size:
+            raise invalid("witnessed_tree_size", "must not be larger than proof_tree_size")
         if len(request.other_resident_codes) > MAX_OTHER_CODES:
             raise invalid("other_resident_codes", f"at most {MAX_OTHER_CODES} earlier codes")
         codes_by_subject = {chain.pseudonym(self._key, code): code}
@@ -274,11 +287,14 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(sql, *args)
             proofs: list[list[bytes]] = []
+            sizes: list[int] = []
             if proof_size and rows:
-                # Every proof of the page from one read of the tiles they need.
+                # Every proof of the page from one read of the tiles they need; a record the witnessed
+                # (smaller) tree holds is proven into that one.
                 indices = [int(row["sequence"]) - 1 for row in rows[:size]]
+                sizes = [witnessed_size if i < witnessed_size else proof_size for i in indices]
                 proofs = await tiles.compute(
-                    conn, lambda node: [merkle.inclusion_proof(i, proof_size, node) for i in indices])
+                    conn, lambda node: [merkle.inclusion_proof(i, n, node) for i, n in zip(indices, sizes, strict=True)])
         response = accesslog_pb2.ListProvisionsResponse()
         for position, row in enumerate(rows[:size]):
             record = accesslog_pb2.ProvisionRecord.FromString(row["payload"])
@@ -292,6 +308,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
                     bytes(row["subject"]), bytes(row["payload"]),
                 )
                 logged.inclusion_proof.extend(proofs[position])
+                logged.proof_tree_size = sizes[position]
             response.provisions.append(logged)
         if len(rows) > size:
             last = rows[size - 1]
@@ -374,6 +391,10 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             checkpoint=checkpoint_message(latest), tree_checkpoint=tree.note,
             signing_certificate=self._verifier.certificate_pem,
         )
+        witnessed = await self.witnessed_checkpoint()
+        if witnessed is not None:
+            response.witnessed_checkpoint, certificates = witnessed
+            response.witness_certificates.extend(certificates)
         if since is not None:
             if since.tree_size > tree.tree_size:
                 raise invalid("since_checkpoint", f"larger than the log's latest checkpoint ({tree.tree_size})")
@@ -408,3 +429,104 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         async with self._pool.acquire() as conn:
             proof = await tiles.compute(conn, lambda node: merkle.consistency_proof(first, second, node))
         return accesslog_pb2.GetConsistencyProofResponse(consistency_proof=proof)
+
+    def _revoked_serials(self) -> frozenset[int]:
+        if self._crl is None:
+            return frozenset()
+        try:
+            mtime = self._crl.stat().st_mtime
+        except OSError:
+            return self._revoked[1]
+        if mtime != self._revoked[0]:
+            self._revoked = (mtime, load_revoked_serials(self._crl, self._verifier.ca_path))
+        return self._revoked[1]
+
+    async def witnessed_checkpoint(self) -> tuple[str, list[str]] | None:
+        """The latest tree checkpoint witnesses cosigned, with their lines, and their certificates."""
+        async with self._pool.acquire() as conn:
+            latest = await conn.fetchrow(
+                "SELECT tree_size, root_hash FROM cosignatures ORDER BY tree_size DESC LIMIT 1")
+            if latest is None:
+                return None
+            size, root = latest["tree_size"], latest["root_hash"]
+            note = await conn.fetchval(
+                "SELECT note FROM tree_checkpoints WHERE tree_size = $1 AND root_hash = $2"
+                " ORDER BY signed_at_ns DESC LIMIT 1", size, root)
+            rows = await conn.fetch(
+                "SELECT DISTINCT ON (witness) witness, line, certificate FROM cosignatures"
+                " WHERE tree_size = $1 AND root_hash = $2 ORDER BY witness, cosigned_at DESC", size, root)
+        if note is None:
+            return None
+        return note + "".join(row["line"] for row in rows), [row["certificate"] for row in rows]
+
+    async def AddCosignature(
+        self, request: accesslog_pb2.AddCosignatureRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> accesslog_pb2.AddCosignatureResponse:
+        peer = require_peer()
+        if not request.witness_certificate:
+            raise invalid("witness_certificate", "the witness's cosigning certificate is required")
+        try:
+            certified = witness.certified_witness(request.witness_certificate.encode(), self._verifier.ca_pem,
+                                                  at=dt.datetime.now(dt.UTC), revoked=self._revoked_serials())
+        except ValueError as exc:
+            raise JukiError(Reason.PEER_NOT_AUTHORISED, f"witness_certificate: {exc}: the key is unknown to the"
+                            " mesh CA, its cosignature is refused") from exc
+        if peer.kind != "witness" or peer.name != certified.name:
+            raise JukiError(Reason.PEER_NOT_AUTHORISED, f"witness_certificate: it certifies witness {certified.name},"
+                            f" the caller is {peer.spiffe_id}")
+        if not request.cosigned_checkpoint:
+            raise invalid("cosigned_checkpoint", "the cosigned checkpoint is required")
+        try:
+            checkpoint = self._note_verifier.verify_checkpoint(request.cosigned_checkpoint)
+        except notes.NoteError as exc:
+            raise invalid("cosigned_checkpoint", str(exc)) from exc
+        note = request.cosigned_checkpoint
+        cut = note.rfind("\n\n")
+        body = note[:cut + 1]
+        for name in witness.cosigners(note, self._checkpointer.origin):
+            if name != certified.key_name:
+                raise JukiError(Reason.PEER_NOT_AUTHORISED, f"cosigned_checkpoint: a cosignature by {name}: a"
+                                f" witness submits its own cosignature only (the caller is {peer.spiffe_id})")
+        line, cosigned_at = "", -1
+        problem = f"the note carries no cosignature of {certified.key_name}"
+        reason = Reason.INVALID_FIELD
+        for candidate in note[cut + 2:].splitlines(keepends=True):
+            if not candidate.startswith(f"{notes.SIGNATURE_PREFIX}{certified.key_name} "):
+                continue
+            try:
+                cosigned_at = certified.verifier().verify(body + "\n" + candidate)
+            except notes.NoteError as exc:
+                # Another key under this witness's name, or a bad signature: not by the key the CA certified.
+                try:
+                    submitted = base64.b64decode(candidate.rstrip("\n").rsplit(" ", 1)[-1], validate=True)[:4].hex()
+                except ValueError:
+                    submitted = "unreadable"
+                problem, reason = f"{exc}; the line's key id is {submitted}", Reason.PEER_NOT_AUTHORISED
+                continue
+            line = candidate
+            break
+        if line and cosigned_at > time.time() + MAX_COSIGNATURE_SKEW_SECONDS:
+            raise invalid("cosigned_checkpoint", f"the cosignature of witness {certified.name} is dated in the future")
+        if not line:
+            message = f"cosigned_checkpoint: {problem} (witness {certified.name}, certified key id {certified.key_id})"
+            raise JukiError(reason, message, violations=[FieldViolation("cosigned_checkpoint", message, reason.name)])
+        async with self._pool.acquire() as conn, conn.transaction():
+            signed = await conn.fetchval(
+                "SELECT true FROM tree_checkpoints WHERE tree_size = $1 AND root_hash = $2 LIMIT 1",
+                checkpoint.tree_size, checkpoint.root_hash)
+            if not signed:
+                raise invalid("cosigned_checkpoint", f"the log signed no checkpoint of tree size {checkpoint.tree_size}"
+                              " with that root")
+            if checkpoint.tree_size > await tiles.tree_size(conn) \
+                    or await tiles.root_at(conn, checkpoint.tree_size) != checkpoint.root_hash:
+                raise invalid("cosigned_checkpoint", f"the log's stored tree has another root at size"
+                              f" {checkpoint.tree_size}")
+            await conn.execute(
+                "INSERT INTO cosignatures (tree_size, root_hash, witness, key_id, cosigned_at, line, certificate)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                checkpoint.tree_size, checkpoint.root_hash, certified.name, bytes.fromhex(certified.key_id),
+                cosigned_at, line, certified.certificate_pem,
+            )
+            count = await conn.fetchval(
+                "SELECT count(DISTINCT witness) FROM cosignatures WHERE tree_size = $1", checkpoint.tree_size)
+        return accesslog_pb2.AddCosignatureResponse(tree_size=checkpoint.tree_size, witnesses=int(count))

@@ -73,6 +73,7 @@ class TreeProgress:
     resumed_from: int = 0
     consistency_checked: bool = False
     roots: dict[int, bytes] = field(default_factory=dict)
+    cosignatures_checked: int = 0
 
 
 async def load_tree_checkpoints(conn: asyncpg.Connection, schema: str | None = None) -> list[StoredTreeCheckpoint]:
@@ -163,6 +164,12 @@ async def verify_log(
                 return result
             tree.checkpoints_checked += 1
             tree.latest = tcp
+        # Witness cosignatures: each by the key the CA certified for its witness, over a root the log signed.
+        problem = await _check_cosignatures(conn, schema, origin, getattr(verifier, "ca_pem", b""), roots,
+                                            resume.size if resume is not None else 0, tree)
+        if problem:
+            result.fail(*problem)
+            return result
         if resume is not None and roots.get(resume.size, resume.root) != resume.root:
             result.fail(resume.size, f"the log signed another root for size {resume.size} than the one verified"
                                      " before: the log forked")
@@ -174,7 +181,9 @@ async def verify_log(
         if purge_anchor is not None:
             previous, expected = purge_anchor.chain_hash, purge_anchor.sequence + 1
         frontier: merkle.Frontier | None = None
-        if resume is not None and resume.size >= expected - 1 and first != 0 and first <= resume.size + 1:
+        # Resumed only while the log still starts right after its purge anchor (or at 1): a deleted first
+        # record is caught without a full run.
+        if resume is not None and resume.size >= expected - 1 and first == expected:
             # The stored tree must still have, at that size, the root verified then (a rewritten tile
             # on the right edge of the old tree, or a forked history, changes it).
             stored_root = await tiles.root_at(conn, resume.size, schema) if stored_size >= resume.size else b""
@@ -301,4 +310,30 @@ async def _compare_tiles(
                 return last_sequence, f"the stored tile hash of record {last_sequence} {what}"
             return last_sequence, (f"the stored tile hash of tree node {level}/{index} (records up to"
                                    f" {last_sequence}) {what}")
+    return None
+
+
+async def _check_cosignatures(
+    conn: asyncpg.Connection, schema: str | None, origin: str, ca_pem: bytes, roots: dict[int, bytes],
+    from_size: int, tree: TreeProgress,
+) -> tuple[int, str] | None:
+    """The first stored cosignature that does not verify: (tree size, problem)."""
+    from juki.accesslog import witness
+
+    table = f'"{schema}".cosignatures' if schema else "cosignatures"
+    rows = await conn.fetch(f"SELECT tree_size, root_hash, witness, line, certificate FROM {table}"
+                            " WHERE tree_size >= $1 ORDER BY tree_size, witness", from_size)
+    for row in rows:
+        size, name = int(row["tree_size"]), str(row["witness"])
+        if roots.get(size) != bytes(row["root_hash"]):
+            return size, f"the cosignature of witness {name} at tree size {size} is over a root the log did not sign"
+        try:
+            certified = witness.certified_witness(str(row["certificate"]).encode(), ca_pem)
+            if certified.name != name:
+                raise ValueError(f"its certificate is for witness {certified.name}")
+            body = notes.Checkpoint(origin, size, bytes(row["root_hash"])).body()
+            certified.verifier().verify(body + "\n" + str(row["line"]))
+        except (ValueError, notes.NoteError) as exc:
+            return size, f"the cosignature of witness {name} at tree size {size} does not verify: {exc}"
+        tree.cosignatures_checked += 1
     return None

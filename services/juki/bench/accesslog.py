@@ -64,8 +64,9 @@ class BenchEnvironment(Harness):
     async def migrate(self, instance: str = "accesslog") -> None:
         await self.prepare([("accesslog", instance)])
 
-    def settings(self, instance: str = "accesslog", **extra: str) -> Any:
+    def settings(self, instance: str = "accesslog") -> Any:
         from juki.mesh.settings import (
+            AccessLogSettings,
             DatabaseSettings,
             Peers,
             Secret,
@@ -83,9 +84,9 @@ class BenchEnvironment(Harness):
             database=DatabaseSettings(url=Secret(self.pg.url(role_name(instance))), schema=schema_name(instance),
                                       pool_min=2, pool_max=8),
             data_dir=self.root, peers=Peers(),
-            extra={"accesslog_signing_key_file": str(sign_key), "accesslog_signing_cert_file": str(sign_cert),
-                   "pseudonym_key_file": str(self.pseudonym_file), "accesslog_checkpoint_seconds": "5",
-                   "accesslog_verify_seconds": "0", **extra},
+            accesslog=AccessLogSettings(signing_key_file=sign_key, signing_cert_file=sign_cert,
+                                        pseudonym_key_file=self.pseudonym_file, checkpoint_seconds=5,
+                                        verify_seconds=0),
         )
 
 async def writer_phase(env: BenchEnvironment, records: int, batch: int, producers: int) -> dict[str, Any]:

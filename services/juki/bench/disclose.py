@@ -108,7 +108,7 @@ async def fill(env: Any, args: argparse.Namespace, codes: list[str], subjects: l
                 await conn.copy_records_to_table("records", records=rows, columns=RECORD_COLUMNS,
                                                  schema_name="accesslog")
                 progress.update(task, completed=sequence)
-        await conn.execute("ALTER TABLE accesslog.records ADD PRIMARY KEY (sequence)")
+        await conn.execute("ALTER TABLE accesslog.records ADD PRIMARY KEY (sequence, recorded_at)")  # partitioned by month
         await conn.execute("CREATE INDEX records_subject ON accesslog.records (subject, provided_at, sequence)")
         await conn.execute("ANALYZE accesslog.records")
     finally:

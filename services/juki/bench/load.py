@@ -93,7 +93,7 @@ class LoadEnvironment(Harness):
             "JUKI_OPERATOR_PASSWORDS_FILE": str(self._operator_passwords()),
         }
         if self.batch:
-            settings["JUKI_RESYNC_BATCH"] = str(self.batch)
+            settings["JUKI_MUNICIPAL_RESYNC_BATCH"] = str(self.batch)
         return self.server_env(name, identity, listen=self.address(name), **settings)
 
     async def fill(self, residents: int) -> float:
@@ -283,7 +283,7 @@ class MemorySampler:
 async def bench_load(args: argparse.Namespace) -> dict[str, Any]:
     import asyncpg
 
-    from juki.municipal.app import RESYNC_BATCH
+    from juki.mesh.settings import MunicipalSettings
 
     env = LoadEnvironment(keep=args.keep, batch=args.batch)
     try:
@@ -316,7 +316,7 @@ async def bench_load(args: argparse.Namespace) -> dict[str, Any]:
             "unit": "records durable at the prefecture and the national intake, through ResyncToPrefecture",
             "records_sent": response.records_sent,
             "records_applied": response.records_applied,
-            "batch": env.batch or RESYNC_BATCH,
+            "batch": env.batch or MunicipalSettings().resync_batch,
             "fill_seconds": round(fill_seconds, 2),
             "database_bytes": database_bytes,
             **memory,

@@ -32,6 +32,7 @@ from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2, lookup_pb2_grpc
 from juki.bench.harness import CpuMeter, Harness, emit, json_flag, percentile, serve_echo
 from juki.domain.codes import resident_code_from_body
+from juki.mesh import wire
 
 PENSION = "B1-PENSION-BENEFIT"
 ECHO_UNARY = "/juki.bench.v1.Echo/LookupByCode"
@@ -194,26 +195,17 @@ def _canned_record() -> common_pb2.IdentityRecord:
     return record
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def echo_handlers() -> Any:
     """The echo server's handlers (see :func:`juki.bench.harness.serve_echo`): lookup-shaped answers, no work."""
     record = _canned_record()
     unary_answer = lookup_pb2.LookupByCodeResponse(
         record=record, provided_fields=list(common_pb2.Field.values())[1:]).SerializeToString()
     record_bytes = record.SerializeToString()
-    # A VerifyResult minus its item_id: status CURRENT (field 2) and the record (field 3).
-    result_tail = b"\x10\x01\x1a" + _varint(len(record_bytes)) + record_bytes
+    # A VerifyResult minus its item_id: status CURRENT and the record, as lookup writes it (mesh.wire).
+    result_tags = wire.tags(lookup_pb2.VerifyResult)
+    result_tail = (wire.number(result_tags["status"], lookup_pb2.VERIFY_STATUS_CURRENT)
+                   + wire.length_delimited(result_tags["record"], record_bytes))
+    results_tag = wire.field_tag(lookup_pb2.VerifyBatchResponse, "results")
 
     async def unary(request: bytes, context: Any) -> bytes:
         return unary_answer
@@ -223,8 +215,8 @@ def echo_handlers() -> Any:
             request = lookup_pb2.VerifyBatchRequest.FromString(raw)
             parts = []
             for item in request.items:
-                result = b"\x08" + _varint(item.item_id) + result_tail
-                parts.append(b"\x0a" + _varint(len(result)) + result)
+                result = result_tags["item_id"] + wire.varint(item.item_id) + result_tail
+                parts.append(wire.length_delimited(results_tag, result))
             yield b"".join(parts)
 
     def same(value: bytes) -> bytes:

@@ -26,6 +26,7 @@ from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
 from juki.card.service import SERVICE_NAME, CardServicer
 from juki.mesh.db import create_pool
 from juki.mesh.errors import JukiError, Reason, SettingsError, passed_on
+from juki.mesh.methods import Method, OperatorProof
 from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import ServiceSettings
@@ -118,9 +119,12 @@ class CardApp:
         self.pool = await create_pool(self.settings.database, self.settings.instance)
         self._operators = OperatorVerifier(
             self.settings.tls, self.pool,
-            passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
+            passwords=load_passwords(self.settings.operator_passwords_file),
         )
-        counter = frozenset({"operator"})
+        # The counter's acts need the operator's proof on every call; a municipality's own system (the CS)
+        # may revoke or change a PIN on its certificate. A wide-area copy verifies a proof whenever one is
+        # attached, and requires one for a photo-ID check (wide_area.py).
+        counter = Method(frozenset({"operator"}), OperatorProof.REQUIRED)
         return [
             ServiceBinding(
                 name=SERVICE_NAME,
@@ -128,14 +132,14 @@ class CardApp:
                 servicer=CardServicer(self),
                 access={
                     "IssueCard": counter,
-                    "VerifyPin": frozenset({"operator", "municipality", "service"}),
-                    "ChangePin": frozenset({"operator", "municipality"}),
+                    "VerifyPin": Method(frozenset({"operator", "municipality", "service"})),
+                    "ChangePin": Method(frozenset({"operator", "municipality"})),
                     "UnlockCard": counter,
                     "SuspendCard": counter,
                     "ReleaseSuspension": counter,
-                    "RevokeCard": frozenset({"operator", "municipality"}),
-                    "GetCardStatus": frozenset({"operator", "municipality", "service"}),
-                    "RequestWideAreaCopy": counter,
+                    "RevokeCard": Method(frozenset({"operator", "municipality"}), OperatorProof.FROM_OPERATORS),
+                    "GetCardStatus": Method(frozenset({"operator", "municipality", "service"})),
+                    "RequestWideAreaCopy": Method(frozenset({"operator"}), OperatorProof.WHEN_PRESENT),
                     "FileSpecialMoveOut": counter,
                     "SpecialMoveIn": counter,
                 },

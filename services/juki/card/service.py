@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -28,11 +29,15 @@ from juki.card.convert import (
 )
 from juki.card.store import StoredCard
 from juki.mesh.errors import JukiError, Reason, invalid
+from juki.mesh.methods import require_method
 from juki.mesh.operator import VerifiedOperator
 from juki.mesh.tls import require_peer
 
 if TYPE_CHECKING:
     from juki.card.context import CardBackend
+
+# Namespace of the request ids (AIP-155) of the changes this service records at the municipal CSs.
+REQUEST_IDS = uuid.UUID("6d1f6a52-3b1e-5a7c-9f44-2c8e0b7d9a13")
 
 SERVICE_NAME = "juki.card.v1.CardService"
 
@@ -45,10 +50,12 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    async def verify_operator(self, method: str, request: Any, *, required: bool = True) -> VerifiedOperator | None:
-        if not required and not request.HasField("operator_proof"):
-            return None
-        return await self.app.operators.verify(f"/{SERVICE_NAME}/{method}", request)
+    async def verify_operator(self, request: Any, *, required: bool = False) -> VerifiedOperator | None:
+        """The operator proof by the method table's rule (app.py); ``required`` when this request needs one
+        whatever the rule says (a wide-area copy on a photo-ID check)."""
+        if required:
+            return await self.app.operators.verify(require_method().path, request)
+        return await self.app.operators.check(request)
 
     async def _card(self, conn: asyncpg.Connection, card_number: str, *, for_update: bool = True,
                     field: str = "card_number") -> StoredCard:
@@ -98,7 +105,7 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def IssueCard(self, request: card_pb2.IssueCardRequest, context: Any) -> card_pb2.IssueCardResponse:
-        operator = await self.verify_operator("IssueCard", request)
+        operator = await self.verify_operator(request)
         assert operator is not None
         today = self.app.today()
         rules.check_issuance(today)
@@ -165,7 +172,7 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
         return card_pb2.ChangePinResponse(card=card_message(card, self.app.today()))
 
     async def UnlockCard(self, request: card_pb2.UnlockCardRequest, context: Any) -> card_pb2.UnlockCardResponse:
-        operator = await self.verify_operator("UnlockCard", request)
+        operator = await self.verify_operator(request)
         assert operator is not None
         if request.new_pin:
             rules.check_pin_format(request.new_pin, "new_pin")
@@ -184,7 +191,7 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
         return card_pb2.UnlockCardResponse(card=card_message(card, today))
 
     async def SuspendCard(self, request: card_pb2.SuspendCardRequest, context: Any) -> card_pb2.SuspendCardResponse:
-        operator = await self.verify_operator("SuspendCard", request)
+        operator = await self.verify_operator(request)
         assert operator is not None
         if request.channel not in (card_pb2.SUSPENSION_CHANNEL_PHONE, card_pb2.SUSPENSION_CHANNEL_COUNTER):
             raise invalid("channel", "channel must be SUSPENSION_CHANNEL_PHONE or SUSPENSION_CHANNEL_COUNTER")
@@ -203,7 +210,7 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
 
     async def ReleaseSuspension(self, request: card_pb2.ReleaseSuspensionRequest, context: Any
                                 ) -> card_pb2.ReleaseSuspensionResponse:
-        operator = await self.verify_operator("ReleaseSuspension", request)
+        operator = await self.verify_operator(request)
         assert operator is not None
         if request.identity_document not in PHOTO_DOCUMENTS:
             raise invalid("identity_document",
@@ -223,7 +230,7 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
 
     async def RevokeCard(self, request: card_pb2.RevokeCardRequest, context: Any) -> card_pb2.RevokeCardResponse:
         peer = require_peer()
-        operator = await self.verify_operator("RevokeCard", request, required=peer.kind == "operator")
+        operator = await self.verify_operator(request)
         if not request.reason:
             raise invalid("reason", "say why the card is revoked, e.g. 返納, 死亡, 住民票コード変更")
         if bool(request.card_number) == bool(request.resident_code):
@@ -266,7 +273,7 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
 
     async def FileSpecialMoveOut(self, request: card_pb2.FileSpecialMoveOutRequest, context: Any
                                  ) -> card_pb2.FileSpecialMoveOutResponse:
-        operator = await self.verify_operator("FileSpecialMoveOut", request)
+        operator = await self.verify_operator(request)
         assert operator is not None
         today = self.app.today()
         planned = date_from_proto(request.planned_move_on, "planned_move_on")
@@ -302,13 +309,16 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
             entry=municipal_pb2.ResidentEntry(resident_code=move.resident_code),
             occurred_on=date_to_proto(min(move.planned_move_on, moved_on)), notified_on=date_to_proto(self.app.today()),
             next_municipality_code=move.to_municipality,
+            # Keyed on the move: if this process dies after the CS recorded the 転出 but before the flag
+            # below is set, the next attempt is answered from the first instead of recording it twice.
+            request_id=str(uuid.uuid5(REQUEST_IDS, f"{move.move_id}/special-move-out")),
         ))
         async with self.app.db().acquire() as conn:
             await conn.execute("UPDATE special_moves SET moved_out_notified = true WHERE move_id = $1", move.move_id)
 
     async def SpecialMoveIn(self, request: card_pb2.SpecialMoveInRequest, context: Any
                             ) -> card_pb2.SpecialMoveInResponse:
-        operator = await self.verify_operator("SpecialMoveIn", request)
+        operator = await self.verify_operator(request)
         assert operator is not None
         today = self.app.today()
         moved_on = date_from_proto(request.moved_on, "moved_on")
@@ -355,6 +365,7 @@ class CardServicer(card_pb2_grpc.CardServiceServicer):
         recorded = await self.app.record_change(request.municipality_code, municipal_pb2.RecordChangeRequest(
             change_kind=common_pb2.CHANGE_KIND_SPECIAL_MOVE_IN, entry=entry, occurred_on=date_to_proto(moved_on),
             notified_on=date_to_proto(today), previous_municipality_code=move.from_municipality,
+            request_id=str(uuid.uuid5(REQUEST_IDS, f"{move.move_id}/special-move-in")),
         ))
         continued = rules.continued_use_after_move(today)
         async with self.app.db().acquire() as conn, conn.transaction():

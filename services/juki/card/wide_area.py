@@ -47,7 +47,7 @@ async def request_copy(servicer: CounterChecks, request: card_pb2.RequestWideAre
     proof = request.WhichOneof("applicant_proof")
     operator: VerifiedOperator | None
     if proof == "card_proof":
-        operator = await servicer.verify_operator("RequestWideAreaCopy", request, required=False)
+        operator = await servicer.verify_operator(request)
         card = await servicer.require_pin(request.card_proof.card_number, request.card_proof.pin,
                                           "card_proof.pin", "card_proof.card_number")
         applicant_code, home = card.resident_code, card.home_municipality
@@ -62,7 +62,7 @@ async def request_copy(servicer: CounterChecks, request: card_pb2.RequestWideAre
             raise JukiError(Reason.CARD_REVOKED, f"the card lapsed: {lapsed}")
         method = "card"
     elif proof == "photo_id_check":
-        operator = await servicer.verify_operator("RequestWideAreaCopy", request)
+        operator = await servicer.verify_operator(request, required=True)
         check = request.photo_id_check
         if check.identity_document not in PHOTO_DOCUMENTS:
             raise invalid("photo_id_check.identity_document",

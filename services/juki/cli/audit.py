@@ -1,5 +1,6 @@
 """Audit verbs: ``juki audit verify`` (recompute the access log's chain and Merkle tree and check its
-checkpoints) and ``juki audit purge`` (the privileged retention purge).
+checkpoints), ``juki audit witness`` (cosign the log's checkpoints as a witness, refusing a split view; see
+juki.accesslog.witness) and ``juki audit purge`` (the privileged retention purge, by monthly partition).
 
 ``verify`` is incremental: it keeps, in a state file of its own (``--state``, by default
 ``<data dir>/audit/<schema>.json``), the tree state at the last signed checkpoint it verified, and the
@@ -52,8 +53,27 @@ def register(sub: Any) -> None:
     verify.add_argument("--origin", default=DEFAULT_ORIGIN, help=f"the log's origin (default {DEFAULT_ORIGIN})")
     verify.set_defaults(func=cmd_verify)
 
+    witness = asub.add_parser(
+        "witness", help="as a witness of the access log: check its latest checkpoint extends the one cosigned"
+                        " before, and cosign it (C2SP tlog-cosignature); a split view is reported, never cosigned")
+    add_data_dir(witness)
+    witness.add_argument("--name", default="local", help="the witness's name: spiffe://juki.local/witness/NAME")
+    witness.add_argument("--address", help="the access log's address (default: the local mesh's)")
+    witness.add_argument("--ca", type=Path, help="mesh CA certificate (default: the local mesh's)")
+    witness.add_argument("--pki", type=Path,
+                         help="folder of the witness's certificates witness/NAME{.crt,.key,.cosign.crt,.cosign.key}"
+                              " (default: the local mesh's PKI, which issues them when missing)")
+    witness.add_argument("--state", type=Path,
+                         help="the last checkpoint cosigned (default: <data dir>/witness/<name>.json)")
+    witness.add_argument("--origin", default=DEFAULT_ORIGIN, help=f"the log's origin (default {DEFAULT_ORIGIN})")
+    witness.add_argument("--every", type=float, default=0,
+                         help="cosign again every so many seconds until stopped (default: once)")
+    witness.add_argument("--json", action="store_true", help="print each round as one JSON object")
+    witness.set_defaults(func=cmd_witness)
+
     purge_parser = asub.add_parser(
-        "purge", help="delete records older than the retention period, anchored by a signed purge checkpoint"
+        "purge", help="drop the monthly partitions of records older than the retention period (no row is"
+                      " deleted), anchored by a signed purge checkpoint; the tree's tiles stay"
     )
     add_data_dir(purge_parser)
     _add_database_options(purge_parser)
@@ -222,5 +242,79 @@ async def cmd_purge(args: argparse.Namespace) -> int:
         print(f"error: {result.problem}", file=sys.stderr)
         return 1
     print(json.dumps({"purged": result.purged, "anchor_sequence": result.anchor_sequence,
-                      "cutoff": cutoff.isoformat()}))
+                      "cutoff": cutoff.isoformat(), "partitions_dropped": result.partitions,
+                      **({"kept": result.kept} if result.kept else {})}))
     return 0
+
+
+async def cmd_witness(args: argparse.Namespace) -> int:
+    """One witness round (or one every ``--every`` seconds). Exit 0 when cosigned or unchanged, 1 on a split
+    view (both roots named, nothing cosigned), 2 on bad settings."""
+    import asyncio
+    import base64
+    import time
+
+    import grpc
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from juki._gen.juki.accesslog.v1 import accesslog_pb2_grpc
+    from juki.accesslog import witness
+    from juki.mesh.pki import CertificateAuthority, PkiError
+    from juki.mesh.settings import TlsFiles
+    from juki.mesh.tls import secure_channel
+
+    data_dir = (args.data_dir or default_data_dir()).expanduser()
+    pki = CertificateAuthority(Path(args.pki) if args.pki else data_dir / "pki")
+    ca = Path(args.ca) if args.ca else pki.ca_cert_path
+    cert, key = pki.paths("witness", args.name)
+    cosign_cert, cosign_key = pki.cosigning_paths(args.name)
+    if not all(p.is_file() for p in (cert, key, cosign_cert, cosign_key)):
+        if not pki.exists():
+            raise SettingsError(f"no certificates of witness {args.name} in {pki.root}/witness and no CA to issue"
+                                " them: pass --pki")
+        try:
+            pki.issue("witness", args.name, display_name=f"access-log witness {args.name}")
+        except PkiError as exc:
+            raise SettingsError(str(exc)) from exc
+    if not ca.is_file():
+        raise SettingsError("cannot find the mesh CA certificate: pass --ca")
+    private = serialization.load_pem_private_key(cosign_key.read_bytes(), password=None)
+    if not isinstance(private, ed25519.Ed25519PrivateKey):
+        raise SettingsError(f"{cosign_key}: a witness's cosigning key is Ed25519")
+    address = args.address or str(read_endpoints(data_dir)["services"]["accesslog"]["address"])
+    state_file = Path(args.state) if args.state else data_dir / "witness" / f"{args.name}.json"
+    me = witness.Witness(args.name, private, cosign_cert.read_text(encoding="ascii"), ca.read_bytes(), state_file,
+                         args.origin)
+    channel = secure_channel(address, TlsFiles(ca=ca, cert=cert, key=key))
+    try:
+        stub = accesslog_pb2_grpc.AccessLogServiceStub(channel)
+        while True:
+            try:
+                result = await me.round(stub, now=int(time.time()))
+            except witness.SplitView as split:
+                figures = {"ok": False, "split_view": True, "witness": args.name, "problem": str(split)}
+                print(json.dumps(figures, ensure_ascii=False) if args.json
+                      else f"SPLIT VIEW: witness {args.name} refuses to cosign: {split}")
+                return 1
+            except grpc.aio.AioRpcError as exc:
+                print(f"error: the access log answered {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+            root = base64.b64encode(result.root_hash).decode()
+            figures = {"ok": True, "witness": args.name, "tree_size": result.tree_size, "root": root,
+                       "previous_tree_size": result.previous_size, "cosigned": result.cosigned,
+                       "witnesses": result.witnesses}
+            if args.json:
+                print(json.dumps(figures), flush=True)
+            elif result.cosigned:
+                print(f"witness {args.name} cosigned the checkpoint of tree size {result.tree_size} (root {root})"
+                      + (f", consistent with size {result.previous_size} cosigned before" if result.previous_size
+                         else ""), flush=True)
+            else:
+                print(f"witness {args.name}: the log has not grown since size {result.tree_size} (root {root})",
+                      flush=True)
+            if args.every <= 0:
+                return 0
+            await asyncio.sleep(args.every)
+    finally:
+        await channel.close()

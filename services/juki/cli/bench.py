@@ -1,8 +1,8 @@
 """``juki bench``: measurements printed as JSON, one sub-verb per module in :data:`BENCH_MODULES`.
 
 Each module exposes ``register_bench(bench_subparsers)`` adding its sub-verb (and setting ``func``).
-The benches live in :mod:`juki.bench` (one module each, one shared harness); a bench of a CLI tool may
-live beside that tool in ``juki.cli``. Add its module to :data:`BENCH_MODULES`.
+The benches live in :mod:`juki.bench` (one module each, one shared harness). Add a new one's module to
+:data:`BENCH_MODULES`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "juki.bench.intake",
     "juki.bench.soak",
     "juki.bench.load",
-    # a bench kept beside its CLI tool in juki.cli is listed here too (e.g. `juki bench audit`)
+    "juki.bench.audit",
 )
 
 

@@ -26,6 +26,7 @@ from juki.cli.main import add_data_dir
 from juki.domain import JAPAN_TIME
 from juki.extras import need
 from juki.mesh.errors import SettingsError
+from juki.mesh.settings import spiffe_id
 
 TITLE = "本人確認情報の提供状況の開示"
 METHOD = "/juki.disclosure.v1.DisclosureService/GetDisclosure"
@@ -60,9 +61,9 @@ CHANGE_LABELS = {
 }
 SEX_LABELS = {common_pb2.SEX_MALE: "男", common_pb2.SEX_FEMALE: "女"}
 PROVIDER_NAMES = {
-    "spiffe://juki.local/service/lookup": "地方公共団体情報システム機構（本人確認情報照会）",
-    "spiffe://juki.local/service/disclosure": "地方公共団体情報システム機構（本人開示）",
-    "spiffe://juki.local/service/card": "住基カード処理",
+    spiffe_id("service", "lookup"): "地方公共団体情報システム機構（本人確認情報照会）",
+    spiffe_id("service", "disclosure"): "地方公共団体情報システム機構（本人開示）",
+    spiffe_id("service", "card"): "住基カード処理",
 }
 
 
@@ -101,6 +102,8 @@ class Document:
     checkpoints: dict[int, str] = field(default_factory=dict)
     proof_sizes: list[int] = field(default_factory=list)
     signing_certificate: str = ""
+    # Certificates (by the mesh CA) of the witnesses whose cosignatures the checkpoints carry.
+    witness_certificates: list[str] = field(default_factory=list)
 
 
 def _date(value: dt.date | None) -> common_pb2.Date | None:
@@ -152,6 +155,7 @@ async def fetch(args: argparse.Namespace) -> Document:
         truncated = False
         checkpoints: dict[int, str] = {}
         proof_sizes: list[int] = []
+        witness_certificates: dict[str, None] = {}
         while True:
             request = disclosure_pb2.GetDisclosureRequest(
                 resident_code=args.resident_code, page_size=args.page_size, page_token=token,
@@ -172,7 +176,12 @@ async def fetch(args: argparse.Namespace) -> Document:
             size = int(note.split("\n")[1]) if note.count("\n") >= 2 and note.split("\n")[1].isdigit() else 0
             if size:
                 checkpoints[size] = note
-            proof_sizes += [size] * len(page.provisions)
+            witnessed = page.integrity.witnessed_checkpoint
+            if witnessed and witnessed.count("\n") >= 2 and witnessed.split("\n")[1].isdigit():
+                # The cosigned checkpoint (preferred for the provisions it holds) with its witnesses' lines.
+                checkpoints[int(witnessed.split("\n")[1])] = witnessed
+                witness_certificates.update(dict.fromkeys(page.integrity.witness_certificates))
+            proof_sizes += [p.proof_tree_size or size for p in page.provisions]
             token = page.next_page_token
             if not token:
                 break
@@ -183,7 +192,20 @@ async def fetch(args: argparse.Namespace) -> Document:
     return Document(args.resident_code, reply.identity, list(reply.history), provisions, reply.integrity,
                     "住基カード及び暗証番号" if args.card else "窓口における本人確認（写真付き身分証明書）",
                     truncated=truncated, checkpoints=checkpoints, proof_sizes=proof_sizes,
-                    signing_certificate=reply.integrity.signing_certificate)
+                    signing_certificate=reply.integrity.signing_certificate,
+                    witness_certificates=list(witness_certificates))
+
+
+def witness_statement(doc: Document) -> str:
+    """Which witnesses cosigned the checkpoint the older provisions are proven into (empty if none)."""
+    note = doc.integrity.witnessed_checkpoint
+    lines = note.split("\n")
+    names = [line.split(" ")[1].rsplit("/", 1)[-1] for line in lines[lines.index("") + 1:] if line.count(" ") == 2
+             and line.split(" ")[1].startswith("juki.local/witness/")] if "" in lines else []
+    if not names or len(lines) < 2:
+        return ""
+    return (f"証人（{'、'.join(names)}）が連署したチェックポイント（木のサイズ{lines[1]}）に含まれる提供記録は、"
+            "そのチェックポイントへの包含証明を付しています。")
 
 
 def integrity_statement(doc: Document) -> str:
@@ -196,7 +218,7 @@ def integrity_statement(doc: Document) -> str:
             f"の署名と連鎖値を確認しました。最新チェックポイント: 記録番号{report.checkpoint_sequence}"
             f"（{_stamp(report.checkpoint_signed_at)} 署名）。検証日時: {_stamp(report.verified_at)}"
             + (f"（全件の再計算: {_stamp(report.full_verified_at)}）" if report.HasField("full_verified_at") else "")
-            + "。"
+            + "。" + witness_statement(doc)
         )
     return f"提供記録の完全性: 検証に失敗しました（{report.problem}）。この開示内容は改ざんされている可能性があります。"
 
@@ -268,6 +290,7 @@ def as_dict(doc: Document) -> dict[str, Any]:
         LOG_KEY: {
             "checkpoints": [doc.checkpoints[size] for size in sorted(doc.checkpoints)],
             "signing_certificate": doc.signing_certificate,
+            "witness_certificates": doc.witness_certificates,
         },
     }
 

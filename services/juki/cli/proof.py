@@ -3,7 +3,9 @@
 FILE is the output of ``juki disclose CODE --format json``. In order, stopping at the first failure:
 
 1. the signing certificate in the file is the mesh CA's certificate for the access log's signing identity;
-2. every tree checkpoint in the file is a C2SP signed note signed by that key under the log's origin;
+2. every tree checkpoint in the file is a C2SP signed note signed by that key under the log's origin,
+   and every other signature line on it is a witness's cosignature (C2SP tlog-cosignature) by a key the
+   mesh CA certified for that witness (``spiffe://juki.local/witness/NAME``); a line by any other key fails;
 3. for each provision shown: its leaf (the access log's canonical bytes of the record) is the record
    with the shown 記録番号, every shown field is what that record says, and the leaf's inclusion proof
    leads to the root of a verified checkpoint.
@@ -27,7 +29,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
-from juki.accesslog import chain, merkle, notes
+from juki.accesslog import chain, merkle, notes, witness
 from juki.cli.disclose import LOG_KEY, PROOF_KEY, provision_row
 from juki.cli.main import add_data_dir
 from juki.disclosure.service import shown_provision
@@ -81,8 +83,11 @@ def parse_leaf(leaf: bytes, where: str) -> tuple[int, int, accesslog_pb2.Provisi
     return sequence, outcome, record
 
 
-def verify_document(document: Any, ca_pem: bytes, origin: str) -> int:
-    """Check everything; the number of provisions proven. ProofFailure at the first that fails."""
+def verify_document(document: Any, ca_pem: bytes, origin: str, summary: dict[str, Any] | None = None) -> int:
+    """Check everything; the number of provisions proven. ProofFailure at the first that fails.
+
+    ``summary`` receives ``witnesses`` (names of the witnesses whose cosignatures verified) and
+    ``witnessed_provisions`` (provisions proven into a checkpoint a witness cosigned)."""
     if not isinstance(document, dict) or not isinstance(document.get(LOG_KEY), dict):
         raise ProofFailure(LOG_KEY, "the file carries no access-log proofs (not `juki disclose --format json` output)")
     log = document[LOG_KEY]
@@ -92,11 +97,21 @@ def verify_document(document: Any, ca_pem: bytes, origin: str) -> int:
         raise ProofFailure(f"{LOG_KEY}.signing_certificate", str(exc)) from exc
     verifier = notes.NoteVerifier(origin, public_key)
     roots: dict[int, bytes] = {}
+    witnessed: dict[int, list[str]] = {}
+    certificates = log.get("witness_certificates") or []
+    if not isinstance(certificates, list) or not all(isinstance(c, str) for c in certificates):
+        raise ProofFailure(f"{LOG_KEY}.witness_certificates", "not a list of PEM certificates")
     for index, note in enumerate(log.get("checkpoints") or []):
         try:
             checkpoint = verifier.verify_checkpoint(str(note))
         except notes.NoteError as exc:
             raise ProofFailure(f"{LOG_KEY}.checkpoints[{index}]", str(exc)) from exc
+        try:
+            names = witness.check_cosignatures(str(note), origin, certificates, ca_pem)
+        except (ValueError, notes.NoteError) as exc:
+            raise ProofFailure(f"{LOG_KEY}.checkpoints[{index}]", str(exc)) from exc
+        if names:
+            witnessed[checkpoint.tree_size] = names
         if roots.setdefault(checkpoint.tree_size, checkpoint.root_hash) != checkpoint.root_hash:
             raise ProofFailure(f"{LOG_KEY}.checkpoints[{index}]",
                                f"two signed roots for tree size {checkpoint.tree_size}: the log forked")
@@ -135,6 +150,10 @@ def verify_document(document: Any, ca_pem: bytes, origin: str) -> int:
         if not merkle.verify_inclusion(merkle.leaf_hash(leaf), sequence - 1, size, path, roots[size]):
             raise ProofFailure(f"{where}.{PROOF_KEY}",
                                f"the inclusion proof does not lead to the signed root of tree size {size}")
+    if summary is not None:
+        summary["witnesses"] = sorted({name for names in witnessed.values() for name in names})
+        summary["witnessed_provisions"] = sum(
+            1 for shown in provisions if shown[PROOF_KEY].get("tree_size") in witnessed)
     return len(provisions)
 
 
@@ -154,12 +173,16 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         print(f"proof FAILED: {args.file}: not a readable JSON document ({exc})")
         return 1
+    summary: dict[str, Any] = {}
     try:
-        count = verify_document(document, ca_pem, args.origin)
+        count = verify_document(document, ca_pem, args.origin, summary)
     except ProofFailure as failure:
         print(f"proof FAILED: {failure}")
         return 1
     print(f"proof holds: the signing certificate chains to the CA, the checkpoints are signed, and each of "
           f"{count} provision(s) shown is the logged record, included in the signed tree")
+    if summary["witnesses"]:
+        print(f"witnessed: {summary['witnessed_provisions']} of them are proven into a checkpoint cosigned by "
+              f"witness(es) {', '.join(summary['witnesses'])}, whose keys the CA certified")
     sys.stdout.flush()
     return 0

@@ -20,6 +20,7 @@ from juki._gen.juki.intake.v1 import intake_pb2_grpc
 from juki.disclosure.service import DisclosureServicer
 from juki.domain.policy import Policy
 from juki.mesh import db
+from juki.mesh.methods import Method, OperatorProof
 from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import ServiceSettings
@@ -28,7 +29,9 @@ from juki.mesh.tls import secure_channel
 SERVICE_NAME = "juki.disclosure.v1.DisclosureService"
 # Residents hold no mesh certificate: they come through a counter terminal (operator), their
 # municipality's or prefecture's systems, or a kiosk service; the proof in the request says who they are.
-ACCESS = {"GetDisclosure": frozenset({"operator", "municipality", "prefecture", "service"})}
+# A counter disclosure carries the counter operator's proof (the oneof ``proof``); a card disclosure none.
+ACCESS = {"GetDisclosure": Method(frozenset({"operator", "municipality", "prefecture", "service"}),
+                                  OperatorProof.WHEN_PRESENT, proof_field="counter_operator")}
 
 
 class DisclosureApp:
@@ -53,7 +56,7 @@ class DisclosureApp:
             card=card_pb2_grpc.CardServiceStub(self._channel(self.card)) if self.card else None,
             operators=OperatorVerifier(
                 self.settings.tls, self.pool,
-                passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
+                passwords=load_passwords(self.settings.operator_passwords_file),
             ),
             policy=Policy.load(),
         )

@@ -33,12 +33,13 @@ from juki.domain import is_valid_resident_code
 from juki.domain.policy import Policy
 from juki.mesh.errors import JukiError, Reason, invalid, passed_on
 from juki.mesh.operator import OperatorVerifier
+from juki.mesh.settings import spiffe_id
 from juki.mesh.tls import require_peer
 
 log = logging.getLogger(__name__)
 
 METHOD = "/juki.disclosure.v1.DisclosureService/GetDisclosure"
-SELF = "spiffe://juki.local/service/disclosure"
+SELF = spiffe_id("service", "disclosure")
 DISCLOSURE_PURPOSE = "DISCLOSURE"
 DISCLOSURE_PURPOSE_NAME = "本人確認情報の開示（本人開示）"
 ALL_FIELDS = (common_pb2.FIELD_RESIDENT_CODE, common_pb2.FIELD_NAME, common_pb2.FIELD_BIRTH_DATE,
@@ -143,7 +144,8 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
                                 metadata={"remaining_attempts": str(checked.remaining_attempts)})
             return ""
         if which == "counter_operator":
-            verified = await self._operators.verify(METHOD, request, "counter_operator")
+            verified = await self._operators.check(request)  # the table's rule: counter_operator, when chosen
+            assert verified is not None
             return verified.operator_id
         raise invalid("proof", "prove the resident's identity: card_proof or counter_operator")
 
@@ -239,12 +241,18 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
         tree = await call("access log", self._accesslog.GetCheckpoint(
             accesslog_pb2.GetCheckpointRequest(), timeout=self._timeout))
         list_request.proof_tree_size = checkpoint_tree_size(tree.tree_checkpoint)
+        # A checkpoint a witness cosigned is preferred: every provision it holds is proven into it (a
+        # split view would have to fool the witness too); newer ones into the latest checkpoint.
+        witnessed_size = checkpoint_tree_size(tree.witnessed_checkpoint) if tree.witnessed_checkpoint else 0
+        if 0 < witnessed_size <= list_request.proof_tree_size:
+            list_request.witnessed_tree_size = witnessed_size
         listed = await call("access log", self._accesslog.ListProvisions(list_request, timeout=self._timeout),
                             caller_fields=PASSED_THROUGH)
         for logged in listed.provisions:
             shown = shown_provision(logged.record, logged.sequence, self._policy)
             shown.leaf = logged.leaf
             shown.inclusion_proof.extend(logged.inclusion_proof)
+            shown.proof_tree_size = logged.proof_tree_size or list_request.proof_tree_size
             response.provisions.append(shown)
         response.next_page_token = listed.next_page_token
 
@@ -265,6 +273,9 @@ class DisclosureServicer(disclosure_pb2_grpc.DisclosureServiceServicer):
         response.integrity.verified_through_sequence = verified.through_sequence
         response.integrity.tree_checkpoint = tree.tree_checkpoint
         response.integrity.signing_certificate = tree.signing_certificate
+        if list_request.witnessed_tree_size:
+            response.integrity.witnessed_checkpoint = tree.witnessed_checkpoint
+            response.integrity.witness_certificates.extend(tree.witness_certificates)
         if verified.HasField("full_verified_at"):
             response.integrity.full_verified_at.CopyFrom(verified.full_verified_at)
         newest = max((p.sequence for p in response.provisions), default=0)

@@ -91,7 +91,7 @@ class FixedClock:
 
 
 def parse_clock(setting: str | None) -> BusinessClock:
-    """Build a clock from a setting such as ``JUKI_BUSINESS_DATE``.
+    """Build a clock from a setting such as ``JUKI_CLOCK``.
 
     ``None``, ``""`` and ``"system"`` give the real clock; ``"2003-08-25"`` or an ISO datetime
     (``"2003-08-25T10:30:00+09:00"``) give a :class:`FixedClock`. Anything else raises ``ValueError``

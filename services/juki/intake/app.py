@@ -14,35 +14,39 @@ from juki.intake.store import Store
 from juki.mesh import db
 from juki.mesh.errors import SettingsError
 from juki.mesh.leader import LeaderLease
+from juki.mesh.methods import Method, OperatorProof
 from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import ServiceSettings
 
 SERVICE_NAME = "juki.intake.v1.IntakeService"
-_PREFIX = f"/{SERVICE_NAME}/"
 _READERS = frozenset({"service", "operator"})
 
 
-def access(tier: str) -> dict[str, frozenset[str]]:
-    """Who may call what: deny by default, every method listed.
+def access(tier: str) -> dict[str, Method]:
+    """The method table of a tier: who may call what (deny by default, every method listed).
 
     Finer checks (a municipality only for itself, a prefecture only for its municipalities) are made
-    in the servicer, where the request is known.
+    in the servicer, where the request is known. An operator who changes a connection state signs the
+    change; a prefecture passing on its own operator's change acts on its certificate.
     """
     senders = frozenset({"municipality", "operator"}) if tier == "prefecture" else frozenset({"prefecture", "operator"})
-    methods = {
+    methods: dict[str, Method | frozenset[str]] = {
         "SubmitNotifications": senders,
         "StreamNotifications": senders,
         "BulkLoad": senders,
         # A load's progress: only its sender (the municipality, or its prefecture at the national tier).
         "GetBulkLoad": frozenset({"municipality"}) if tier == "prefecture" else frozenset({"prefecture"}),
         "GetSequenceState": frozenset({"municipality", "prefecture", "operator"}),
-        "SetConnectionState": frozenset({"operator"}) if tier == "prefecture" else frozenset({"operator", "prefecture"}),
+        "SetConnectionState": Method(
+            frozenset({"operator"}) if tier == "prefecture" else frozenset({"operator", "prefecture"}),
+            OperatorProof.FROM_OPERATORS,
+        ),
         "GetIntakeStatus": frozenset({"operator", "prefecture", "municipality"}),
         "GetResident": _READERS,
         "ListResidentHistory": _READERS,
     }
-    return {_PREFIX + name: allowed for name, allowed in methods.items()}
+    return {name: row if isinstance(row, Method) else Method(row) for name, row in methods.items()}
 
 
 class IntakeApp:
@@ -74,7 +78,7 @@ class IntakeApp:
             self.gauges.start()
         self.servicer = IntakeServicer(
             settings, store, OperatorVerifier(
-                settings.tls, self.pool, passwords=load_passwords(settings.extra.get("operator_passwords_file"))
+                settings.tls, self.pool, passwords=load_passwords(settings.operator_passwords_file)
             ),
             on_accepted=self.relay.wake if self.relay else None,
         )

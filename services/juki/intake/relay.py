@@ -19,7 +19,7 @@ import grpc
 
 from juki._gen.juki.intake.v1 import intake_pb2
 from juki.intake.store import Store
-from juki.mesh import metrics
+from juki.mesh import metrics, wire
 from juki.mesh.db import is_connection_loss
 from juki.mesh.leader import LeaderLease
 from juki.mesh.outage import Outage
@@ -39,27 +39,15 @@ RELAY_LAG_BUCKETS_MS: tuple[float, ...] = (
 )
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+_REQUEST = wire.tags(intake_pb2.StreamNotificationsRequest)
 
 
 def encode_request(batch_id: int, payloads: list[bytes]) -> bytes:
     """The wire form of ``StreamNotificationsRequest(batch_id, notifications)`` from serialised notifications.
 
-    Field 1 (``batch_id``, varint) and field 2 (``notifications``, one length-delimited record each):
-    the stored payload bytes are relayed as they are, not parsed and serialised again.
+    The stored payload bytes are relayed as they are, not parsed and serialised again.
     """
-    parts = [b"\x08", _varint(batch_id)] if batch_id else []
-    for payload in payloads:
-        parts.append(b"\x12")
-        parts.append(_varint(len(payload)))
-        parts.append(payload)
-    return b"".join(parts)
+    return wire.number(_REQUEST["batch_id"], batch_id) + wire.repeated_messages(_REQUEST["notifications"], payloads)
 
 
 class Relay:

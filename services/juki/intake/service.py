@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -16,10 +17,11 @@ from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.intake.v1 import intake_pb2, intake_pb2_grpc
 from juki.intake import convert
 from juki.intake.senders import check_sender
-from juki.intake.store import Item, Outcome, Store
+from juki.intake.store import HistoryKey, Item, Outcome, Store, history_key
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid
 from juki.mesh.operator import OperatorVerifier
-from juki.mesh.settings import ServiceSettings, TlsFiles
+from juki.mesh.pagination import decode_token, encode_token, page_size
+from juki.mesh.settings import ServiceSettings
 from juki.mesh.tls import Peer, require_peer, secure_channel
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,35 @@ MAX_BATCH = 10_000
 PIPELINE = 2
 HISTORY_PAGE = 100
 MAX_HISTORY_PAGE = 1000
-SET_CONNECTION_METHOD = "/juki.intake.v1.IntakeService/SetConnectionState"
-_FIELD_REASONS = {"INVALID_FIELD", "CHECK_DIGIT_MISMATCH", "UNKNOWN_MUNICIPALITY", "DUPLICATE_NOTIFICATION_CONFLICT"}
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _history_token(code: str, key: HistoryKey) -> str:
+    recorded_at, occurred_on, resident_code, version = key
+    micros = (recorded_at - _EPOCH) // dt.timedelta(microseconds=1)
+    return encode_token("history", code, [micros, occurred_on.isoformat() if occurred_on else "", resident_code,
+                                          version])
+
+
+def _history_position(token: str, code: str) -> tuple[HistoryKey | None, int]:
+    """(keyset position, 0) of a page token, or (None, offset) of a decimal token of earlier versions."""
+    if not token:
+        return None, 0
+    if token.isascii() and token.isdigit() and len(token) < 10:
+        return None, int(token)  # an offset token handed out before tokens were keysets
+    position = decode_token(token, "history", code)
+    try:
+        micros, occurred, resident_code, version = position
+        if not (type(micros) is int and type(version) is int and isinstance(occurred, str)
+                and isinstance(resident_code, str)):
+            raise ValueError
+        recorded_at = _EPOCH + dt.timedelta(microseconds=micros)
+        occurred_on = dt.date.fromisoformat(occurred) if occurred else None
+    except (ValueError, OverflowError):
+        raise invalid("page_token", "not a page token returned by this method for this request") from None
+    return (recorded_at, occurred_on, resident_code, version), 0
 
 
 def _proto_violation(violation: FieldViolation) -> common_pb2.FieldViolation:
@@ -227,11 +256,11 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
                           Reason.UNKNOWN_MUNICIPALITY)
         if len(request.reason) > 500:
             raise invalid("reason", "at most 500 characters")
-        if peer.kind == "operator":
-            operator = await self._verifier.verify(SET_CONNECTION_METHOD, request)
+        operator = await self._verifier.check(request)
+        if operator is not None:
             log.info("operator %s sets %s connected=%s (%s)", operator.operator_id, code, request.connected,
                      request.reason)
-        else:
+        if peer.kind != "operator":
             # A prefecture passes on the change its own operator made (proof verified there).
             self._check_scope(peer, code)
         if not self.national and code[:2] != self._prefecture:
@@ -300,18 +329,13 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
         self, request: intake_pb2.ListResidentHistoryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> intake_pb2.ListResidentHistoryResponse:
         code = self._resident_code(request.resident_code)
-        if request.page_size < 0:
-            raise invalid("page_size", "must not be negative")
-        size = min(request.page_size or HISTORY_PAGE, MAX_HISTORY_PAGE)
-        start = 0
-        if request.page_token:
-            if not (request.page_token.isascii() and request.page_token.isdigit() and len(request.page_token) < 10):
-                raise invalid("page_token", "not a token returned by this service")
-            start = int(request.page_token)
-        rows = await self._store.history(code)
-        if not rows:
+        size = page_size(request.page_size, HISTORY_PAGE, MAX_HISTORY_PAGE)
+        after, offset = _history_position(request.page_token, code)
+        # One more than the page: whether a next page exists is known without counting the history.
+        rows = await self._store.history(code, after=after, offset=offset, limit=size + 1)
+        if not rows and not request.page_token:
             raise JukiError(Reason.RESIDENT_NOT_FOUND, f"no resident has code {code}")
-        page = rows[start : start + size]
+        page = rows[:size]
         versions = []
         for row in page:
             version = intake_pb2.ResidentVersion(
@@ -323,10 +347,8 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
             )
             version.recorded_at.CopyFrom(convert.timestamp(row["recorded_at"]))
             versions.append(version)
-        following = start + size
-        return intake_pb2.ListResidentHistoryResponse(
-            versions=versions, next_page_token=str(following) if following < len(rows) else ""
-        )
+        following = _history_token(code, history_key(page[-1])) if len(rows) > size else ""
+        return intake_pb2.ListResidentHistoryResponse(versions=versions, next_page_token=following)
 
     async def BulkLoad(
         self, request_iterator: AsyncIterator[intake_pb2.BulkLoadRequest], context: grpc.aio.ServicerContext[Any, Any]
@@ -351,6 +373,3 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
     def settings(self) -> ServiceSettings:
         return self._settings
 
-    @property
-    def tls(self) -> TlsFiles:
-        return self._settings.tls

@@ -142,6 +142,15 @@ class SequenceState:
     missing: list[tuple[int, int]]
 
 
+# The sort key of a resident version in a history page (recorded_at, occurred_on, resident_code, version).
+HistoryKey = tuple[dt.datetime, dt.date | None, str, int]
+
+
+def history_key(row: Any) -> HistoryKey:
+    """The keyset position of a version row returned by :meth:`Store.history`."""
+    return (row["recorded_at"], row["occurred_on"], row["resident_code"], int(row["version"]))
+
+
 class Store:
     """SQL of one intake tier. ``relay`` adds outbox rows (prefecture tier)."""
 
@@ -446,8 +455,13 @@ class Store:
                     continue
                 return row, followed
 
-    async def history(self, code: str) -> list[asyncpg.Record]:
-        """Every version of the record across code changes (predecessors and successors), oldest first."""
+    async def history(self, code: str, *, after: HistoryKey | None = None, offset: int = 0,
+                      limit: int | None = None) -> list[asyncpg.Record]:
+        """Versions of the record across code changes (predecessors and successors), oldest first.
+
+        One page: the ``limit`` versions after the key ``after`` (keyset; see :func:`history_key`), or
+        after skipping ``offset`` versions (the page tokens of earlier versions were offsets).
+        """
         async with self.pool.acquire() as conn:
             chain = [code]
             seen = {code}
@@ -465,12 +479,17 @@ class Store:
                             seen.add(other)
                             chain.append(other)
                             frontier.append(other)
+            # A version without a date of change sorts last among those recorded at the same moment.
+            sort_key = "(v.recorded_at, coalesce(v.occurred_on, 'infinity'::date), v.resident_code, v.version)"
+            keyset = (f" AND {sort_key} > ($2::timestamptz, coalesce($3::date, 'infinity'::date), $4::text,"
+                      " $5::bigint)") if after is not None else ""
+            arguments: list[Any] = [chain, *(after or ())]
             return list(await conn.fetch(
                 "SELECT v.*, n.municipality_code FROM resident_versions v"
                 " LEFT JOIN notifications n ON n.notification_id = v.notification_id"
-                " WHERE v.resident_code = ANY($1::text[]) ORDER BY v.recorded_at, v.occurred_on, v.resident_code,"
-                " v.version",
-                chain,
+                f" WHERE v.resident_code = ANY($1::text[]){keyset} ORDER BY {sort_key}"
+                f" LIMIT {int(limit) if limit is not None else 'ALL'} OFFSET {int(offset)}",
+                *arguments,
             ))
 
     # -- bulk loads (BulkLoad: bulk.py checks and converts, the writes are here) ------------------------

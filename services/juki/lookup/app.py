@@ -4,7 +4,8 @@ Lookup reads the national identity store (schema ``intake_national``) directly, 
 read, with SELECT only; it owns the watch lists of the change feed and the operator nonces. Every
 provision is logged through the access-log service before it is answered.
 
-Settings beyond the common ones (``JUKI_*`` environment variables):
+Settings beyond the common ones (``JUKI_*`` environment variables, parsed and checked at start into
+``settings.lookup``, see ``mesh.settings.LookupSettings``):
   ``JUKI_LOOKUP_QUOTA_MULTIPLIER``  scales every 別表 quota (default 1; benchmarks raise it).
   ``JUKI_LOOKUP_ACK_TIMEOUT``       seconds to wait for the access log's acknowledgement (default 5).
   ``JUKI_LOOKUP_LOG_IN_FLIGHT``     access-log batches sent and not yet acknowledged (default 4).
@@ -25,12 +26,12 @@ from juki._gen.juki.lookup.v1 import lookup_pb2
 from juki.domain.codes import is_valid_resident_code
 from juki.domain.policy import Policy, default_policy
 from juki.lookup import records as rec
-from juki.lookup.operator_check import OperatorCheck
-from juki.lookup.provisions import MAX_IN_FLIGHT, ProvisionLog
+from juki.lookup.provisions import ProvisionLog
 from juki.lookup.quota import Quotas
 from juki.lookup.service import LookupServicer, current_attempt
 from juki.mesh import db
-from juki.mesh.errors import JukiError, SettingsError
+from juki.mesh.errors import JukiError
+from juki.mesh.methods import Method, OperatorProof
 from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
 from juki.mesh.settings import SPIFFE_TRUST_DOMAIN, ServiceSettings
@@ -44,10 +45,18 @@ SERVICE_NAME = "juki.lookup.v1.LookupService"
 # Who may reach the methods at all; the 別表 policy then decides per 事務. Private bodies are let
 # through on purpose so that their refusal is the policy's (NOT_A_PUBLIC_BODY) and is logged.
 CALLERS = frozenset({"agency", "operator", "prefecture", "municipality", "private"})
-METHODS = (
-    "LookupByCode", "SearchByFourItems", "VerifyBatch", "RegisterWatch", "ListChanges", "StreamChanges",
-    "ListPurposes",
-)
+# The method table: an operator (a person at a terminal) signs every query; a system caller acts on its
+# certificate, but a proof it attaches is verified all the same. ListPurposes reads the caller's own grants.
+_QUERY = Method(CALLERS, OperatorProof.FROM_OPERATORS)
+METHODS: dict[str, Method] = {
+    "LookupByCode": _QUERY,
+    "SearchByFourItems": _QUERY,
+    "VerifyBatch": _QUERY,
+    "RegisterWatch": _QUERY,
+    "ListChanges": _QUERY,
+    "StreamChanges": _QUERY,
+    "ListPurposes": Method(CALLERS),
+}
 
 
 class LookupApp:
@@ -59,14 +68,6 @@ class LookupApp:
         self.pool: asyncpg.Pool | None = None
         self.provisions: ProvisionLog | None = None
         self._channel: grpc.aio.Channel | None = None
-        try:
-            self._quota_multiplier = float(settings.extra.get("lookup_quota_multiplier", "1"))
-            self._ack_timeout = float(settings.extra.get("lookup_ack_timeout", "5"))
-            self._log_in_flight = int(settings.extra.get("lookup_log_in_flight", str(MAX_IN_FLIGHT)))
-        except ValueError as exc:
-            raise SettingsError(f"lookup settings: {exc}") from exc
-        if self._quota_multiplier <= 0 or self._ack_timeout <= 0:
-            raise SettingsError("JUKI_LOOKUP_QUOTA_MULTIPLIER and JUKI_LOOKUP_ACK_TIMEOUT must be positive")
 
     async def start(self) -> Sequence[ServiceBinding]:
         address = self.settings.peers.require("accesslog")
@@ -74,18 +75,17 @@ class LookupApp:
         # No per-message tracing on the log stream: it is shared by many calls, and each record already
         # carries the trace id of the call it belongs to.
         self._channel = secure_channel(address, self.settings.tls, interceptors=[])
-        self.provisions = ProvisionLog(self._channel, ack_timeout=self._ack_timeout, max_in_flight=self._log_in_flight)
-        servicer = LookupServicer(
-            self.pool, self.policy, self.provisions, Quotas(self.pool, self._quota_multiplier), PROVIDER,
-            OperatorCheck(OperatorVerifier(
-                self.settings.tls, self.pool,
-                passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
-            )),
+        self.provisions = ProvisionLog(
+            self._channel, ack_timeout=self.settings.lookup.ack_timeout_seconds,
+            max_in_flight=self.settings.lookup.log_in_flight,
         )
-        return [ServiceBinding(
-            SERVICE_NAME, add_to_server, servicer,
-            {method: CALLERS for method in METHODS},
-        )]
+        servicer = LookupServicer(
+            self.pool, self.policy, self.provisions, Quotas(self.pool, self.settings.lookup.quota_multiplier), PROVIDER,
+            OperatorVerifier(
+                self.settings.tls, self.pool, passwords=load_passwords(self.settings.operator_passwords_file),
+            ),
+        )
+        return [ServiceBinding(SERVICE_NAME, add_to_server, servicer, METHODS)]
 
     async def on_refusal(self, peer: Peer | None, method: str, error: JukiError) -> None:
         """Log a refused attempt (a security event) with what it asked for, when known."""

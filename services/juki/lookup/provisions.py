@@ -25,7 +25,7 @@ import grpc
 from opentelemetry import trace
 
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
-from juki.mesh import metrics
+from juki.mesh import metrics, wire
 from juki.mesh.errors import JukiError, Reason
 from juki.mesh.tasks import cancel_and_wait
 
@@ -45,42 +45,21 @@ IDLE_SECONDS = 30.0
 APPEND_STREAM = "/juki.accesslog.v1.AccessLogService/AppendStream"
 
 
-_ONE_BYTE = tuple(bytes((value,)) for value in range(128))
-
-
-def encode_varint(value: int) -> bytes:
-    """Protobuf base-128 varint."""
-    if value < 128:
-        return _ONE_BYTE[value]
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def encode_records(records: Sequence[accesslog_pb2.ProvisionRecord]) -> list[bytes]:
-    """Serialised records, as :meth:`ProvisionLog.record` takes them."""
-    return [record.SerializeToString() for record in records]
+_APPEND = wire.tags(accesslog_pb2.AppendStreamRequest)
 
 
 def _append_stream_request(batch_id: str, records: Sequence[bytes], traceparent: str = "") -> bytes:
-    """An ``AppendStreamRequest`` (batch_id = 1, records = 2) written directly from serialised records.
+    """An ``AppendStreamRequest`` written directly from serialised records.
 
     Records are built from per-call templates as bytes (see ``service.Authorised``), so a batch of
-    thousands is joined here instead of being parsed into messages and serialised again.
+    thousands is joined here instead of being parsed into messages and serialised again. The traceparent
+    is the trace the log's work on this batch continues.
     """
-    identifier = batch_id.encode()
-    parts = [b"\x0a", encode_varint(len(identifier)), identifier]
-    for record in records:
-        parts.append(b"\x12")
-        parts.append(encode_varint(len(record)))
-        parts.append(record)
-    if traceparent:  # field 3: the trace the log's work on this batch continues
-        context = traceparent.encode()
-        parts += [b"\x1a", encode_varint(len(context)), context]
-    return b"".join(parts)
+    return b"".join((
+        wire.text(_APPEND["batch_id"], batch_id),
+        wire.repeated_messages(_APPEND["records"], records),
+        wire.text(_APPEND["traceparent"], traceparent),
+    ))
 
 
 def _passthrough(request: bytes) -> bytes:

@@ -14,7 +14,12 @@ from google.protobuf import timestamp_pb2
 
 from juki._gen.juki.common.v1 import common_pb2
 from juki.domain.policy import IdentityField, QueryMode
+from juki.mesh import wire
 from juki.mesh.settings import schema_name
+
+_varint = wire.varint
+_text = wire.text
+_message = wire.length_delimited
 
 # The columns every query of the store selects, in one place so that every query mode reads alike.
 RECORD_COLUMNS = (
@@ -131,34 +136,18 @@ def identity_record(row: Mapping[str, Any], fields: frozenset[IdentityField]) ->
 
 # -- the batch fast path: records written as protobuf bytes directly ------------------------------------
 
-_ONE_BYTE = tuple(bytes((value,)) for value in range(128))
-
-
-def _varint(value: int) -> bytes:
-    if value < 128:
-        return _ONE_BYTE[value]  # lengths, enums and small numbers: most varints written here
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _text(tag: bytes, value: str | None) -> bytes:
-    if not value:
-        return b""
-    encoded = value.encode()
-    length = len(encoded)
-    return tag + (_ONE_BYTE[length] if length < 128 else _varint(length)) + encoded
-
-
-def _message(tag: bytes, body: bytes) -> bytes:
-    return tag + _varint(len(body)) + body
+# Tags of the messages written here, computed from their descriptors (see ``mesh.wire``).
+_RECORD = wire.tags(common_pb2.IdentityRecord)
+_NAME = wire.tags(common_pb2.PersonName)
+_ADDRESS = wire.tags(common_pb2.Address)
+_DATE = wire.tags(common_pb2.Date)
+_TIMESTAMP = wire.tags(timestamp_pb2.Timestamp)
+_STALE_TRUE = _RECORD["stale"] + wire.varint(1)
 
 
 def _date_bytes(value: _dt.date) -> bytes:
-    return b"\x08" + _varint(value.year) + b"\x10" + _varint(value.month) + b"\x18" + _varint(value.day) + b"\x20\x01"
+    return (_DATE["year"] + _varint(value.year) + _DATE["month"] + _varint(value.month) + _DATE["day"]
+            + _varint(value.day) + _DATE["precision"] + _varint(common_pb2.DATE_PRECISION_FULL))
 
 
 class RecordEncoder:
@@ -196,11 +185,10 @@ class RecordEncoder:
             part = b""
             if as_of is not None:
                 stamp = _timestamp(as_of)
-                body = (b"\x08" + _varint(stamp.seconds) if stamp.seconds else b"") + (
-                    b"\x10" + _varint(stamp.nanos) if stamp.nanos else b"")
-                part += _message(b"\x62", body)
+                body = wire.number(_TIMESTAMP["seconds"], stamp.seconds) + wire.number(_TIMESTAMP["nanos"], stamp.nanos)
+                part += _message(_RECORD["as_of"], body)
             if connected is not True:
-                part += b"\x68\x01"
+                part += _STALE_TRUE
             cached = self._freshness[key] = part
         return cached
 
@@ -208,41 +196,45 @@ class RecordEncoder:
         parts: list[bytes] = []
         append = parts.append
         if self._code:
-            append(_text(b"\x0a", row["resident_code"]))
+            append(_text(_RECORD["resident_code"], row["resident_code"]))
         if self._name:
             if row["resident_kind"]:
-                append(b"\x10" + _varint(row["resident_kind"]))
+                append(_RECORD["resident_kind"] + _varint(row["resident_kind"]))
             name = b"".join((
-                _text(b"\x0a", row["family_name"]), _text(b"\x12", row["given_name"]),
-                _text(b"\x1a", row["family_name_kana"]), _text(b"\x22", row["given_name_kana"]),
-                _text(b"\x2a", row["alphabetic_name"]), _text(b"\x32", row["common_name"]),
-                _text(b"\x3a", row["former_family_name"]),
+                _text(_NAME["family_name"], row["family_name"]), _text(_NAME["given_name"], row["given_name"]),
+                _text(_NAME["family_name_kana"], row["family_name_kana"]),
+                _text(_NAME["given_name_kana"], row["given_name_kana"]),
+                _text(_NAME["alphabetic_name"], row["alphabetic_name"]),
+                _text(_NAME["common_name"], row["common_name"]),
+                _text(_NAME["former_family_name"], row["former_family_name"]),
             ))
-            append(_message(b"\x1a", name))
+            append(_message(_RECORD["name"], name))
         if self._birth:
             birth = (row["birth_year"], row["birth_month"], row["birth_day"])
             cached = self._births.get(birth)
             if cached is None:
-                cached = self._births[birth] = _message(b"\x22", birth_date_message(*birth).SerializeToString())
+                cached = self._births[birth] = _message(
+                    _RECORD["birth_date"], birth_date_message(*birth).SerializeToString())
             append(cached)
         if self._sex and row["sex"]:
-            append(b"\x28" + _varint(row["sex"]))
+            append(_RECORD["sex"] + _varint(row["sex"]))
         if self._address:
             address = b"".join((
-                _text(b"\x0a", row["municipality_code"]), _text(b"\x12", row["prefecture"]),
-                _text(b"\x1a", row["municipality"]), _text(b"\x22", row["street"]),
+                _text(_ADDRESS["municipality_code"], row["municipality_code"]),
+                _text(_ADDRESS["prefecture"], row["prefecture"]),
+                _text(_ADDRESS["municipality"], row["municipality"]), _text(_ADDRESS["street"], row["street"]),
             ))
-            append(_message(b"\x32", address))
+            append(_message(_RECORD["address"], address))
         if self._change:
             if row["status"]:
-                append(b"\x38" + _varint(row["status"]))
+                append(_RECORD["status"] + _varint(row["status"]))
             if row["last_change_kind"]:
-                append(b"\x40" + _varint(row["last_change_kind"]))
-            append(self._date(b"\x4a", row["last_changed_on"]))
-            append(_text(b"\x52", row["successor_code"]))
+                append(_RECORD["last_change_kind"] + _varint(row["last_change_kind"]))
+            append(self._date(_RECORD["last_changed_on"], row["last_changed_on"]))
+            append(_text(_RECORD["successor_code"], row["successor_code"]))
         if row["version"]:
-            append(b"\x58" + _varint(row["version"]))
+            append(_RECORD["version"] + _varint(row["version"]))
         append(self._fresh(row["municipality_as_of"], row["municipality_connected"]))
         if self._change:
-            append(self._date(b"\x72", row["last_notified_on"]))
+            append(self._date(_RECORD["last_notified_on"], row["last_notified_on"]))
         return b"".join(parts)

@@ -38,11 +38,13 @@ from juki.domain.policy import (
     QueryMode,
 )
 from juki.lookup import records as rec
-from juki.lookup.operator_check import OperatorCheck
-from juki.lookup.provisions import ProvisionLog, encode_varint
+from juki.lookup.provisions import ProvisionLog
 from juki.lookup.quota import Quotas
 from juki.lookup.records import RecordEncoder
+from juki.mesh import wire
 from juki.mesh.errors import FieldViolation, JukiError, Reason, invalid, invalid_many
+from juki.mesh.operator import OperatorVerifier
+from juki.mesh.pagination import decode_token, encode_token, page_size
 from juki.mesh.telemetry import current_trace_id
 from juki.mesh.tls import Peer, require_peer
 
@@ -81,6 +83,11 @@ _POLICY_REASONS: dict[type[PolicyError], Reason] = {
     ModeNotGranted: Reason.MODE_NOT_GRANTED,
     FieldNotGranted: Reason.FIELD_NOT_GRANTED,
 }
+
+# Tags of the messages this servicer writes as bytes (see ``mesh.wire``).
+_PROVISION = wire.tags(accesslog_pb2.ProvisionRecord)
+_VERIFY_RESULT = wire.tags(lookup_pb2.VerifyResult)
+_VERIFY_RESPONSE = wire.tags(lookup_pb2.VerifyBatchResponse)
 
 _TRACER = trace.get_tracer("juki.lookup")
 _STORE_SPAN = {"db.system": "postgresql", "db.operation": "SELECT", "db.sql.table": "intake_national.residents"}
@@ -209,8 +216,7 @@ class Authorised:
 
 def code_field(code: str) -> bytes:
     """Field 10 (resident_code) of a ProvisionRecord."""
-    encoded = code.encode()
-    return b"\x52" + encode_varint(len(encoded)) + encoded
+    return wire.text(_PROVISION["resident_code"], code)
 
 
 class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
@@ -223,7 +229,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         provisions: ProvisionLog,
         quotas: Quotas,
         provider: str,
-        operators: OperatorCheck,
+        operators: OperatorVerifier,
     ) -> None:
         self._pool = pool
         self._policy = policy
@@ -236,15 +242,13 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
 
     async def _authorise(
         self,
-        method: str,
         purpose: str,
         mode: QueryMode,
         requested: Iterable[int],
-        proof: common_pb2.OperatorProof | None,
         request: Any,
         resident_code: str = "",
-        quota_cost: float = 1.0,
     ) -> Authorised:
+        """Steps (1)-(3) of every query, then the operator proof the method table asks for (mesh.methods)."""
         peer = require_peer()
         current_attempt.set(Attempt(purpose, mode, resident_code))
         if not peer.is_public_body or peer.kind == "private":
@@ -255,8 +259,9 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
             grant = self._policy.authorise(peer.spiffe_id, purpose, mode)
         except PolicyError as error:
             raise _policy_error(error) from None
-        await self._quotas.take(peer.spiffe_id, grant.agency.quota_per_second, quota_cost)
-        operator_id = await self._operators.check(peer, method, request, proof is not None)
+        await self._quotas.take(peer.spiffe_id, grant.agency.quota_per_second)
+        operator = await self._operators.check(request)
+        operator_id = operator.operator_id if operator is not None else ""
         if operator_id:
             current_attempt.set(Attempt(purpose, mode, resident_code, operator_id))
         wanted = list(requested)
@@ -277,10 +282,8 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
     async def LookupByCode(
         self, request: lookup_pb2.LookupByCodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> lookup_pb2.LookupByCodeResponse:
-        proof = request.operator_proof if request.HasField("operator_proof") else None
         call = await self._authorise(
-            "/juki.lookup.v1.LookupService/LookupByCode", request.purpose, QueryMode.BY_CODE,
-            request.requested_fields, proof, request, request.resident_code,
+            request.purpose, QueryMode.BY_CODE, request.requested_fields, request, request.resident_code,
         )
         _check_code(request.resident_code, "resident_code")
         with _TRACER.start_as_current_span("identity_store.read", attributes=_STORE_SPAN):
@@ -298,11 +301,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
     async def SearchByFourItems(
         self, request: lookup_pb2.SearchByFourItemsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> lookup_pb2.SearchByFourItemsResponse:
-        proof = request.operator_proof if request.HasField("operator_proof") else None
-        call = await self._authorise(
-            "/juki.lookup.v1.LookupService/SearchByFourItems", request.purpose, QueryMode.BY_FOUR_ITEMS,
-            request.requested_fields, proof, request,
-        )
+        call = await self._authorise(request.purpose, QueryMode.BY_FOUR_ITEMS, request.requested_fields, request)
         violations: list[FieldViolation] = []
         name_key = address = ""
         try:
@@ -354,11 +353,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
             first = await iterator.__anext__()
         except StopAsyncIteration:
             return
-        proof = first.operator_proof if first.HasField("operator_proof") else None
-        call = await self._authorise(
-            "/juki.lookup.v1.LookupService/VerifyBatch", first.purpose, QueryMode.BATCH_VERIFY,
-            first.requested_fields, proof, first,
-        )
+        call = await self._authorise(first.purpose, QueryMode.BATCH_VERIFY, first.requested_fields, first)
         # Messages are verified in a short pipeline: while one waits for the store or for the access
         # log's acknowledgement, the next is already being read and answered. Answers leave in order.
         answers: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(VERIFY_PIPELINE)
@@ -445,7 +440,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
                 result = _verify_one(item, row, encoder)
                 # Every item is logged; a code the store does not know was asked about but got no fields.
                 provided.append((with_fields if row is not None else without_fields) + code_field(code))
-            parts.append(b"\x0a" + encode_varint(len(result)) + result)
+            parts.append(wire.length_delimited(_VERIFY_RESPONSE["results"], result))
         if refused:
             log.info("VerifyBatch from %s: %d of %d items refused as malformed", call.peer.spiffe_id, refused,
                      len(items))
@@ -457,10 +452,7 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
     async def RegisterWatch(
         self, request: lookup_pb2.RegisterWatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> lookup_pb2.RegisterWatchResponse:
-        proof = request.operator_proof if request.HasField("operator_proof") else None
-        call = await self._authorise(
-            "/juki.lookup.v1.LookupService/RegisterWatch", request.purpose, QueryMode.CHANGE_FEED, (), proof, request,
-        )
+        call = await self._authorise(request.purpose, QueryMode.CHANGE_FEED, (), request)
         codes = list(request.resident_codes)
         if not codes:
             raise invalid("resident_codes", "at least one resident code is required")
@@ -487,7 +479,8 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
         logged: list[tuple[str, bool]] = []
         for row in rows:
             event = lookup_pb2.ChangeEvent(
-                resident_code=row["changed_code"], change_kind=row["change_kind"], cursor=str(row["change_id"])
+                resident_code=row["changed_code"], change_kind=row["change_kind"], cursor=str(row["change_id"]),
+                page_token=_feed_token(call, row["change_id"]),
             )
             occurred = rec.date_message(row["occurred_on"])
             if occurred is not None:
@@ -505,29 +498,27 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
     async def ListChanges(
         self, request: lookup_pb2.ListChangesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> lookup_pb2.ListChangesResponse:
-        proof = request.operator_proof if request.HasField("operator_proof") else None
-        call = await self._authorise(
-            "/juki.lookup.v1.LookupService/ListChanges", request.purpose, QueryMode.CHANGE_FEED, (), proof, request,
-        )
-        after = _parse_cursor(request.cursor)
-        if request.max_changes < 0:
-            raise invalid("max_changes", "must not be negative")
-        limit = min(request.max_changes or DEFAULT_MAX_CHANGES, MAX_CHANGES)
+        call = await self._authorise(request.purpose, QueryMode.CHANGE_FEED, (), request)
+        after = _feed_position(call, request)
+        if request.page_size:
+            limit = page_size(request.page_size, DEFAULT_MAX_CHANGES, MAX_CHANGES)
+        else:  # the deprecated field, for clients written before page_size
+            limit = page_size(request.max_changes, DEFAULT_MAX_CHANGES, MAX_CHANGES, "max_changes")
         events, last = await self._changes(call, after, limit)
-        return lookup_pb2.ListChangesResponse(changes=events, next_cursor=str(last) if events else request.cursor)
+        return lookup_pb2.ListChangesResponse(
+            changes=events, next_page_token=_feed_token(call, last), next_cursor=str(last) if last else "",
+        )
 
     async def StreamChanges(
         self, request: lookup_pb2.StreamChangesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[lookup_pb2.StreamChangesResponse]:
-        proof = request.operator_proof if request.HasField("operator_proof") else None
-        call = await self._authorise(
-            "/juki.lookup.v1.LookupService/StreamChanges", request.purpose, QueryMode.CHANGE_FEED, (), proof, request,
-        )
-        after = _parse_cursor(request.cursor)
+        call = await self._authorise(request.purpose, QueryMode.CHANGE_FEED, (), request)
+        after = _feed_position(call, request)
         while True:
             events, after = await self._changes(call, after, DEFAULT_MAX_CHANGES)
             if events:
-                yield lookup_pb2.StreamChangesResponse(changes=events, next_cursor=str(after))
+                yield lookup_pb2.StreamChangesResponse(
+                    changes=events, next_cursor=str(after), next_page_token=_feed_token(call, after))
             else:
                 await asyncio.sleep(STREAM_POLL_SECONDS)
 
@@ -554,11 +545,33 @@ class LookupServicer(lookup_pb2_grpc.LookupServiceServicer):
 
 
 def _parse_cursor(cursor: str) -> int:
+    """The deprecated cursor: the change id as decimal digits."""
     if not cursor:
         return 0
     if not cursor.isascii() or not cursor.isdigit() or len(cursor) > 18:
         raise invalid("cursor", "not a cursor returned by this service")
     return int(cursor)
+
+
+def _feed_scope(call: Authorised) -> str:
+    """A change feed is the caller's under one 事務: a token of another feed is refused."""
+    return f"{call.peer.spiffe_id}\n{call.grant.purpose.code}"
+
+
+def _feed_token(call: Authorised, change_id: int) -> str:
+    return encode_token("changes", _feed_scope(call), [change_id])
+
+
+def _feed_position(call: Authorised, request: lookup_pb2.ListChangesRequest | lookup_pb2.StreamChangesRequest) -> int:
+    """The change id a feed request continues after: its page token, or the deprecated cursor."""
+    if request.page_token:
+        if request.cursor:
+            raise invalid("cursor", "set page_token or the deprecated cursor, not both")
+        position = decode_token(request.page_token, "changes", _feed_scope(call))
+        if len(position) != 1 or type(position[0]) is not int or position[0] < 0:
+            raise invalid("page_token", "not a page token returned by this method for this request")
+        return position[0]
+    return _parse_cursor(request.cursor)
 
 
 def _name_matches(row: Mapping[str, Any], key: str) -> bool:
@@ -597,11 +610,11 @@ def _invalid_result(item: lookup_pb2.VerifyItem, defect: int, reason: Reason, de
 
 def _verify_one(item: lookup_pb2.VerifyItem, row: Mapping[str, Any] | None, encoder: RecordEncoder) -> bytes:
     """The serialised VerifyResult of one item (identity information is provided when ``row`` exists)."""
-    head = b"\x08" + encode_varint(item.item_id) if item.item_id else b""
+    head = wire.number(_VERIFY_RESULT["item_id"], item.item_id)
     if row is None:
         return head + _STATUS_NOT_FOUND
     record = encoder.encode(row)
-    record_part = b"\x1a" + encode_varint(len(record)) + record
+    record_part = wire.length_delimited(_VERIFY_RESULT["record"], record)
     fields = encoder.fields
     status = row["status"]
     if status == rec.RESIDENT_STATUS_CURRENT and row["last_change_kind"] not in _MOVE_KINDS and not (
@@ -633,8 +646,8 @@ def _verify_one(item: lookup_pb2.VerifyItem, row: Mapping[str, Any] | None, enco
     return head + result.SerializeToString() + record_part
 
 
-_STATUS_CURRENT = b"\x10" + encode_varint(lookup_pb2.VERIFY_STATUS_CURRENT)
-_STATUS_NOT_FOUND = b"\x10" + encode_varint(lookup_pb2.VERIFY_STATUS_NOT_FOUND)
+_STATUS_CURRENT = wire.number(_VERIFY_RESULT["status"], lookup_pb2.VERIFY_STATUS_CURRENT)
+_STATUS_NOT_FOUND = wire.number(_VERIFY_RESULT["status"], lookup_pb2.VERIFY_STATUS_NOT_FOUND)
 
 
 def _mismatches(item: lookup_pb2.VerifyItem, row: Mapping[str, Any]) -> list[rec.FieldNumber]:

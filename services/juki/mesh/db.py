@@ -45,8 +45,7 @@ def is_connection_loss(exc: BaseException) -> bool:
     if isinstance(exc, (OSError, ConnectionError, TimeoutError, asyncpg.exceptions.InterfaceError,
                         asyncpg.exceptions.InternalClientError)):
         return True
-    state = getattr(exc, "sqlstate", None)
-    return isinstance(state, str) and state.startswith(_OUTAGE_SQLSTATES)
+    return isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate).startswith(_OUTAGE_SQLSTATES)
 
 
 async def _noop_reset(connection: asyncpg.Connection) -> None:

@@ -28,14 +28,13 @@ _pools: dict[str, Any] = {}
 _certificates: dict[str, float] = {}
 
 
-def setup(service_name: str) -> None:
-    """Configure the meter provider once per process (readers chosen by the environment)."""
+def setup(service_name: str, listen: str | None = None) -> None:
+    """Configure the meter provider once per process: Prometheus on ``listen`` (host:port), OTLP by the environment."""
     global _configured
     if _configured:
         return
     _configured = True
     readers: list[MetricReader] = []
-    listen = os.environ.get("JUKI_METRICS_LISTEN")
     if listen:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server

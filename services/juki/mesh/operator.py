@@ -47,13 +47,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from juki._gen.juki.common.v1 import common_pb2
 from juki.mesh.errors import JukiError, Reason, SettingsError, invalid
+from juki.mesh.methods import PROOF_FIELD, require_method
 from juki.mesh.pki import load_revoked_serials
 from juki.mesh.settings import SPIFFE_TRUST_DOMAIN, TlsFiles
+from juki.mesh.tls import require_peer
 
 PROOF_CONTEXT = "juki-operator-proof-v1"
 MAX_SKEW_SECONDS = 120.0
 MIN_NONCE_BYTES = 16
-PROOF_FIELD = "operator_proof"
 
 
 def request_digest(request: Any, proof_field: str = PROOF_FIELD) -> str:
@@ -197,6 +198,19 @@ class OperatorVerifier:
             self._revoked = load_revoked_serials(crl, self._tls.ca)
             self._crl_mtime = mtime
         return self._revoked
+
+    async def check(self, request: Any) -> VerifiedOperator | None:
+        """The one operator-proof check of every service, by the method table's rule for the current call.
+
+        ``None`` when the call needs no proof and carries none (a service acting on its certificate);
+        otherwise the verified operator, or ``OPERATOR_PROOF_INVALID``/``_REPLAYED`` naming the field.
+        The proof is verified against the path the call arrived on (``mesh.methods.current_method``).
+        """
+        method = require_method()
+        field = method.spec.proof_field
+        if not method.proof_checked(request.HasField(field), require_peer().kind):
+            return None
+        return await self.verify(method.path, request, field)
 
     async def verify(self, method: str, request: Any, proof_field: str = PROOF_FIELD) -> VerifiedOperator:
         """Check the proof carried in ``request``; raise ``OPERATOR_PROOF_INVALID``/``_REPLAYED`` if bad."""

@@ -4,10 +4,13 @@ Layout of a PKI folder::
 
     ca.crt  ca.key  crl.pem  revoked.json
     <kind>/<name>.crt  <kind>/<name>.key      kind: service, prefecture, municipality, agency,
-                                              operator, private, signing
+                                              operator, private, signing, witness
+    witness/<name>.cosign.crt  witness/<name>.cosign.key
 
 Keys are written owner-only (0600) before any byte of them is. TLS keys are ECDSA P-256; signing
-keys (the access log's checkpoints) are Ed25519, certified by the same CA.
+keys (the access log's checkpoints) are Ed25519, certified by the same CA. A witness of the access
+log gets both: a TLS identity to fetch checkpoints and submit cosignatures, and an Ed25519 cosigning
+key certified for the same SPIFFE id (``spiffe://juki.local/witness/<name>``).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from juki.mesh.settings import SPIFFE_TRUST_DOMAIN
+from juki.mesh.settings import spiffe_id
 
-KINDS = ("service", "prefecture", "municipality", "agency", "operator", "private", "signing")
+KINDS = ("service", "prefecture", "municipality", "agency", "operator", "private", "signing", "witness")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9\-]{0,62}$")
 
 
@@ -43,10 +46,6 @@ class Issued:
     cert: Path
     key: Path
     serial: int
-
-
-def spiffe_id(kind: str, name: str) -> str:
-    return f"spiffe://{SPIFFE_TRUST_DOMAIN}/{kind}/{name}"
 
 
 def _now() -> dt.datetime:
@@ -144,6 +143,10 @@ class CertificateAuthority:
     def paths(self, kind: str, name: str) -> tuple[Path, Path]:
         return self.root / kind / f"{name}.crt", self.root / kind / f"{name}.key"
 
+    def cosigning_paths(self, name: str) -> tuple[Path, Path]:
+        """The Ed25519 cosigning certificate and key of witness ``name``."""
+        return self.root / "witness" / f"{name}.cosign.crt", self.root / "witness" / f"{name}.cosign.key"
+
     def issue(
         self,
         kind: str,
@@ -163,6 +166,8 @@ class CertificateAuthority:
             raise PkiError(f"bad name {name!r}: lower-case letters, digits and '-' only")
         cert_path, key_path = self.paths(kind, name)
         identity = spiffe_id(kind, name)
+        if kind == "witness":
+            self._issue_cosigning(name, identity, days=days, overwrite=overwrite, not_before=not_before)
         if cert_path.is_file() and key_path.is_file() and not overwrite:
             existing = x509.load_pem_x509_certificate(cert_path.read_bytes())
             return Issued(kind, name, identity, cert_path, key_path, existing.serial_number)
@@ -204,6 +209,36 @@ class CertificateAuthority:
         _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return Issued(kind, name, identity, cert_path, key_path, cert.serial_number)
 
+    def _issue_cosigning(
+        self, name: str, identity: str, *, days: int, overwrite: bool, not_before: dt.datetime | None
+    ) -> None:
+        cert_path, key_path = self.cosigning_paths(name)
+        if cert_path.is_file() and key_path.is_file() and not overwrite:
+            return
+        ca_cert, ca_key = self._load_ca()
+        key = ed25519.Ed25519PrivateKey.generate()
+        start = not_before or (_now() - dt.timedelta(minutes=5))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Juki-net mesh"),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "witness cosigning"),
+                x509.NameAttribute(NameOID.COMMON_NAME, name),
+            ]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+
     # -- revocation ---------------------------------------------------------------------------
 
     def _revoked_path(self) -> Path:
@@ -221,7 +256,11 @@ class CertificateAuthority:
         if not cert_path.is_file():
             raise PkiError(f"no certificate {kind}/{name}")
         serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
-        serials = sorted(set(self.revoked_serials()) | {serial})
+        revoked = {serial}
+        cosign_cert, _ = self.cosigning_paths(name)
+        if kind == "witness" and cosign_cert.is_file():  # a witness's cosigning key goes with its identity
+            revoked.add(x509.load_pem_x509_certificate(cosign_cert.read_bytes()).serial_number)
+        serials = sorted(set(self.revoked_serials()) | revoked)
         _write_public(self._revoked_path(), json.dumps([str(s) for s in serials]).encode())
         self._write_crl(serials)
         return serial

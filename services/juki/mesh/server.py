@@ -1,9 +1,11 @@
 """Service start-up, written once: grpc.aio server, mTLS, interceptors, health, reflection, shutdown.
 
 A service hands :func:`serve` an object with ``start() -> [ServiceBinding]`` and ``stop()``. Each
-binding names the peer kinds allowed to call each method: a method not listed is refused (deny by
-default). The mesh interceptor takes the peer identity from the verified certificate, checks the CRL
-and the binding's table, and maps every exception to one status with ``google.rpc`` details.
+binding has its method table (``mesh.methods.Method``: the peer kinds allowed to call, the operator-proof
+rule, the name in logs and records): a method not listed is refused (deny by default). The mesh
+interceptor takes the peer identity from the verified certificate, checks the CRL and the table,
+publishes the call's method (``mesh.methods.current_method``) and maps every exception to one status
+with ``google.rpc`` details. Unary and streaming handlers share one wrapper (:class:`_Call`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import asyncpg
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
@@ -31,6 +34,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from juki.mesh import metrics, telemetry
 from juki.mesh.db import is_connection_loss
 from juki.mesh.errors import ERROR_DOMAIN, JukiError, Reason, invalid, passed_on
+from juki.mesh.methods import CallMethod, Method, current_method
 from juki.mesh.pki import load_revoked_serials
 from juki.mesh.reflection import V1_SERVICE, V1ALPHA_SERVICE, register_v1_descriptor
 from juki.mesh.settings import ServiceSettings, TlsFiles
@@ -43,12 +47,28 @@ ANY_PEER: frozenset[str] = frozenset({"*"})
 
 @dataclass(frozen=True)
 class ServiceBinding:
-    """One gRPC service of a process and who may call each of its methods."""
+    """One gRPC service of a process and its method table."""
 
     name: str  # full proto name, e.g. "juki.lookup.v1.LookupService"
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
-    access: Mapping[str, frozenset[str]]  # method -> allowed peer kinds ("*" = any verified peer)
+    # method -> its row; a bare set of peer kinds ("*" = any verified peer) is a row without operator proof.
+    access: Mapping[str, Method | frozenset[str]]
+
+    def methods(self) -> dict[str, CallMethod]:
+        """Full path -> the method of each row (bare names and full paths are both accepted as keys)."""
+        found: dict[str, CallMethod] = {}
+        for key, row in self.access.items():
+            name = key.rsplit("/", 1)[-1]
+            spec = row if isinstance(row, Method) else Method(row)
+            found[f"/{self.name}/{name}"] = CallMethod(f"/{self.name}/{name}", self.name, name, spec)
+        return found
+
+    def path(self, method: str) -> str:
+        """The full path of ``method`` (a name in this binding's table)."""
+        if method not in self.access:
+            raise KeyError(f"{method} is not in the method table of {self.name}")
+        return f"/{self.name}/{method}"
 
 
 class MeshService(Protocol):
@@ -62,7 +82,8 @@ class MeshService(Protocol):
 # The delay a caller is told to wait (RetryInfo) before retrying a retryable error, and after an outage of
 # the database or another service: short, because the supervisor or Kubernetes restarts it within seconds.
 DEFAULT_RETRY_SECONDS = 1.0
-DEFAULT_MAX_CONNECTION_AGE_SECONDS = "300"
+# Text PostgreSQL cannot store (a NUL byte, SQLSTATE 22021/22P05) that a handler passed on unchecked.
+_UNSTORABLE_TEXT = (asyncpg.exceptions.CharacterNotInRepertoireError, asyncpg.exceptions.UntranslatableCharacterError)
 OUTAGE_RETRY_SECONDS = 0.5
 
 
@@ -109,8 +130,8 @@ def _classify(exc: BaseException) -> JukiError:
     if is_connection_loss(exc):
         return JukiError(Reason.DEPENDENCY_UNAVAILABLE, f"a dependency failed: {type(exc).__name__}",
                          retry_after_seconds=OUTAGE_RETRY_SECONDS)
-    if getattr(exc, "sqlstate", None) in ("22021", "22P05"):
-        # Text PostgreSQL cannot store (a NUL byte) that a handler passed on unchecked: the caller's input.
+    if isinstance(exc, _UNSTORABLE_TEXT):
+        # The caller's input, not a fault of the service.
         return invalid("request", "a text field holds a character that cannot be stored (NUL)")
     if isinstance(exc, grpc.aio.AioRpcError):
         # A call to another service failed and the handler let it through: the mesh's one rule.
@@ -159,7 +180,7 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(
         self,
-        access: Mapping[str, frozenset[str]],
+        access: Mapping[str, CallMethod],
         revocations: RevocationList,
         on_refusal: RefusalHook | None = None,
     ) -> None:
@@ -173,8 +194,9 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         peer = peer_from_auth_context(context.auth_context())
         if self._revocations.is_revoked(peer.serial):
             raise JukiError(Reason.CERTIFICATE_REVOKED, f"certificate of {peer.spiffe_id} is revoked")
-        allowed = self._access.get(method)
-        if allowed is None or not ("*" in allowed or peer.kind in allowed or peer.spiffe_id in allowed):
+        row = self._access.get(method)
+        allowed = row.spec.callers if row is not None else frozenset()
+        if not ("*" in allowed or peer.kind in allowed or peer.spiffe_id in allowed):
             raise JukiError(Reason.PEER_NOT_AUTHORISED, f"{peer.spiffe_id} may not call {method}")
         return peer
 
@@ -247,11 +269,71 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield item
 
 
+class _Call:
+    """One call of any shape: server span, method, peer and access, error mapping, metrics.
+
+    Unary and streaming handlers are wrapped alike: the body runs inside ``async with _Call(...)``;
+    authorisation is the body's first step (so that its refusal is mapped and counted like any error).
+    """
+
+    __slots__ = ("_context", "_mesh", "_method", "_method_token", "_peer_token", "_span", "_span_token",
+                 "_started")
+
+    def __init__(self, mesh: MeshInterceptor, method: CallMethod | None, path: str,
+                 attributes: dict[str, str], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._mesh = mesh
+        self._context = context
+        self._started = time.perf_counter()
+        self._span = telemetry.start_server_span(path, context.invocation_metadata(), attributes)
+        self._span_token = telemetry.activate(self._span)
+        self._method = path
+        self._method_token = current_method.set(method)
+        self._peer_token: Any = None
+
+    def authorise(self) -> None:
+        self._peer_token = current_peer.set(self._mesh._authorise(self._method, self._context))
+
+    async def __aenter__(self) -> _Call:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        code = "OK"
+        try:
+            if exc is None or isinstance(exc, grpc.aio.AbortError):
+                return False
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                # The client went away or its deadline passed: a unary call's task is cancelled; a stream's
+                # generator is cancelled in the call's task, or - when grpc was sending rather than iterating
+                # at that moment - abandoned and closed later by the loop.
+                code = "CANCELLED"
+                return False
+            if isinstance(exc, Exception):
+                code = _classify(exc).code.name
+                await self._mesh._fail(self._context, self._method, exc)  # aborts: raises AbortError
+            return False
+        finally:
+            self._finish(code)
+
+    def _finish(self, code: str) -> None:
+        """End the span and record the metrics first: they must happen whatever the context resets do."""
+        try:
+            telemetry.end_server_span(self._span, self._span_token, code)
+            self._mesh.metrics.record(self._method, code, (time.perf_counter() - self._started) * 1000)
+        finally:
+            # An abandoned stream is closed by the event loop in a Context of its own, where these tokens
+            # cannot be reset (ValueError); the call's own Context dies with its task anyway.
+            if self._peer_token is not None:
+                with contextlib.suppress(ValueError):
+                    current_peer.reset(self._peer_token)
+            with contextlib.suppress(ValueError):
+                current_method.reset(self._method_token)
+
+
 def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterceptor) -> grpc.RpcMethodHandler:
-    streaming_response = handler.response_streaming
     inner_handler = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
+    row = mesh._access.get(method)
 
     def inner(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, _Undecodable):
@@ -264,70 +346,22 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, mesh: MeshInterce
     span_attributes = {"rpc.system": "grpc", "rpc.service": service_name, "rpc.method": method_name}
 
     async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        token = None
-        code = "OK"
-        started = time.perf_counter()
-        span = telemetry.start_server_span(method, context.invocation_metadata(), span_attributes)
-        span_token = telemetry.activate(span)
-        try:
-            token = current_peer.set(mesh._authorise(method, context))
+        async with _Call(mesh, row, method, span_attributes, context) as call:
+            call.authorise()
             result = inner(request, context)
-            if inspect.isawaitable(result):
-                result = await result
-            return result
-        except grpc.aio.AbortError:
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"  # the client went away or its deadline passed
-            raise
-        except Exception as exc:
-            code = _classify(exc).code.name
-            await mesh._fail(context, method, exc)
-        finally:
-            _finish(span, span_token, token, method, code, started)
+            return await result if inspect.isawaitable(result) else result
 
     async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        token = None
-        code = "OK"
-        started = time.perf_counter()
-        span = telemetry.start_server_span(method, context.invocation_metadata(), span_attributes)
-        span_token = telemetry.activate(span)
-        try:
-            token = current_peer.set(mesh._authorise(method, context))
+        async with _Call(mesh, row, method, span_attributes, context) as call:
+            call.authorise()
             result = inner(request, context)
             if inspect.isasyncgen(result):
                 async for item in result:
                     yield item
             elif inspect.isawaitable(result):
                 await result
-        except grpc.aio.AbortError:
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            # The client went away: the generator is cancelled in the call's task, or - when grpc was
-            # sending rather than iterating at that moment - abandoned and closed later by the loop.
-            code = "CANCELLED"
-            raise
-        except Exception as exc:
-            code = _classify(exc).code.name
-            await mesh._fail(context, method, exc)
-        finally:
-            _finish(span, span_token, token, method, code, started)
 
-    def _finish(span: Any, span_token: Any, token: Any, method: str, code: str, started: float) -> None:
-        """End the span and record the metrics first: they must happen whatever the peer reset does."""
-        try:
-            telemetry.end_server_span(span, span_token, code)
-            mesh.metrics.record(method, code, (time.perf_counter() - started) * 1000)
-        finally:
-            if token is not None:
-                try:
-                    current_peer.reset(token)
-                except ValueError:
-                    # An abandoned stream is closed by the event loop in a Context of its own, where
-                    # this token cannot be reset; the call's own Context dies with its task anyway.
-                    pass
-
-    behavior = stream_behavior if streaming_response else unary_behavior
+    behavior = stream_behavior if handler.response_streaming else unary_behavior
     factory = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -364,20 +398,17 @@ def _add_reflection(server: grpc.aio.Server, names: Sequence[str]) -> None:
     server.add_generic_rpc_handlers((handler,))
 
 
-def _full_access(bindings: Sequence[ServiceBinding]) -> dict[str, frozenset[str]]:
-    table: dict[str, frozenset[str]] = {}
+def _full_access(bindings: Sequence[ServiceBinding]) -> dict[str, CallMethod]:
+    table: dict[str, CallMethod] = {}
     for binding in bindings:
-        for method, kinds in binding.access.items():
-            # Accept bare method names ("LookupByCode") and full paths ("/pkg.Service/LookupByCode").
-            path = method if method.startswith(f"/{binding.name}/") else f"/{binding.name}/{method}"
-            table[path] = kinds
-    for open_method in (
-        f"/{health.SERVICE_NAME}/Check",
-        f"/{health.SERVICE_NAME}/Watch",
-        f"/{V1ALPHA_SERVICE}/ServerReflectionInfo",
-        f"/{V1_SERVICE}/ServerReflectionInfo",
+        table.update(binding.methods())
+    for service, name in (
+        (health.SERVICE_NAME, "Check"),
+        (health.SERVICE_NAME, "Watch"),
+        (V1ALPHA_SERVICE, "ServerReflectionInfo"),
+        (V1_SERVICE, "ServerReflectionInfo"),
     ):
-        table[open_method] = ANY_PEER
+        table[f"/{service}/{name}"] = CallMethod(f"/{service}/{name}", service, name, Method(ANY_PEER))
     return table
 
 
@@ -411,10 +442,8 @@ async def start_server(
     mesh = MeshInterceptor(_full_access(bindings), RevocationList(settings.tls), on_refusal)
     # One interceptor does identity, access, errors, metrics and the server span (W3C context from
     # the call's metadata): a second, tracing-only interceptor would add a handler layer to every call.
-    # JUKI_MAX_CONNECTION_AGE_SECONDS (default 300): how soon a long-lived client channel reaches replicas
-    # added after it connected.
-    age = float(settings.extra.get("max_connection_age_seconds", DEFAULT_MAX_CONNECTION_AGE_SECONDS))
-    server = grpc.aio.server(interceptors=[mesh], options=server_options(age))
+    server = grpc.aio.server(
+        interceptors=[mesh], options=server_options(settings.server.max_connection_age_seconds))
     names = [b.name for b in bindings]
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
@@ -452,8 +481,9 @@ def _loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, 
     """
     future = context.get("future")
     error = context.get("exception")
-    if (future is not None and not isinstance(future, asyncio.Task) and error is not None
-            and type(error).__module__.startswith("asyncpg") and is_connection_loss(error)):
+    if (future is not None and not isinstance(future, asyncio.Task)
+            and isinstance(error, (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError))
+            and is_connection_loss(error)):
         log.warning("a database operation abandoned by its caller ended with the lost connection: %s", error)
         return
     loop.default_exception_handler(context)
@@ -462,13 +492,13 @@ def _loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, 
 async def serve(settings: ServiceSettings, service: MeshService, *, ready_file: Path | None = None) -> None:
     """Run one service until SIGTERM/SIGINT, then drain in-flight calls and stop cleanly."""
     telemetry.setup(settings.instance)
-    metrics.setup(settings.instance)
+    metrics.setup(settings.instance, settings.metrics_listen)
     asyncio.get_running_loop().set_exception_handler(_loop_exception_handler)
     bindings = await service.start()
     on_refusal = getattr(service, "on_refusal", None)
     running = await start_server(settings, bindings, on_refusal=on_refusal)
     log.info("%s serving on %s (mTLS) with %s", settings.instance, running.address, ", ".join(running.names))
-    ready_path = ready_file or (Path(os.environ["JUKI_READY_FILE"]) if os.environ.get("JUKI_READY_FILE") else None)
+    ready_path = ready_file or settings.ready_file
     if ready_path is not None:
         tmp = ready_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"address": running.address, "pid": os.getpid(), "instance": settings.instance}))
@@ -479,12 +509,8 @@ async def serve(settings: ServiceSettings, service: MeshService, *, ready_file: 
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("%s shutting down: draining in-flight calls", settings.instance)
-    grace = float(settings.extra.get("shutdown_grace_seconds", "10"))
-    await running.stop(grace)
+    await running.stop(settings.server.shutdown_grace_seconds)
     await service.stop()
     telemetry.shutdown()
     log.info("%s stopped", settings.instance)
 
-
-def code_name(code: int) -> str:
-    return str(code_pb2.Code.Name(code))

@@ -2,10 +2,18 @@
 
 Every option is a command-line flag and an environment variable (``JUKI_*``); a secret also has a
 ``*_FILE`` variant. Services receive a :class:`ServiceSettings`; nothing reads ``os.environ`` later.
+Each service's own options are typed sections of it (:class:`ServerSettings` for every service,
+:class:`LookupSettings`, :class:`AccessLogSettings`), parsed and range-checked at start.
+
+Every ``JUKI_*`` name the project uses anywhere (services, the supervisor, the CLI, tools, tests,
+Kubernetes manifests) is declared in :data:`VARIABLES`. A service refuses to start when its environment
+holds a ``JUKI_*`` variable that is not declared: a misspelt name would otherwise be ignored silently and
+its default used. The error names the variable and the closest declared one.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -16,6 +24,11 @@ from urllib.parse import quote
 from juki.mesh.errors import SettingsError
 
 SPIFFE_TRUST_DOMAIN = "juki.local"
+
+
+def spiffe_id(kind: str, name: str) -> str:
+    """The SPIFFE ID of an identity of this mesh: ``spiffe://juki.local/<kind>/<name>``."""
+    return f"spiffe://{SPIFFE_TRUST_DOMAIN}/{kind}/{name}"
 
 _ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 
@@ -134,8 +147,8 @@ class DatabaseSettings:
             url = Secret(f"postgresql://{credentials}@{host}:{port}/{name}")
         if not url.reveal().startswith(("postgresql://", "postgres://")):
             raise SettingsError("JUKI_DATABASE_URL must be a postgresql:// URL")
-        pool_min = int(_env(environ, "JUKI_DATABASE_POOL_MIN", "2") or 2)
-        pool_max = int(_env(environ, "JUKI_DATABASE_POOL_MAX", "10") or 10)
+        pool_min = _count(environ, "JUKI_DATABASE_POOL_MIN", 2)
+        pool_max = _count(environ, "JUKI_DATABASE_POOL_MAX", 10)
         if not 1 <= pool_min <= pool_max <= 200:
             raise SettingsError("database pool sizes must satisfy 1 <= min <= max <= 200")
         return cls(url=url, schema=schema, pool_min=pool_min, pool_max=pool_max)
@@ -194,6 +207,209 @@ def parse_address_map(value: str, name: str) -> dict[str, str]:
     return found
 
 
+# -- every JUKI_* variable ----------------------------------------------------------------------------
+
+# name -> who reads it and what it means. A service refuses an undeclared JUKI_* variable (see check_variables);
+# tests/unit/mesh/test_settings.py checks that every JUKI_* name in the repository is declared here.
+VARIABLES: Mapping[str, str] = {
+    # every service (load_service_settings)
+    "JUKI_LISTEN": "service: gRPC listen address host:port",
+    "JUKI_HEALTH_LISTEN": "service: plaintext health-only listen address (Kubernetes probes)",
+    "JUKI_METRICS_LISTEN": "service: Prometheus /metrics listen address (mesh/metrics.py)",
+    "JUKI_DATA_DIR": "service, CLI, supervisor: local state folder",
+    "JUKI_CLOCK": "service, CLI: 'system' or a fixed business day YYYY-MM-DD",
+    "JUKI_LOG_LEVEL": "service: log level",
+    "JUKI_TIER": "intake: national or prefecture",
+    "JUKI_PREFECTURE": "intake, municipal: two-digit prefecture code",
+    "JUKI_MUNICIPALITY": "municipal: six-digit municipality code",
+    "JUKI_TLS_CA_FILE": "service: the mesh CA certificate",
+    "JUKI_TLS_CERT_FILE": "service: this service's certificate",
+    "JUKI_TLS_KEY_FILE": "service: this service's private key",
+    "JUKI_TLS_CRL_FILE": "service: the CA's revocation list",
+    "JUKI_DATABASE_URL": "service: postgresql:// URL (secret)",
+    "JUKI_DATABASE_URL_FILE": "service: file holding JUKI_DATABASE_URL",
+    "JUKI_DATABASE_HOST": "service: PostgreSQL host, when no URL is given",
+    "JUKI_DATABASE_PORT": "service: PostgreSQL port",
+    "JUKI_DATABASE_NAME": "service: PostgreSQL database",
+    "JUKI_DATABASE_USER": "service: PostgreSQL role",
+    "JUKI_DATABASE_PASSWORD": "service: PostgreSQL password (secret)",
+    "JUKI_DATABASE_PASSWORD_FILE": "service: file holding JUKI_DATABASE_PASSWORD",
+    "JUKI_DATABASE_POOL_MIN": "service: smallest connection pool",
+    "JUKI_DATABASE_POOL_MAX": "service: largest connection pool",
+    "JUKI_MAX_CONNECTION_AGE_SECONDS": "service: how long a client connection lives (reaches new replicas)",
+    "JUKI_SHUTDOWN_GRACE_SECONDS": "service: how long in-flight calls may finish after SIGTERM",
+    "JUKI_OPERATOR_PASSWORDS_FILE": "service: operators' scrypt password hashes (JSON)",
+    "JUKI_MIGRATE_ON_START": "service: must be false; a serving process never migrates (juki migrate does)",
+    "JUKI_READY_FILE": "service: file written once the server listens (supervisor, benches)",
+    "JUKI_NATIVE_LOG_FILE": "service (juki serve): where gRPC's C core writes its stderr",
+    "JUKI_REPLICA": "service: replica key given by the supervisor (for its logs)",
+    # peers
+    "JUKI_ACCESSLOG_ADDRESS": "service: access-log address",
+    "JUKI_NATIONAL_INTAKE_ADDRESS": "service: national intake address",
+    "JUKI_PREFECTURE_INTAKE_ADDRESS": "municipal: its prefecture intake's address",
+    "JUKI_PREFECTURE_INTAKE_ADDRESSES": "supervisor: every prefecture intake, code=address,...",
+    "JUKI_CARD_ADDRESS": "service: card service address",
+    "JUKI_LOOKUP_ADDRESS": "service: lookup service address",
+    "JUKI_MUNICIPAL_ADDRESSES": "service: municipal services, code=address,...",
+    # lookup
+    "JUKI_LOOKUP_QUOTA_MULTIPLIER": "lookup: scales every 別表 quota (> 0, default 1)",
+    "JUKI_LOOKUP_ACK_TIMEOUT": "lookup: seconds to wait for the access log's acknowledgement (> 0, default 5)",
+    "JUKI_LOOKUP_LOG_IN_FLIGHT": "lookup: access-log batches sent and not yet acknowledged (>= 1, default 4)",
+    # access log
+    "JUKI_ACCESSLOG_SIGNING_KEY_FILE": "accesslog: checkpoint signing key",
+    "JUKI_ACCESSLOG_SIGNING_CERT_FILE": "accesslog: checkpoint signing certificate",
+    "JUKI_ACCESSLOG_CHECKPOINT_SECONDS": "accesslog: seconds between checkpoints (>= 0, default 10)",
+    "JUKI_ACCESSLOG_VERIFY_SECONDS": "accesslog: seconds between self-verifications (>= 0, default 600)",
+    "JUKI_ACCESSLOG_MAX_GROUP_RECORDS": "accesslog: records per group commit (>= 1, default 100000)",
+    "JUKI_ACCESSLOG_ORIGIN": "accesslog: checkpoint origin line",
+    "JUKI_PSEUDONYM_KEY_FILE": "accesslog: key of the resident-code pseudonym",
+    # municipal CS
+    "JUKI_MUNICIPAL_RESYNC_BATCH": "municipal: records per BulkLoad batch of a resync (1..10000, default 1000)",
+    # the CLI, the embedded database, tools and tests (declared so that a service started from a shell that
+    # sets them does not refuse them)
+    "JUKI_DATABASE_ADMIN_URL": "CLI (juki migrate): administrative URL",
+    "JUKI_PG_MEMORY": "embedded PostgreSQL: memory budget (JUKI_PG_<PARAMETER> sets one parameter)",
+    "JUKI_BENCH_NATIVE": "juki bench lookup: profile native frames",
+    "JUKI_TEST_DATABASE_URL": "tests: an external PostgreSQL instead of the embedded one",
+    "JUKI_REQUIRE_PROMTOOL": "tests: fail instead of skipping when promtool is missing",
+    "JUKI_REQUIRE_NODE": "tests: fail instead of skipping when Node.js is missing (the example client)",
+    "JUKI_REINSTALL": "tools/up: reinstall the package",
+    "JUKI_IMAGE_DIR": "tools/image: build folder",
+}
+# Families of names: JUKI_PG_<PARAMETER> overrides one parameter of the embedded PostgreSQL (mesh/pgtune.py).
+VARIABLE_PREFIXES: tuple[str, ...] = ("JUKI_PG_",)
+
+
+def is_declared(name: str) -> bool:
+    return name in VARIABLES or any(name.startswith(p) and len(name) > len(p) for p in VARIABLE_PREFIXES)
+
+
+def check_variables(environ: Mapping[str, str]) -> None:
+    """Refuse any undeclared ``JUKI_*`` variable, naming it and the closest declared name."""
+    unknown = sorted(name for name in environ if name.startswith("JUKI_") and not is_declared(name))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, VARIABLES, n=1, cutoff=0.6)
+        hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    raise SettingsError("unknown setting " + ", ".join(hints) + "; every JUKI_* variable is listed in mesh/settings.py")
+
+
+def _number(environ: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0,
+            exclusive: bool = False) -> float:
+    raw = _env(environ, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < minimum or (exclusive and value == minimum):
+        raise SettingsError(f"{name}: must be {'>' if exclusive else '>='} {minimum:g}, got {raw!r}")
+    return value
+
+
+def _count(environ: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
+    raw = _env(environ, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: expected a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name}: must be >= {minimum}, got {raw!r}")
+    return value
+
+
+def _path(environ: Mapping[str, str], name: str) -> Path | None:
+    raw = _env(environ, name)
+    return Path(raw).expanduser() if raw else None
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = (_env(environ, name, "false") or "false").lower()
+    if raw not in ("true", "false", "1", "0", "yes", "no"):
+        raise SettingsError(f"{name}: expected true or false, got {raw!r}")
+    return raw in ("true", "1", "yes")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What every service's gRPC server is tuned with."""
+
+    # How soon a long-lived client channel reaches replicas added after it connected.
+    max_connection_age_seconds: float = 300.0
+    # How long in-flight calls may finish after SIGTERM (Kubernetes: below terminationGracePeriodSeconds).
+    shutdown_grace_seconds: float = 10.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ServerSettings:
+        if _flag(environ, "JUKI_MIGRATE_ON_START"):
+            raise SettingsError("JUKI_MIGRATE_ON_START: a serving process never migrates; run `juki migrate`")
+        return cls(
+            max_connection_age_seconds=_number(environ, "JUKI_MAX_CONNECTION_AGE_SECONDS", 300.0, exclusive=True),
+            shutdown_grace_seconds=_number(environ, "JUKI_SHUTDOWN_GRACE_SECONDS", 10.0),
+        )
+
+
+@dataclass(frozen=True)
+class LookupSettings:
+    """The lookup service's own options."""
+
+    quota_multiplier: float = 1.0  # scales every 別表 quota; benchmarks raise it
+    ack_timeout_seconds: float = 5.0  # wait for the access log's acknowledgement
+    log_in_flight: int = 4  # access-log batches sent and not yet acknowledged
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> LookupSettings:
+        return cls(
+            quota_multiplier=_number(environ, "JUKI_LOOKUP_QUOTA_MULTIPLIER", 1.0, exclusive=True),
+            ack_timeout_seconds=_number(environ, "JUKI_LOOKUP_ACK_TIMEOUT", 5.0, exclusive=True),
+            log_in_flight=_count(environ, "JUKI_LOOKUP_LOG_IN_FLIGHT", 4),
+        )
+
+
+@dataclass(frozen=True)
+class AccessLogSettings:
+    """The access log's own options (the key files are checked when the log starts)."""
+
+    signing_key_file: Path | None = None
+    signing_cert_file: Path | None = None
+    pseudonym_key_file: Path | None = None
+    checkpoint_seconds: float = 10.0
+    verify_seconds: float = 600.0
+    max_group_records: int = 100_000
+    origin: str = ""  # empty: the default origin
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> AccessLogSettings:
+        return cls(
+            signing_key_file=_path(environ, "JUKI_ACCESSLOG_SIGNING_KEY_FILE"),
+            signing_cert_file=_path(environ, "JUKI_ACCESSLOG_SIGNING_CERT_FILE"),
+            pseudonym_key_file=_path(environ, "JUKI_PSEUDONYM_KEY_FILE"),
+            checkpoint_seconds=_number(environ, "JUKI_ACCESSLOG_CHECKPOINT_SECONDS", 10.0),
+            verify_seconds=_number(environ, "JUKI_ACCESSLOG_VERIFY_SECONDS", 600.0),
+            max_group_records=_count(environ, "JUKI_ACCESSLOG_MAX_GROUP_RECORDS", 100_000),
+            origin=_env(environ, "JUKI_ACCESSLOG_ORIGIN", "") or "",
+        )
+
+
+@dataclass(frozen=True)
+class MunicipalSettings:
+    """The municipal CS's own options."""
+
+    resync_batch: int = 1000  # records per BulkLoad batch when the register is sent to the prefecture
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> MunicipalSettings:
+        batch = _count(environ, "JUKI_MUNICIPAL_RESYNC_BATCH", 1000)
+        if batch > 10_000:
+            raise SettingsError(f"JUKI_MUNICIPAL_RESYNC_BATCH: must be <= 10000 (the intake's batch limit), got {batch}")
+        return cls(resync_batch=batch)
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """Everything one service process needs, parsed once."""
@@ -211,7 +427,13 @@ class ServiceSettings:
     municipality: str | None = None  # six digits, e.g. "131148"
     clock: str = "system"  # "system" or an ISO date for a fixed business day
     log_level: str = "INFO"
-    extra: Mapping[str, str] = field(default_factory=dict, repr=False)
+    operator_passwords_file: Path | None = None
+    metrics_listen: str | None = None  # host:port of the Prometheus /metrics endpoint
+    ready_file: Path | None = None  # written once the server listens (the supervisor waits for it)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    lookup: LookupSettings = field(default_factory=LookupSettings)  # read by the lookup service only
+    accesslog: AccessLogSettings = field(default_factory=AccessLogSettings)  # read by the access log only
+    municipal: MunicipalSettings = field(default_factory=MunicipalSettings)  # read by the municipal CS only
 
 
 def instance_name(service: str, tier: str | None, prefecture: str | None, municipality: str | None) -> str:
@@ -244,6 +466,7 @@ def load_service_settings(
 ) -> ServiceSettings:
     """Parse and validate the settings of one service from flags (given) and ``JUKI_*`` variables."""
     env = os.environ if environ is None else environ
+    check_variables(env)
     tier = tier or _env(env, "JUKI_TIER")
     prefecture = prefecture or _env(env, "JUKI_PREFECTURE")
     municipality = municipality or _env(env, "JUKI_MUNICIPALITY")
@@ -259,15 +482,10 @@ def load_service_settings(
     instance = instance_name(service, tier, prefecture, municipality)
     listen_address = validate_address("JUKI_LISTEN", listen or _env(env, "JUKI_LISTEN", "127.0.0.1:0") or "")
     health = _env(env, "JUKI_HEALTH_LISTEN")
+    metrics_listen = _env(env, "JUKI_METRICS_LISTEN")
     clock = _env(env, "JUKI_CLOCK", "system") or "system"
     if clock != "system" and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", clock):
         raise SettingsError(f"JUKI_CLOCK must be 'system' or YYYY-MM-DD, got {clock!r}")
-    extra = {
-        k[len("JUKI_"):].lower(): v
-        for k, v in env.items()
-        if k.startswith("JUKI_")
-        and (k.endswith("_FILE") or not any(s in k for s in ("PASSWORD", "DATABASE_URL", "SECRET")))
-    }
     return ServiceSettings(
         service=service,
         instance=instance,
@@ -282,5 +500,11 @@ def load_service_settings(
         municipality=municipality,
         clock=clock,
         log_level=(_env(env, "JUKI_LOG_LEVEL", "INFO") or "INFO").upper(),
-        extra=extra,
+        operator_passwords_file=_path(env, "JUKI_OPERATOR_PASSWORDS_FILE"),
+        metrics_listen=validate_address("JUKI_METRICS_LISTEN", metrics_listen) if metrics_listen else None,
+        ready_file=_path(env, "JUKI_READY_FILE"),
+        server=ServerSettings.from_env(env),
+        lookup=LookupSettings.from_env(env) if service == "lookup" else LookupSettings(),
+        accesslog=AccessLogSettings.from_env(env) if service == "accesslog" else AccessLogSettings(),
+        municipal=MunicipalSettings.from_env(env) if service == "municipal" else MunicipalSettings(),
     )

@@ -22,9 +22,10 @@ from juki._gen.juki.municipal.v1 import municipal_pb2, municipal_pb2_grpc
 from juki.mesh.db import create_pool
 from juki.mesh.errors import JukiError, Reason, SettingsError, invalid
 from juki.mesh.leader import LeaderLease
+from juki.mesh.methods import Method, OperatorProof, require_method
 from juki.mesh.operator import OperatorVerifier, load_passwords
 from juki.mesh.server import ServiceBinding
-from juki.mesh.settings import ServiceSettings
+from juki.mesh.settings import ServiceSettings, spiffe_id
 from juki.mesh.tls import Peer, require_peer, secure_channel
 from juki.municipal import convert
 from juki.municipal.registry import Registry
@@ -33,9 +34,8 @@ from juki.municipal.sender import OutboxSender
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "juki.municipal.v1.MunicipalService"
-CARD_SERVICE = "spiffe://juki.local/service/card"
-DISCLOSURE_SERVICE = "spiffe://juki.local/service/disclosure"
-RESYNC_BATCH = 1000
+CARD_SERVICE = spiffe_id("service", "card")
+DISCLOSURE_SERVICE = spiffe_id("service", "disclosure")
 RESYNC_DEADLINE_SECONDS = 24 * 3600  # a national-size register takes hours; a dead peer ends the call at once
 # Changes after which the resident's 住基カード are revoked (the card service is told at once).
 _CARD_REVOKING = {
@@ -50,27 +50,29 @@ class MunicipalServicer(municipal_pb2_grpc.MunicipalServiceServicer):
     def __init__(self, app: MunicipalApp) -> None:
         self.app = app
 
-    async def _operator(self, method: str, request: Any, resident_code: str = "") -> None:
-        """An operator peer must prove who acts; services act on their certificate alone."""
-        peer = require_peer()
-        if peer.kind == "operator" or request.HasField("operator_proof"):
-            verified = await self.app.operators.verify(f"/{SERVICE_NAME}/{method}", request)
+    async def _operator(self, request: Any, resident_code: str = "") -> None:
+        """The method table's proof rule (an operator peer must prove who acts); a verified one is logged."""
+        verified = await self.app.operators.check(request)
+        if verified is not None:
             # Only a well-formed code is logged: the request is not validated yet (it may carry a NUL byte).
             logged_code = resident_code if domain.is_valid_resident_code(resident_code) else ""
-            await self.app.registry.log_operator(verified.operator_id, peer.spiffe_id, method, logged_code)
+            await self.app.registry.log_operator(verified.operator_id, require_peer().spiffe_id,
+                                                 require_method().log_name, logged_code)
 
     async def RecordChange(
         self, request: municipal_pb2.RecordChangeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> municipal_pb2.RecordChangeResponse:
-        await self._operator("RecordChange", request, request.entry.resident_code)
+        await self._operator(request, request.entry.resident_code)
         recorded = await self.app.registry.record_change(request, self.app.clock.today())
         self.app.sender.wake()
         if request.change_kind in _CARD_REVOKING:
+            # Also on a replay: the first attempt may have died between its commit and the revocation
+            # (revoking revoked cards changes nothing).
             await self.app.revoke_cards(request.entry.resident_code, _CARD_REVOKING[request.change_kind])
         queued = not self.app.sender.connected or not recorded.connected
         return municipal_pb2.RecordChangeResponse(
             notification_id=recorded.notification_id, sequence=recorded.sequence, queued=queued,
-            resident_code=recorded.resident_code,
+            resident_code=recorded.resident_code, replayed=recorded.replayed,
         )
 
     async def GetResidentEntry(
@@ -124,7 +126,7 @@ class MunicipalServicer(municipal_pb2_grpc.MunicipalServiceServicer):
     async def ResyncToPrefecture(
         self, request: municipal_pb2.ResyncToPrefectureRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> municipal_pb2.ResyncToPrefectureResponse:
-        await self._operator("ResyncToPrefecture", request)
+        await self._operator(request)
         return await self.app.resync()
 
 
@@ -136,7 +138,6 @@ class MunicipalApp:
             raise SettingsError("the municipal CS needs --municipality")
         self.settings = settings
         self.municipality_code = settings.municipality
-        self.resync_batch = _resync_batch(settings.extra.get("resync_batch"))
         try:
             self.clock = domain.parse_clock(settings.clock)
         except ValueError as exc:
@@ -166,7 +167,7 @@ class MunicipalApp:
         self._registry = Registry(self.pool, self.municipality_code)
         self._operators = OperatorVerifier(
             self.settings.tls, self.pool,
-            passwords=load_passwords(self.settings.extra.get("operator_passwords_file")),
+            passwords=load_passwords(self.settings.operator_passwords_file),
         )
         self._sender = OutboxSender(self._registry, self.settings.peers.prefecture_intake, self.settings.tls,
                                     LeaderLease(self.settings.database, f"{self.settings.instance}:outbox"))
@@ -178,11 +179,11 @@ class MunicipalApp:
                 add_to_server=municipal_pb2_grpc.add_MunicipalServiceServicer_to_server,
                 servicer=MunicipalServicer(self),
                 access={
-                    "RecordChange": frozenset({"operator", CARD_SERVICE}),
+                    "RecordChange": Method(frozenset({"operator", CARD_SERVICE}), OperatorProof.FROM_OPERATORS),
                     "GetResidentEntry": frozenset({"municipality", "operator", CARD_SERVICE, DISCLOSURE_SERVICE}),
                     "ListHousehold": frozenset({"municipality", "operator", CARD_SERVICE, DISCLOSURE_SERVICE}),
                     "GetOutboxStatus": everyone_in_government,
-                    "ResyncToPrefecture": frozenset({"operator"}),
+                    "ResyncToPrefecture": Method(frozenset({"operator"}), OperatorProof.FROM_OPERATORS),
                 },
             )
         ]
@@ -224,7 +225,7 @@ class MunicipalApp:
         address = self.settings.peers.prefecture_intake
         if not address:
             raise JukiError(Reason.DEPENDENCY_UNAVAILABLE, "no prefecture intake is configured")
-        batch = self.resync_batch
+        batch = self.settings.municipal.resync_batch
         async with self.sender.lock, secure_channel(address, self.settings.tls) as channel:
             stub = intake_pb2_grpc.IntakeServiceStub(channel)
             load_id, through = await self.registry.resync_in_progress()
@@ -278,19 +279,6 @@ class MunicipalApp:
             records_applied=summary.records_applied + summary.records_unchanged,
             records_rejected=summary.records_rejected,
         )
-
-
-def _resync_batch(setting: str | None) -> int:
-    """Records per BulkLoad batch (JUKI_RESYNC_BATCH, default RESYNC_BATCH)."""
-    if not setting:
-        return RESYNC_BATCH
-    try:
-        value = int(setting)
-    except ValueError:
-        raise SettingsError(f"JUKI_RESYNC_BATCH must be a whole number, got {setting!r}") from None
-    if not 1 <= value <= 10_000:
-        raise SettingsError("JUKI_RESYNC_BATCH must be 1..10000")
-    return value
 
 
 def create(settings: ServiceSettings) -> MunicipalApp:

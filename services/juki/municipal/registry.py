@@ -8,6 +8,7 @@ gaps even with concurrent counters).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -43,6 +44,7 @@ class Recorded:
     sequence: int
     resident_code: str
     connected: bool
+    replayed: bool = False  # the answer of a change recorded earlier under the same request id
 
 
 @dataclass(frozen=True)
@@ -218,9 +220,23 @@ class Registry:
             raise invalid("occurred_on", "occurred_on (異動年月日) is required")
         if kind == common_pb2.CHANGE_KIND_UNSPECIFIED or kind not in common_pb2.ChangeKind.values():
             raise invalid("change_kind", "change_kind must be set to a known kind")
+        request_id, digest = _request_key(request)
         async with self.pool.acquire() as conn, conn.transaction():
+            # The state row serialises this municipality's changes, so a retry racing its first attempt
+            # finds the first attempt's row (or waits for it to commit) instead of applying twice.
             state = await conn.fetchrow("SELECT last_sequence, connected FROM outbox_state FOR UPDATE")
             assert state is not None
+            if request_id is not None:
+                earlier = await conn.fetchrow(
+                    "SELECT sequence, notification_id, payload, request_digest FROM outbox WHERE request_id = $1",
+                    request_id)
+                if earlier is not None:
+                    if bytes(earlier["request_digest"]) != digest:
+                        raise invalid("request_id", "this request id was used for a different change")
+                    sent = intake_pb2.Notification.FromString(earlier["payload"])
+                    return Recorded(str(earlier["notification_id"]), int(earlier["sequence"]),
+                                    sent.new_resident_code or sent.resident_code, bool(state["connected"]),
+                                    replayed=True)
             sequence = int(state["last_sequence"]) + 1
             notification_id = str(uuid.uuid4())
             code = request.entry.resident_code
@@ -253,8 +269,10 @@ class Registry:
                     entry.SerializeToString(), entry.version,
                 )
             await conn.execute(
-                "INSERT INTO outbox (sequence, notification_id, resident_code, payload) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO outbox (sequence, notification_id, resident_code, payload, request_id, request_digest)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
                 sequence, uuid.UUID(notification_id), message.resident_code, message.SerializeToString(),
+                request_id, digest if request_id is not None else None,
             )
             await conn.execute("UPDATE outbox_state SET last_sequence = $1", sequence)
         subject = message.new_resident_code or message.resident_code
@@ -397,3 +415,20 @@ class Registry:
         if not entry.relationship or entry.relationship == HEAD:
             raise invalid("entry.relationship", "the household has a head already; give the 続柄 to them")
         entry.household_head = convert.full_name(_entry(head).name)
+
+
+def _request_key(request: municipal_pb2.RecordChangeRequest) -> tuple[uuid.UUID | None, bytes]:
+    """The request id (None when the caller chose none) and a digest of the change it names.
+
+    The digest leaves out the operator proof, which a retry signs anew."""
+    if not request.request_id:
+        return None, b""
+    try:
+        request_id = uuid.UUID(request.request_id)
+    except ValueError:
+        raise invalid("request_id", "must be a UUID, e.g. 0f8e2b6c-4d1a-4c3e-9b7a-2d5f6e8a9c01") from None
+    change = municipal_pb2.RecordChangeRequest()
+    change.CopyFrom(request)
+    change.ClearField("operator_proof")
+    change.ClearField("request_id")
+    return request_id, hashlib.sha256(change.SerializeToString(deterministic=True)).digest()

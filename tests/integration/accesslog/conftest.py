@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ async def live_log(settings_factory: Any, database: Any, ca: Any) -> AsyncIterat
     settings = settings_factory(
         "accesslog", instance, ("service", "accesslog"),
 
-        extra={**base.extra, "accesslog_checkpoint_seconds": "0", "accesslog_verify_seconds": "0"},
+        accesslog=dataclasses.replace(base.accesslog, checkpoint_seconds=0, verify_seconds=0),
     )
     app = create(settings)
     async with running(settings, app) as address:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,11 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from grpc_status import rpc_status
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki._gen.juki.common.v1 import common_pb2
 from juki.accesslog import chain
 from juki.accesslog.verify import verify_log
+from juki.mesh.errors import from_grpc_error
 
 from tests.integration.accesslog.conftest import LiveLog, codes, provision
 
@@ -22,17 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _bad_fields(exc: grpc.aio.AioRpcError) -> list[str]:
-    from google.rpc import error_details_pb2
-
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    assert status is not None
-    fields: list[str] = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
+    return [v.field for v in from_grpc_error(exc).violations]
 
 
 async def test_append_assigns_consecutive_sequences_and_stores_only_a_pseudonym(live_log: LiveLog, database: Any) -> None:
@@ -193,8 +184,8 @@ async def test_shutdown_signs_a_checkpoint(settings_factory: Any, database: Any,
     instance = await fresh_instance(database)
     base = settings_factory("accesslog", instance, ("service", "accesslog"))
     settings = settings_factory("accesslog", instance, ("service", "accesslog"),
-                                extra={**base.extra, "accesslog_checkpoint_seconds": "3600",
-                                       "accesslog_verify_seconds": "0"})
+                                accesslog=dataclasses.replace(base.accesslog, checkpoint_seconds=3600,
+                                                              verify_seconds=0))
     app = create(settings)
     async with running(settings, app) as address:
         log = LiveLog(settings, app, address, settings.database.schema, ca)
@@ -217,8 +208,8 @@ async def test_periodic_checkpoints(settings_factory: Any, database: Any, ca: An
     instance = await fresh_instance(database)
     base = settings_factory("accesslog", instance, ("service", "accesslog"))
     settings = settings_factory("accesslog", instance, ("service", "accesslog"),
-                                extra={**base.extra, "accesslog_checkpoint_seconds": "0.2",
-                                       "accesslog_verify_seconds": "0"})
+                                accesslog=dataclasses.replace(base.accesslog, checkpoint_seconds=0.2,
+                                                              verify_seconds=0))
     app = create(settings)
     async with running(settings, app) as address:
         live = LiveLog(settings, app, address, settings.database.schema, ca)

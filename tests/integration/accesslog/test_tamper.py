@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import sys
 import tempfile
@@ -148,10 +147,11 @@ async def test_reordered_rows_are_named(live_log: LiveLog, database: Any, ca: An
 
 
 async def test_purge_keeps_the_rest_verifiable(live_log: LiveLog, database: Any, ca: Any) -> None:
-    await filled(live_log)  # records 1..20
-    await asyncio.sleep(0.05)
-    cutoff = dt.datetime.now(dt.UTC)
-    await asyncio.sleep(0.05)
+    from tests.integration.accesslog.test_partitions import load_at, month_start
+
+    # Records 1..20 recorded two months ago: retention drops whole monthly partitions.
+    await load_at(database, live_log.schema, live_log.app.pseudonym_key, codes(20, seed=11), month_start(2))
+    cutoff = month_start(1)
     stub = live_log.stub()
     await stub.Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(5, seed=3)]))  # 21..25
     signer = chain.Signer(ca.paths("signing", "accesslog")[1])
@@ -184,8 +184,9 @@ async def test_an_ordinary_checkpoint_cannot_anchor_a_deleted_prefix(live_log: L
 
 
 async def test_juki_audit_purge_command(live_log: LiveLog, database: Any, ca: Any) -> None:
-    await filled(live_log, 10)
-    await asyncio.sleep(0.05)
+    from tests.integration.accesslog.test_partitions import load_at, month_start
+
+    await load_at(database, live_log.schema, live_log.app.pseudonym_key, codes(10, seed=11), month_start(1))
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "juki", "audit", "purge", "--older-than-days", "0", "--database-url", database.admin_url,
         "--schema", live_log.schema, "--ca", str(ca.ca_cert_path),

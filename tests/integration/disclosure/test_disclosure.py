@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import random
@@ -21,6 +22,7 @@ from juki.accesslog.app import create as create_accesslog
 from juki.disclosure.app import create as create_disclosure
 from juki.disclosure.service import METHOD
 from juki.domain import generate_resident_code
+from juki.mesh.pki import CertificateAuthority
 from juki.mesh.settings import Peers
 
 from tests.conftest import channel_as, running
@@ -71,8 +73,8 @@ async def mesh(settings_factory: Any, database: Any, ca: Any) -> AsyncIterator[M
     log_instance = await fresh_instance(database)
     base = settings_factory("accesslog", log_instance, ("service", "accesslog"))
     log_settings = settings_factory("accesslog", log_instance, ("service", "accesslog"),
-                                    extra={**base.extra, "accesslog_checkpoint_seconds": "0",
-                                           "accesslog_verify_seconds": "0"})
+                                    accesslog=dataclasses.replace(base.accesslog, checkpoint_seconds=0,
+                                                                  verify_seconds=0))
     intake_settings = settings_factory("intake", "intake-national", ("service", "intake-national"), tier="national")
     async with contextlib.AsyncExitStack() as stack:
         log_address = await stack.enter_async_context(running(log_settings, create_accesslog(log_settings)))
@@ -332,8 +334,8 @@ async def card_mesh(settings_factory: Any, database: Any, ca: Any) -> AsyncItera
     log_instance = await fresh_instance(database)
     base = settings_factory("accesslog", log_instance, ("service", "accesslog"))
     log_settings = settings_factory("accesslog", log_instance, ("service", "accesslog"),
-                                    extra={**base.extra, "accesslog_checkpoint_seconds": "0",
-                                           "accesslog_verify_seconds": "0"})
+                                    accesslog=dataclasses.replace(base.accesslog, checkpoint_seconds=0,
+                                                                  verify_seconds=0))
     intake_settings = settings_factory("intake", "intake-national", ("service", "intake-national"), tier="national")
     async with contextlib.AsyncExitStack() as stack:
         log_address = await stack.enter_async_context(running(log_settings, create_accesslog(log_settings)))
@@ -444,10 +446,9 @@ async def test_counter_operator_password_is_checked_when_configured(
 
     passwords = tmp_path / "operators.json"
     passwords.write_text(json.dumps({"demo-operator": hash_operator_password("窓口-secret")}))
-    base = settings_factory("disclosure", "disclosure", ("service", "disclosure"))
     settings = settings_factory("disclosure", "disclosure", ("service", "disclosure"),
                                 peers=Peers(accesslog=mesh.accesslog, national_intake=mesh.intake),
-                                extra={**base.extra, "operator_passwords_file": str(passwords)})
+                                operator_passwords_file=passwords)
     me = await seed_resident(database, random.Random("password"))
     cert, key = mesh.ca.paths("operator", "demo-operator")
     async with running(settings, create_disclosure(settings)) as address:
@@ -466,6 +467,62 @@ async def test_counter_operator_password_is_checked_when_configured(
                     assert caught.value.code() == expected
         finally:
             await channel.close()
+
+
+async def test_provisions_a_witness_cosigned_are_proven_into_its_checkpoint(
+    mesh: Mesh, database: Any, tmp_path: Path, capsys: Any
+) -> None:
+    import argparse
+
+    from juki.cli.audit import cmd_witness
+    from juki.cli.disclose import cmd_disclose
+    from juki.cli.main import build_parser
+
+    me = await seed_resident(database, random.Random("witnessed-proof"))
+    await mesh.log().Append(accesslog_pb2.AppendRequest(records=[
+        provision(me, purpose="B1-PENSION-BENEFIT", seconds=1_704_034_800 + i) for i in range(2)]))
+    await mesh.log().Append(accesslog_pb2.AppendRequest(records=[
+        provision(code) for code in (generate_resident_code(random.Random(i)) for i in range(30))]))
+    assert await cmd_witness(argparse.Namespace(
+        data_dir=tmp_path, name="w1", address=mesh.accesslog, ca=None, pki=mesh.ca.root,
+        state=tmp_path / "w1.json", origin="juki.local/accesslog", every=0, json=True)) == 0
+    witnessed_size = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tree_size"]
+    out = tmp_path / "disclosure.json"
+    args = build_parser().parse_args(["disclose", me, "--data-dir", str(endpoints_for(tmp_path, mesh)),
+                                      "--format", "json", "--out", str(out)])
+    assert await cmd_disclose(args) == 0
+    document = json.loads(out.read_text())
+    sizes = [p["透明性ログの証明"]["tree_size"] for p in document["提供状況"]]
+    # The two pension provisions are in the cosigned tree and proven into it; the disclosure's own record,
+    # newer, into the latest checkpoint.
+    assert sizes.count(witnessed_size) == 2 and len(sizes) == 3 and max(sizes) > witnessed_size
+    assert len(document["透明性ログ"]["witness_certificates"]) == 1
+    assert f"証人（w1）が連署したチェックポイント（木のサイズ{witnessed_size}）" in document["完全性"]["説明"]
+    code, output = await proof_verify(out, mesh.ca.ca_cert_path)
+    assert code == 0, output
+    assert "2 of them are proven into a checkpoint cosigned by witness(es) w1" in output
+
+    def rewritten(change: Any) -> Path:
+        copy = json.loads(out.read_text())
+        change(copy)
+        path = tmp_path / f"changed-{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(copy, ensure_ascii=False))
+        return path
+
+    position = next(i for i, note in enumerate(document["透明性ログ"]["checkpoints"])
+                    if note.split("\n")[1] == str(witnessed_size))
+    named = f"proof FAILED: 透明性ログ.checkpoints[{position}]"
+    # Without the certificate, the cosignature is by an unknown witness key: refused, never ignored.
+    code, output = await proof_verify(rewritten(lambda d: d["透明性ログ"].__setitem__("witness_certificates", [])),
+                                      mesh.ca.ca_cert_path)
+    assert code == 1 and named in output and "unknown witness" in output, output
+    # A certificate of another witness key under the same name does not make a forged line verify.
+    other = CertificateAuthority(tmp_path / "other-ca")
+    other.create()
+    other.issue("witness", "w1")
+    code, output = await proof_verify(rewritten(lambda d: d["透明性ログ"].__setitem__(
+        "witness_certificates", [other.cosigning_paths("w1")[0].read_text()])), mesh.ca.ca_cert_path)
+    assert code == 1 and named in output and "not issued by the mesh CA" in output, output
 
 
 @pytest.mark.parametrize("argv", [

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 from typing import Any
 
+import grpc
 import pytest
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.intake.v1 import intake_pb2
@@ -76,6 +77,32 @@ async def test_every_kind_of_change(mesh: Mesh) -> None:
     rest = await mesh.national_as("service", "disclosure").ListResidentHistory(
         intake_pb2.ListResidentHistoryRequest(resident_code=code, page_token=history.next_page_token))
     assert len(rest.versions) == 3 and not rest.next_page_token
+    # Keyset pages: one version at a time gives the same history, in the same order, as one page.
+    reader = mesh.national_as("service", "disclosure")
+    whole = await reader.ListResidentHistory(intake_pb2.ListResidentHistoryRequest(resident_code=code))
+    walked: list[intake_pb2.ResidentVersion] = []
+    token = ""
+    while True:
+        page = await reader.ListResidentHistory(
+            intake_pb2.ListResidentHistoryRequest(resident_code=code, page_size=1, page_token=token))
+        walked.extend(page.versions)
+        token = page.next_page_token
+        if not token:
+            break
+        assert not token.isdigit()  # opaque, not an offset
+    assert walked == list(whole.versions) and len(walked) == 7
+    # A client holding an offset token of earlier versions keeps going where it was.
+    legacy = await reader.ListResidentHistory(intake_pb2.ListResidentHistoryRequest(resident_code=code, page_token="4"))
+    assert list(legacy.versions) == list(rest.versions) and not legacy.next_page_token
+    # A token is for the list it came from, and only tokens this service made are taken.
+    other = notification(NAKANO, kind=K.CHANGE_KIND_EX_OFFICIO_ENTRY, occurred=dt.date(2004, 1, 5))
+    for bad_token, why in ((history.next_page_token, "another list"), ("bm90IGEgdG9rZW4", "not a page token")):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await reader.ListResidentHistory(intake_pb2.ListResidentHistoryRequest(
+                resident_code=other.resident_code if why == "another list" else code, page_token=bad_token))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert why in (refused.value.details() or "")
+    assert other.resident_code != code
 
 
 async def test_foreign_residents_from_2013_07_08(mesh: Mesh) -> None:

@@ -49,12 +49,13 @@ class Mesh:
         self.channels.append(channel)
         return lookup_pb2_grpc.LookupServiceStub(channel)
 
-    def lookup_settings(self, **extra: str) -> ServiceSettings:
+    def lookup_settings(self, **options: Any) -> ServiceSettings:
+        """Settings of a lookup service using this mesh; ``options`` are fields of ``LookupSettings``."""
         settings = make_settings(
             self.ca, self.database, self.data_dir, "lookup", "lookup", ("service", "lookup"),
             peers=Peers(accesslog=self.accesslog),
         )
-        return replace(settings, extra={**settings.extra, **extra})
+        return replace(settings, lookup=replace(settings.lookup, **options))
 
     async def provisions(self, code: str, include_refused: bool = False) -> list[accesslog_pb2.LoggedProvision]:
         channel = channel_as(self.ca, "service", "disclosure", self.accesslog)

@@ -83,7 +83,7 @@ async def test_the_service_config_sets_deadlines_and_retries_an_unavailable_look
     code = await add_resident(mesh.database)
     # A lookup whose access log cannot be reached: every attempt fails with ACCESS_LOG_UNAVAILABLE and
     # provides nothing, which is what makes the retry safe.
-    settings = mesh.lookup_settings(lookup_ack_timeout="1")
+    settings = mesh.lookup_settings(ack_timeout_seconds=1)
     settings = replace(settings, peers=Peers(accesslog="127.0.0.1:1"))
     app = create(settings)
     server = await start_server(settings, await app.start(), on_refusal=app.on_refusal)
@@ -111,6 +111,7 @@ def _recipes() -> list[str]:
     """The shell blocks of the grpcurl section, in order; the first sets up the variables."""
     text = GUIDE.read_text(encoding="utf-8")
     section = text[text.index("## 6. Trying it with grpcurl"):]
+    section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section  # this section only
     return re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
 
 

@@ -6,12 +6,11 @@ import asyncio
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2
 from juki.lookup.app import create
+from juki.mesh.errors import from_grpc_error
 from juki.mesh.settings import Peers
 
 from tests.conftest import running
@@ -25,23 +24,8 @@ PASSPORT = "B1-PASSPORT-ISSUANCE"
 
 def details(error: grpc.aio.AioRpcError) -> tuple[str, list[str], float | None]:
     """(ErrorInfo reason, BadRequest fields, RetryInfo seconds) of a failed call."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    reason, fields, retry = "", [], None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields = [v.field for v in bad.field_violations]
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info_retry = error_details_pb2.RetryInfo()
-            detail.Unpack(info_retry)
-            retry = info_retry.retry_delay.seconds + info_retry.retry_delay.nanos / 1e9
-    return reason, fields, retry
+    remote = from_grpc_error(error)
+    return remote.reason_name, [v.field for v in remote.violations], remote.retry_after_seconds
 
 
 async def test_pension_service_looks_up_a_resident_by_code_and_the_provision_is_logged(mesh: Mesh) -> None:
@@ -159,7 +143,7 @@ async def test_a_disconnected_municipality_marks_the_record_stale(mesh: Mesh) ->
 async def test_quota_answers_resource_exhausted_with_a_retry_hint(mesh: Mesh) -> None:
     code = await add_resident(mesh.database)
     # 2,000/s for 日本年金機構 scaled down to 2/s: the third call within a second is over quota.
-    settings = mesh.lookup_settings(lookup_quota_multiplier="0.001")
+    settings = mesh.lookup_settings(quota_multiplier=0.001)
     async with running(settings, create(settings)) as address:
         stub = mesh.lookup_as("agency", "jps", address)
         request = lookup_pb2.LookupByCodeRequest(purpose=PENSION, resident_code=code)
@@ -172,7 +156,7 @@ async def test_quota_answers_resource_exhausted_with_a_retry_hint(mesh: Mesh) ->
 
 async def test_nothing_is_provided_when_the_access_log_is_unavailable(mesh: Mesh) -> None:
     code = await add_resident(mesh.database)
-    settings = mesh.lookup_settings(lookup_ack_timeout="2")
+    settings = mesh.lookup_settings(ack_timeout_seconds=2)
     from dataclasses import replace
 
     settings = replace(settings, peers=Peers(accesslog="127.0.0.1:1"))

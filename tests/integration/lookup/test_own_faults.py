@@ -16,10 +16,11 @@ from juki._gen.juki.accesslog.v1 import accesslog_pb2
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.lookup.v1 import lookup_pb2
 from juki.lookup import provisions
-from juki.lookup.app import LookupApp
+from juki.lookup.app import METHODS, SERVICE_NAME, LookupApp
 from juki.lookup.provisions import ProvisionLog
 from juki.lookup.service import MAX_VERIFY_ITEMS, LookupServicer
 from juki.mesh.errors import JukiError, Reason
+from juki.mesh.methods import CallMethod, current_method
 from juki.mesh.tls import Peer, current_peer, secure_channel
 
 from tests.conftest import running, tls_for
@@ -163,8 +164,10 @@ async def test_an_aborted_verify_stream_leaves_no_task_of_its_pipeline_behind(
         yield lookup_pb2.VerifyBatchRequest(items=[item] * (MAX_VERIFY_ITEMS + 1))
         await asyncio.Event().wait()  # and the client sends nothing more
 
-    # What the mesh interceptor sets for a call: the verified peer.
+    # What the mesh interceptor sets for a call: the verified peer and the method's row of the table.
     token = current_peer.set(Peer("spiffe://juki.local/agency/jps", "agency", "jps", 0))
+    path = f"/{SERVICE_NAME}/VerifyBatch"
+    method_token = current_method.set(CallMethod(path, SERVICE_NAME, "VerifyBatch", METHODS["VerifyBatch"]))
     try:
         async with loop_errors() as errors:
             answers = servicer.VerifyBatch(requests(), None)  # type: ignore[arg-type]
@@ -177,6 +180,7 @@ async def test_an_aborted_verify_stream_leaves_no_task_of_its_pipeline_behind(
             for _ in range(5):  # let whatever is left run its course
                 await asyncio.sleep(0)
     finally:
+        current_method.reset(method_token)
         current_peer.reset(token)
     # Neither an exception never retrieved nor a task destroyed while still pending.
     assert errors == []

@@ -185,6 +185,54 @@ async def test_change_feed_lists_watched_changes_after_a_resumable_cursor(mesh: 
     assert details(bad.value)[1] == ["cursor"]
 
 
+async def test_change_feed_pages_with_opaque_page_tokens_and_old_cursors_still_work(mesh: Mesh) -> None:
+    watched = await add_resident(mesh.database)
+    stub = mesh.lookup_as("agency", "kkr")
+    purpose = "B1-NATIONAL-MUTUAL-AID-PENSION"
+    await stub.RegisterWatch(lookup_pb2.RegisterWatchRequest(purpose=purpose, resident_codes=[watched]))
+    start = await stub.ListChanges(lookup_pb2.ListChangesRequest(purpose=purpose, page_size=10_000))
+    while start.changes:  # the feed of this agency may hold changes of other tests
+        start = await stub.ListChanges(lookup_pb2.ListChangesRequest(purpose=purpose, page_token=start.next_page_token))
+    token, cursor = start.next_page_token, start.next_cursor
+    assert token and not token.isdigit()  # always set (a feed never ends), and opaque
+    ids = [await add_change(mesh.database, watched, kind, dt.date(2024, 5, day)) for kind, day in (
+        (common_pb2.CHANGE_KIND_ADDRESS_CHANGE, 1), (common_pb2.CHANGE_KIND_NAME_CHANGE, 2),
+        (common_pb2.CHANGE_KIND_DEATH, 3))]
+    # New clients: page_size and page_token; each event carries a token that resumes after it.
+    first = await stub.ListChanges(lookup_pb2.ListChangesRequest(purpose=purpose, page_token=token, page_size=2))
+    assert [e.cursor for e in first.changes] == [str(i) for i in ids[:2]]
+    second = await stub.ListChanges(lookup_pb2.ListChangesRequest(purpose=purpose, page_token=first.next_page_token))
+    assert [e.cursor for e in second.changes] == [str(ids[2])]
+    from_event = await stub.ListChanges(
+        lookup_pb2.ListChangesRequest(purpose=purpose, page_token=first.changes[0].page_token))
+    assert [e.cursor for e in from_event.changes] == [str(i) for i in ids[1:]]
+    # Old clients: cursor and max_changes, answered with next_cursor, as before.
+    old = await stub.ListChanges(lookup_pb2.ListChangesRequest(purpose=purpose, cursor=cursor, max_changes=1))
+    assert [e.cursor for e in old.changes] == [str(ids[0])] and old.next_cursor == str(ids[0])
+    assert old.next_page_token == first.changes[0].page_token
+    # A token is the caller's, for one 事務; garbage and a mix of both ways are refused naming the field.
+    other_agency = mesh.lookup_as("agency", "jps")
+    refusals = (
+        (other_agency, lookup_pb2.ListChangesRequest(purpose=PENSION, page_token=token), "page_token"),
+        (stub, lookup_pb2.ListChangesRequest(purpose=purpose, page_token="garbage!"), "page_token"),
+        (stub, lookup_pb2.ListChangesRequest(purpose=purpose, page_token=token, cursor=cursor or "1"), "cursor"),
+        (stub, lookup_pb2.ListChangesRequest(purpose=purpose, page_size=-1), "page_size"),
+    )
+    for caller, request, field in refusals:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await caller.ListChanges(request)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert details(refused.value)[1] == [field]
+    # The stream starts after a page token too, and hands out tokens.
+    call = stub.StreamChanges(lookup_pb2.StreamChangesRequest(purpose=purpose, page_token=first.next_page_token))
+    try:
+        message = await asyncio.wait_for(call.read(), 10)
+        assert [e.cursor for e in message.changes] == [str(ids[2])]
+        assert message.next_page_token == second.next_page_token
+    finally:
+        call.cancel()
+
+
 async def test_stream_changes_follows_new_changes(mesh: Mesh) -> None:
     code = await add_resident(mesh.database)
     stub = mesh.lookup_as("agency", "jps")

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from juki._gen.juki.common.v1 import common_pb2
 from juki._gen.juki.municipal.v1 import municipal_pb2
+from juki.mesh.errors import from_grpc_error
 from juki.mesh.operator import sign_operator_proof
 
 from tests.conftest import tls_for
@@ -23,24 +22,13 @@ def sign(ca: Any, request: Any, method: str, operator: str = "demo-operator", pa
 
 
 def reason_of(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, error
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info.reason
-    raise AssertionError(f"no ErrorInfo in {error}")
+    reason = from_grpc_error(error).reason_name
+    assert reason, f"no ErrorInfo in {error}"
+    return reason
 
 
 def violations_of(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    fields: list[str] = []
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields += [v.field for v in bad.field_violations]
-    return fields
+    return [v.field for v in from_grpc_error(error).violations]
 
 
 def date(text: str) -> common_pb2.Date:

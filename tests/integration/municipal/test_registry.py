@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -172,7 +173,7 @@ async def test_operator_passwords_are_checked_when_configured(ca: Any, settings_
     passwords = tmp_path / "operators.json"
     passwords.write_text(json.dumps({"demo-operator": hash_operator_password("暗証-2002")}))
     settings = settings_factory("municipal", f"municipal-{CODE}", ("municipality", CODE), municipality=CODE,
-                                clock="2024-04-01", extra={"operator_passwords_file": str(passwords)})
+                                clock="2024-04-01", operator_passwords_file=passwords)
     async with running(settings, create(settings)) as address, \
             channel_as(ca, "operator", "demo-operator", address) as channel:
         stub = municipal_pb2_grpc.MunicipalServiceStub(channel)
@@ -188,3 +189,45 @@ async def test_operator_passwords_are_checked_when_configured(ca: Any, settings_
         assert reason_of(wrong.value) == "OPERATOR_PROOF_INVALID"
         assert violations_of(wrong.value) == ["operator_proof.password"]
         assert (await stub.RecordChange(request("暗証-2002"))).sequence > 0
+
+
+async def test_a_retried_change_with_its_request_id_is_answered_once(ca: Any, nakano: str) -> None:
+    """AIP-155: a counter terminal that lost the answer retries with the same request id (and a fresh
+    operator proof) and gets the first answer; nothing is applied or queued twice, even concurrently."""
+    request_id = str(uuid.uuid4())
+    async with channel_as(ca, "operator", "demo-operator", nakano) as channel:
+        stub = municipal_pb2_grpc.MunicipalServiceStub(channel)
+        before = await stub.GetOutboxStatus(municipal_pb2.GetOutboxStatusRequest())
+        first = await stub.RecordChange(record(ca, common_pb2.CHANGE_KIND_MOVE_IN, person(given="再送"),
+                                               request_id=request_id))
+        assert not first.replayed and first.sequence == before.last_sequence + 1
+        again = await asyncio.gather(*[
+            stub.RecordChange(record(ca, common_pb2.CHANGE_KIND_MOVE_IN, person(given="再送"), request_id=request_id))
+            for _ in range(3)])
+        for answer in again:
+            assert answer.replayed
+            assert (answer.notification_id, answer.sequence, answer.resident_code) == (
+                first.notification_id, first.sequence, first.resident_code)
+        after = await stub.GetOutboxStatus(municipal_pb2.GetOutboxStatusRequest())
+        assert after.last_sequence == first.sequence  # one notification queued, not four
+
+        # Without a request id, the same change is a new one (two move-ins of two people of that name).
+        other = await stub.RecordChange(record(ca, common_pb2.CHANGE_KIND_MOVE_IN, person(given="再送")))
+        assert not other.replayed and other.sequence == first.sequence + 1
+        assert other.resident_code != first.resident_code
+
+
+async def test_a_request_id_reused_for_another_change_or_malformed_is_refused(ca: Any, nakano: str) -> None:
+    request_id = str(uuid.uuid4())
+    async with channel_as(ca, "operator", "demo-operator", nakano) as channel:
+        stub = municipal_pb2_grpc.MunicipalServiceStub(channel)
+        await stub.RecordChange(record(ca, common_pb2.CHANGE_KIND_MOVE_IN, person(given="一番"), request_id=request_id))
+        before = await stub.GetOutboxStatus(municipal_pb2.GetOutboxStatusRequest())
+        for bad_id, changed in ((request_id, "二番"), ("not-a-uuid", "三番")):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.RecordChange(record(ca, common_pb2.CHANGE_KIND_MOVE_IN, person(given=changed),
+                                               request_id=bad_id))
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert violations_of(refused.value) == ["request_id"]
+        after = await stub.GetOutboxStatus(municipal_pb2.GetOutboxStatusRequest())
+        assert after.last_sequence == before.last_sequence  # nothing applied

@@ -26,49 +26,53 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from juki._gen.juki.common.v1 import common_pb2 as juki_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!juki/accesslog/v1/accesslog.proto\x12\x11juki.accesslog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bjuki/common/v1/common.proto\"\xe2\x03\n\x0fProvisionRecord\x12/\n\x0bprovided_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x16\n\x0erecipient_name\x18\x03 \x01(\t\x12\x0f\n\x07purpose\x18\x04 \x01(\t\x12\x14\n\x0cpurpose_name\x18\x05 \x01(\t\x12-\n\nquery_mode\x18\x06 \x01(\x0e\x32\x19.juki.common.v1.QueryMode\x12+\n\rprovider_tier\x18\x07 \x01(\x0e\x32\x14.juki.common.v1.Tier\x12\x10\n\x08provider\x18\x08 \x01(\t\x12%\n\x06\x66ields\x18\t \x03(\x0e\x32\x15.juki.common.v1.Field\x12\x15\n\rresident_code\x18\n \x01(\t\x12\x34\n\x07outcome\x18\x0b \x01(\x0e\x32#.juki.accesslog.v1.ProvisionOutcome\x12\x10\n\x08trace_id\x18\x0c \x01(\t\x12\x13\n\x0boperator_id\x18\r \x01(\t\x12\x33\n\x0erefusal_reason\x18\x0e \x01(\x0e\x32\x1b.juki.common.v1.ErrorReason\x12\x0e\n\x06reason\x18\x0f \x01(\t\"\xaf\x01\n\x0fLoggedProvision\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x32\n\x06record\x18\x02 \x01(\x0b\x32\".juki.accesslog.v1.ProvisionRecord\x12/\n\x0brecorded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04leaf\x18\x04 \x01(\x0c\x12\x17\n\x0finclusion_proof\x18\x05 \x03(\x0c\"k\n\rAppendRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x33\n\x07records\x18\x02 \x03(\x0b\x32\".juki.accesslog.v1.ProvisionRecord\x12\x13\n\x0btraceparent\x18\x03 \x01(\t\"7\n\x0e\x41ppendResponse\x12\x16\n\x0e\x66irst_sequence\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"q\n\x13\x41ppendStreamRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x33\n\x07records\x18\x02 \x03(\x0b\x32\".juki.accesslog.v1.ProvisionRecord\x12\x13\n\x0btraceparent\x18\x03 \x01(\t\"O\n\x14\x41ppendStreamResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\xf5\x01\n\x15ListProvisionsRequest\x12\x15\n\rresident_code\x18\x01 \x01(\t\x12\'\n\tfrom_date\x18\x02 \x01(\x0b\x32\x14.juki.common.v1.Date\x12%\n\x07to_date\x18\x03 \x01(\x0b\x32\x14.juki.common.v1.Date\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x17\n\x0finclude_refused\x18\x06 \x01(\x08\x12\x1c\n\x14other_resident_codes\x18\x07 \x03(\t\x12\x17\n\x0fproof_tree_size\x18\x08 \x01(\x04\"i\n\x16ListProvisionsResponse\x12\x36\n\nprovisions\x18\x01 \x03(\x0b\x32\".juki.accesslog.v1.LoggedProvision\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x84\x01\n\nCheckpoint\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x12\n\nchain_hash\x18\x02 \x01(\x0c\x12-\n\tsigned_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x0e\n\x06key_id\x18\x05 \x01(\t\"+\n\x10VerifyLogRequest\x12\x17\n\x0fmax_age_seconds\x18\x01 \x01(\r\"\xbd\x02\n\x11VerifyLogResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x04\x12\x1b\n\x13\x63heckpoints_checked\x18\x03 \x01(\x04\x12\x1a\n\x12\x66irst_bad_sequence\x18\x04 \x01(\x04\x12\x0f\n\x07problem\x18\x05 \x01(\t\x12\x38\n\x11latest_checkpoint\x18\x06 \x01(\x0b\x32\x1d.juki.accesslog.v1.Checkpoint\x12/\n\x0bverified_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10through_sequence\x18\x08 \x01(\x04\x12\x34\n\x10\x66ull_verified_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\x14GetCheckpointRequest\x12\x18\n\x10since_checkpoint\x18\x01 \x01(\t\"\x9b\x01\n\x15GetCheckpointResponse\x12\x31\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1d.juki.accesslog.v1.Checkpoint\x12\x17\n\x0ftree_checkpoint\x18\x02 \x01(\t\x12\x1b\n\x13signing_certificate\x18\x03 \x01(\t\x12\x19\n\x11\x63onsistency_proof\x18\x04 \x03(\x0c\"A\n\x18GetInclusionProofRequest\x12\x12\n\nleaf_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"G\n\x19GetInclusionProofResponse\x12\x11\n\tleaf_hash\x18\x01 \x01(\x0c\x12\x17\n\x0finclusion_proof\x18\x02 \x03(\x0c\"E\n\x1aGetConsistencyProofRequest\x12\x12\n\nfirst_size\x18\x01 \x01(\x04\x12\x13\n\x0bsecond_size\x18\x02 \x01(\x04\"8\n\x1bGetConsistencyProofResponse\x12\x19\n\x11\x63onsistency_proof\x18\x01 \x03(\x0c*t\n\x10ProvisionOutcome\x12!\n\x1dPROVISION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPROVISION_OUTCOME_PROVIDED\x10\x01\x12\x1d\n\x19PROVISION_OUTCOME_REFUSED\x10\x02\x32\xcf\x05\n\x10\x41\x63\x63\x65ssLogService\x12M\n\x06\x41ppend\x12 .juki.accesslog.v1.AppendRequest\x1a!.juki.accesslog.v1.AppendResponse\x12\x63\n\x0c\x41ppendStream\x12&.juki.accesslog.v1.AppendStreamRequest\x1a\'.juki.accesslog.v1.AppendStreamResponse(\x01\x30\x01\x12\x65\n\x0eListProvisions\x12(.juki.accesslog.v1.ListProvisionsRequest\x1a).juki.accesslog.v1.ListProvisionsResponse\x12V\n\tVerifyLog\x12#.juki.accesslog.v1.VerifyLogRequest\x1a$.juki.accesslog.v1.VerifyLogResponse\x12\x62\n\rGetCheckpoint\x12\'.juki.accesslog.v1.GetCheckpointRequest\x1a(.juki.accesslog.v1.GetCheckpointResponse\x12n\n\x11GetInclusionProof\x12+.juki.accesslog.v1.GetInclusionProofRequest\x1a,.juki.accesslog.v1.GetInclusionProofResponse\x12t\n\x13GetConsistencyProof\x12-.juki.accesslog.v1.GetConsistencyProofRequest\x1a..juki.accesslog.v1.GetConsistencyProofResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!juki/accesslog/v1/accesslog.proto\x12\x11juki.accesslog.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bjuki/common/v1/common.proto\"\xe2\x03\n\x0fProvisionRecord\x12/\n\x0bprovided_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x16\n\x0erecipient_name\x18\x03 \x01(\t\x12\x0f\n\x07purpose\x18\x04 \x01(\t\x12\x14\n\x0cpurpose_name\x18\x05 \x01(\t\x12-\n\nquery_mode\x18\x06 \x01(\x0e\x32\x19.juki.common.v1.QueryMode\x12+\n\rprovider_tier\x18\x07 \x01(\x0e\x32\x14.juki.common.v1.Tier\x12\x10\n\x08provider\x18\x08 \x01(\t\x12%\n\x06\x66ields\x18\t \x03(\x0e\x32\x15.juki.common.v1.Field\x12\x15\n\rresident_code\x18\n \x01(\t\x12\x34\n\x07outcome\x18\x0b \x01(\x0e\x32#.juki.accesslog.v1.ProvisionOutcome\x12\x10\n\x08trace_id\x18\x0c \x01(\t\x12\x13\n\x0boperator_id\x18\r \x01(\t\x12\x33\n\x0erefusal_reason\x18\x0e \x01(\x0e\x32\x1b.juki.common.v1.ErrorReason\x12\x0e\n\x06reason\x18\x0f \x01(\t\"\xc8\x01\n\x0fLoggedProvision\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x32\n\x06record\x18\x02 \x01(\x0b\x32\".juki.accesslog.v1.ProvisionRecord\x12/\n\x0brecorded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04leaf\x18\x04 \x01(\x0c\x12\x17\n\x0finclusion_proof\x18\x05 \x03(\x0c\x12\x17\n\x0fproof_tree_size\x18\x06 \x01(\x04\"k\n\rAppendRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x33\n\x07records\x18\x02 \x03(\x0b\x32\".juki.accesslog.v1.ProvisionRecord\x12\x13\n\x0btraceparent\x18\x03 \x01(\t\"7\n\x0e\x41ppendResponse\x12\x16\n\x0e\x66irst_sequence\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"q\n\x13\x41ppendStreamRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x33\n\x07records\x18\x02 \x03(\x0b\x32\".juki.accesslog.v1.ProvisionRecord\x12\x13\n\x0btraceparent\x18\x03 \x01(\t\"O\n\x14\x41ppendStreamResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\x92\x02\n\x15ListProvisionsRequest\x12\x15\n\rresident_code\x18\x01 \x01(\t\x12\'\n\tfrom_date\x18\x02 \x01(\x0b\x32\x14.juki.common.v1.Date\x12%\n\x07to_date\x18\x03 \x01(\x0b\x32\x14.juki.common.v1.Date\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x17\n\x0finclude_refused\x18\x06 \x01(\x08\x12\x1c\n\x14other_resident_codes\x18\x07 \x03(\t\x12\x17\n\x0fproof_tree_size\x18\x08 \x01(\x04\x12\x1b\n\x13witnessed_tree_size\x18\t \x01(\x04\"i\n\x16ListProvisionsResponse\x12\x36\n\nprovisions\x18\x01 \x03(\x0b\x32\".juki.accesslog.v1.LoggedProvision\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x84\x01\n\nCheckpoint\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x12\n\nchain_hash\x18\x02 \x01(\x0c\x12-\n\tsigned_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x0e\n\x06key_id\x18\x05 \x01(\t\"+\n\x10VerifyLogRequest\x12\x17\n\x0fmax_age_seconds\x18\x01 \x01(\r\"\xbd\x02\n\x11VerifyLogResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x04\x12\x1b\n\x13\x63heckpoints_checked\x18\x03 \x01(\x04\x12\x1a\n\x12\x66irst_bad_sequence\x18\x04 \x01(\x04\x12\x0f\n\x07problem\x18\x05 \x01(\t\x12\x38\n\x11latest_checkpoint\x18\x06 \x01(\x0b\x32\x1d.juki.accesslog.v1.Checkpoint\x12/\n\x0bverified_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10through_sequence\x18\x08 \x01(\x04\x12\x34\n\x10\x66ull_verified_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\x14GetCheckpointRequest\x12\x18\n\x10since_checkpoint\x18\x01 \x01(\t\"\xd7\x01\n\x15GetCheckpointResponse\x12\x31\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1d.juki.accesslog.v1.Checkpoint\x12\x17\n\x0ftree_checkpoint\x18\x02 \x01(\t\x12\x1b\n\x13signing_certificate\x18\x03 \x01(\t\x12\x19\n\x11\x63onsistency_proof\x18\x04 \x03(\x0c\x12\x1c\n\x14witnessed_checkpoint\x18\x05 \x01(\t\x12\x1c\n\x14witness_certificates\x18\x06 \x03(\t\"A\n\x18GetInclusionProofRequest\x12\x12\n\nleaf_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"G\n\x19GetInclusionProofResponse\x12\x11\n\tleaf_hash\x18\x01 \x01(\x0c\x12\x17\n\x0finclusion_proof\x18\x02 \x03(\x0c\"E\n\x1aGetConsistencyProofRequest\x12\x12\n\nfirst_size\x18\x01 \x01(\x04\x12\x13\n\x0bsecond_size\x18\x02 \x01(\x04\"8\n\x1bGetConsistencyProofResponse\x12\x19\n\x11\x63onsistency_proof\x18\x01 \x03(\x0c\"Q\n\x15\x41\x64\x64\x43osignatureRequest\x12\x1b\n\x13\x63osigned_checkpoint\x18\x01 \x01(\t\x12\x1b\n\x13witness_certificate\x18\x02 \x01(\t\">\n\x16\x41\x64\x64\x43osignatureResponse\x12\x11\n\ttree_size\x18\x01 \x01(\x04\x12\x11\n\twitnesses\x18\x02 \x01(\r*t\n\x10ProvisionOutcome\x12!\n\x1dPROVISION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPROVISION_OUTCOME_PROVIDED\x10\x01\x12\x1d\n\x19PROVISION_OUTCOME_REFUSED\x10\x02\x32\xb6\x06\n\x10\x41\x63\x63\x65ssLogService\x12M\n\x06\x41ppend\x12 .juki.accesslog.v1.AppendRequest\x1a!.juki.accesslog.v1.AppendResponse\x12\x63\n\x0c\x41ppendStream\x12&.juki.accesslog.v1.AppendStreamRequest\x1a\'.juki.accesslog.v1.AppendStreamResponse(\x01\x30\x01\x12\x65\n\x0eListProvisions\x12(.juki.accesslog.v1.ListProvisionsRequest\x1a).juki.accesslog.v1.ListProvisionsResponse\x12V\n\tVerifyLog\x12#.juki.accesslog.v1.VerifyLogRequest\x1a$.juki.accesslog.v1.VerifyLogResponse\x12\x62\n\rGetCheckpoint\x12\'.juki.accesslog.v1.GetCheckpointRequest\x1a(.juki.accesslog.v1.GetCheckpointResponse\x12n\n\x11GetInclusionProof\x12+.juki.accesslog.v1.GetInclusionProofRequest\x1a,.juki.accesslog.v1.GetInclusionProofResponse\x12t\n\x13GetConsistencyProof\x12-.juki.accesslog.v1.GetConsistencyProofRequest\x1a..juki.accesslog.v1.GetConsistencyProofResponse\x12\x65\n\x0e\x41\x64\x64\x43osignature\x12(.juki.accesslog.v1.AddCosignatureRequest\x1a).juki.accesslog.v1.AddCosignatureResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'juki._gen.juki.accesslog.v1.accesslog_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROVISIONOUTCOME']._serialized_start=2475
-  _globals['_PROVISIONOUTCOME']._serialized_end=2591
+  _globals['_PROVISIONOUTCOME']._serialized_start=2736
+  _globals['_PROVISIONOUTCOME']._serialized_end=2852
   _globals['_PROVISIONRECORD']._serialized_start=119
   _globals['_PROVISIONRECORD']._serialized_end=601
   _globals['_LOGGEDPROVISION']._serialized_start=604
-  _globals['_LOGGEDPROVISION']._serialized_end=779
-  _globals['_APPENDREQUEST']._serialized_start=781
-  _globals['_APPENDREQUEST']._serialized_end=888
-  _globals['_APPENDRESPONSE']._serialized_start=890
-  _globals['_APPENDRESPONSE']._serialized_end=945
-  _globals['_APPENDSTREAMREQUEST']._serialized_start=947
-  _globals['_APPENDSTREAMREQUEST']._serialized_end=1060
-  _globals['_APPENDSTREAMRESPONSE']._serialized_start=1062
-  _globals['_APPENDSTREAMRESPONSE']._serialized_end=1141
-  _globals['_LISTPROVISIONSREQUEST']._serialized_start=1144
-  _globals['_LISTPROVISIONSREQUEST']._serialized_end=1389
-  _globals['_LISTPROVISIONSRESPONSE']._serialized_start=1391
-  _globals['_LISTPROVISIONSRESPONSE']._serialized_end=1496
-  _globals['_CHECKPOINT']._serialized_start=1499
-  _globals['_CHECKPOINT']._serialized_end=1631
-  _globals['_VERIFYLOGREQUEST']._serialized_start=1633
-  _globals['_VERIFYLOGREQUEST']._serialized_end=1676
-  _globals['_VERIFYLOGRESPONSE']._serialized_start=1679
-  _globals['_VERIFYLOGRESPONSE']._serialized_end=1996
-  _globals['_GETCHECKPOINTREQUEST']._serialized_start=1998
-  _globals['_GETCHECKPOINTREQUEST']._serialized_end=2046
-  _globals['_GETCHECKPOINTRESPONSE']._serialized_start=2049
-  _globals['_GETCHECKPOINTRESPONSE']._serialized_end=2204
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=2206
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=2271
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=2273
-  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=2344
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=2346
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=2415
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=2417
-  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=2473
-  _globals['_ACCESSLOGSERVICE']._serialized_start=2594
-  _globals['_ACCESSLOGSERVICE']._serialized_end=3313
+  _globals['_LOGGEDPROVISION']._serialized_end=804
+  _globals['_APPENDREQUEST']._serialized_start=806
+  _globals['_APPENDREQUEST']._serialized_end=913
+  _globals['_APPENDRESPONSE']._serialized_start=915
+  _globals['_APPENDRESPONSE']._serialized_end=970
+  _globals['_APPENDSTREAMREQUEST']._serialized_start=972
+  _globals['_APPENDSTREAMREQUEST']._serialized_end=1085
+  _globals['_APPENDSTREAMRESPONSE']._serialized_start=1087
+  _globals['_APPENDSTREAMRESPONSE']._serialized_end=1166
+  _globals['_LISTPROVISIONSREQUEST']._serialized_start=1169
+  _globals['_LISTPROVISIONSREQUEST']._serialized_end=1443
+  _globals['_LISTPROVISIONSRESPONSE']._serialized_start=1445
+  _globals['_LISTPROVISIONSRESPONSE']._serialized_end=1550
+  _globals['_CHECKPOINT']._serialized_start=1553
+  _globals['_CHECKPOINT']._serialized_end=1685
+  _globals['_VERIFYLOGREQUEST']._serialized_start=1687
+  _globals['_VERIFYLOGREQUEST']._serialized_end=1730
+  _globals['_VERIFYLOGRESPONSE']._serialized_start=1733
+  _globals['_VERIFYLOGRESPONSE']._serialized_end=2050
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=2052
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=2100
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_start=2103
+  _globals['_GETCHECKPOINTRESPONSE']._serialized_end=2318
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=2320
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=2385
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_start=2387
+  _globals['_GETINCLUSIONPROOFRESPONSE']._serialized_end=2458
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=2460
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=2529
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_start=2531
+  _globals['_GETCONSISTENCYPROOFRESPONSE']._serialized_end=2587
+  _globals['_ADDCOSIGNATUREREQUEST']._serialized_start=2589
+  _globals['_ADDCOSIGNATUREREQUEST']._serialized_end=2670
+  _globals['_ADDCOSIGNATURERESPONSE']._serialized_start=2672
+  _globals['_ADDCOSIGNATURERESPONSE']._serialized_end=2734
+  _globals['_ACCESSLOGSERVICE']._serialized_start=2855
+  _globals['_ACCESSLOGSERVICE']._serialized_end=3677
 # @@protoc_insertion_point(module_scope)

@@ -144,11 +144,16 @@ class LoggedProvision(_message.Message):
     RECORDED_AT_FIELD_NUMBER: _builtins.int
     LEAF_FIELD_NUMBER: _builtins.int
     INCLUSION_PROOF_FIELD_NUMBER: _builtins.int
+    PROOF_TREE_SIZE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Position in the log, from 1, without gaps."""
     leaf: _builtins.bytes
     """The Merkle tree leaf of the record: its canonical bytes as hashed (the resident appears only as the
     keyed pseudonym). Set when the listing asked for proofs (proof_tree_size).
+    """
+    proof_tree_size: _builtins.int
+    """Size of the tree inclusion_proof leads to: proof_tree_size, or witnessed_tree_size for a record that
+    tree holds. Set when the listing asked for proofs.
     """
     @_builtins.property
     def record(self) -> Global___ProvisionRecord:
@@ -172,10 +177,11 @@ class LoggedProvision(_message.Message):
         recorded_at: _timestamp_pb2.Timestamp | None = ...,
         leaf: _builtins.bytes = ...,
         inclusion_proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        proof_tree_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record", "recorded_at", b"recorded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inclusion_proof", b"inclusion_proof", "leaf", b"leaf", "record", b"record", "recorded_at", b"recorded_at", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inclusion_proof", b"inclusion_proof", "leaf", b"leaf", "proof_tree_size", b"proof_tree_size", "record", b"record", "recorded_at", b"recorded_at", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -319,6 +325,7 @@ class ListProvisionsRequest(_message.Message):
     INCLUDE_REFUSED_FIELD_NUMBER: _builtins.int
     OTHER_RESIDENT_CODES_FIELD_NUMBER: _builtins.int
     PROOF_TREE_SIZE_FIELD_NUMBER: _builtins.int
+    WITNESSED_TREE_SIZE_FIELD_NUMBER: _builtins.int
     resident_code: _builtins.str
     """Resident code (住民票コード) whose records are listed."""
     page_size: _builtins.int
@@ -330,6 +337,10 @@ class ListProvisionsRequest(_message.Message):
     proof_tree_size: _builtins.int
     """When set, list only records in the tree of this size (a signed checkpoint's) and give each its leaf
     and inclusion proof in that tree; 0 lists every record without proofs.
+    """
+    witnessed_tree_size: _builtins.int
+    """With proof_tree_size: the size of a smaller tree (a checkpoint a witness cosigned) into which the
+    records it holds are proven instead; 0 proves every record into proof_tree_size.
     """
     @_builtins.property
     def from_date(self) -> _common_pb2.Date:
@@ -356,10 +367,11 @@ class ListProvisionsRequest(_message.Message):
         include_refused: _builtins.bool = ...,
         other_resident_codes: _abc.Iterable[_builtins.str] | None = ...,
         proof_tree_size: _builtins.int = ...,
+        witnessed_tree_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["from_date", b"from_date", "to_date", b"to_date"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_date", b"from_date", "include_refused", b"include_refused", "other_resident_codes", b"other_resident_codes", "page_size", b"page_size", "page_token", b"page_token", "proof_tree_size", b"proof_tree_size", "resident_code", b"resident_code", "to_date", b"to_date"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_date", b"from_date", "include_refused", b"include_refused", "other_resident_codes", b"other_resident_codes", "page_size", b"page_size", "page_token", b"page_token", "proof_tree_size", b"proof_tree_size", "resident_code", b"resident_code", "to_date", b"to_date", "witnessed_tree_size", b"witnessed_tree_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -558,6 +570,8 @@ class GetCheckpointResponse(_message.Message):
     TREE_CHECKPOINT_FIELD_NUMBER: _builtins.int
     SIGNING_CERTIFICATE_FIELD_NUMBER: _builtins.int
     CONSISTENCY_PROOF_FIELD_NUMBER: _builtins.int
+    WITNESSED_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    WITNESS_CERTIFICATES_FIELD_NUMBER: _builtins.int
     tree_checkpoint: _builtins.str
     """The latest signed checkpoint of the Merkle tree: a C2SP tlog-checkpoint (origin, tree size, base64
     root hash) in a C2SP signed-note envelope, signed with the Ed25519 key of signing_certificate under
@@ -565,6 +579,10 @@ class GetCheckpointResponse(_message.Message):
     """
     signing_certificate: _builtins.str
     """PEM certificate of the checkpoint signing key, issued by the mesh CA."""
+    witnessed_checkpoint: _builtins.str
+    """The latest tree checkpoint that witnesses cosigned: the log's signed note followed by the witnesses'
+    cosignature lines (C2SP tlog-cosignature); empty when no witness cosigned any.
+    """
     @_builtins.property
     def checkpoint(self) -> Global___Checkpoint:
         """The latest signed checkpoint of the hash chain."""
@@ -575,6 +593,10 @@ class GetCheckpointResponse(_message.Message):
         or of the same size.
         """
 
+    @_builtins.property
+    def witness_certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """PEM certificates (issued by the mesh CA) of the cosigning keys of witnessed_checkpoint's witnesses."""
+
     def __init__(
         self,
         *,
@@ -582,10 +604,12 @@ class GetCheckpointResponse(_message.Message):
         tree_checkpoint: _builtins.str = ...,
         signing_certificate: _builtins.str = ...,
         consistency_proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        witnessed_checkpoint: _builtins.str = ...,
+        witness_certificates: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "consistency_proof", b"consistency_proof", "signing_certificate", b"signing_certificate", "tree_checkpoint", b"tree_checkpoint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "consistency_proof", b"consistency_proof", "signing_certificate", b"signing_certificate", "tree_checkpoint", b"tree_checkpoint", "witness_certificates", b"witness_certificates", "witnessed_checkpoint", b"witnessed_checkpoint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -696,3 +720,57 @@ class GetConsistencyProofResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetConsistencyProofResponse: _TypeAlias = GetConsistencyProofResponse  # noqa: Y015
+
+@_typing.final
+class AddCosignatureRequest(_message.Message):
+    """Request of AddCosignature."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COSIGNED_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    WITNESS_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    cosigned_checkpoint: _builtins.str
+    """The log's signed tree checkpoint with the calling witness's cosignature line appended, under the key
+    name juki.local/witness/NAME.
+    """
+    witness_certificate: _builtins.str
+    """PEM certificate of the witness's Ed25519 cosigning key, issued by the mesh CA for the caller's identity."""
+    def __init__(
+        self,
+        *,
+        cosigned_checkpoint: _builtins.str = ...,
+        witness_certificate: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cosigned_checkpoint", b"cosigned_checkpoint", "witness_certificate", b"witness_certificate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddCosignatureRequest: _TypeAlias = AddCosignatureRequest  # noqa: Y015
+
+@_typing.final
+class AddCosignatureResponse(_message.Message):
+    """Response of AddCosignature."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    WITNESSES_FIELD_NUMBER: _builtins.int
+    tree_size: _builtins.int
+    """Tree size of the cosigned checkpoint."""
+    witnesses: _builtins.int
+    """Witnesses whose cosignature of that checkpoint the log now holds."""
+    def __init__(
+        self,
+        *,
+        tree_size: _builtins.int = ...,
+        witnesses: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tree_size", b"tree_size", "witnesses", b"witnesses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddCosignatureResponse: _TypeAlias = AddCosignatureResponse  # noqa: Y015

@@ -71,6 +71,11 @@ class AccessLogServiceStub:
                 request_serializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetConsistencyProofRequest.SerializeToString,
                 response_deserializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetConsistencyProofResponse.FromString,
                 _registered_method=True)
+        self.AddCosignature = channel.unary_unary(
+                '/juki.accesslog.v1.AccessLogService/AddCosignature',
+                request_serializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.AddCosignatureRequest.SerializeToString,
+                response_deserializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.AddCosignatureResponse.FromString,
+                _registered_method=True)
 
 
 class AccessLogServiceServicer:
@@ -130,6 +135,15 @@ class AccessLogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddCosignature(self, request, context):
+        """Stores a witness's cosignature (C2SP tlog-cosignature, cosignature/v1) of one of the log's signed tree
+        checkpoints. Only witnesses (spiffe://juki.local/witness/NAME) may call it, each for its own key, which
+        the mesh CA must have certified; the checkpoint must be one this log signed, with the root it stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccessLogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +181,11 @@ def add_AccessLogServiceServicer_to_server(servicer, server):
                     servicer.GetConsistencyProof,
                     request_deserializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetConsistencyProofRequest.FromString,
                     response_serializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetConsistencyProofResponse.SerializeToString,
+            ),
+            'AddCosignature': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddCosignature,
+                    request_deserializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.AddCosignatureRequest.FromString,
+                    response_serializer=juki_dot_accesslog_dot_v1_dot_accesslog__pb2.AddCosignatureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -360,6 +379,33 @@ class AccessLogService:
             '/juki.accesslog.v1.AccessLogService/GetConsistencyProof',
             juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetConsistencyProofRequest.SerializeToString,
             juki_dot_accesslog_dot_v1_dot_accesslog__pb2.GetConsistencyProofResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddCosignature(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/juki.accesslog.v1.AccessLogService/AddCosignature',
+            juki_dot_accesslog_dot_v1_dot_accesslog__pb2.AddCosignatureRequest.SerializeToString,
+            juki_dot_accesslog_dot_v1_dot_accesslog__pb2.AddCosignatureResponse.FromString,
             options,
             channel_credentials,
             insecure,

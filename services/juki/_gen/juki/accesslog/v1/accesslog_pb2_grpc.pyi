@@ -59,6 +59,11 @@ class AccessLogServiceStub:
     """Returns the RFC 9162 inclusion proof of one leaf in the tree of a given size (O(log n) stored hashes)."""
     GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_accesslog_pb2.GetConsistencyProofRequest, _accesslog_pb2.GetConsistencyProofResponse]
     """Returns the RFC 9162 consistency proof between two tree sizes: the larger tree extends the smaller."""
+    AddCosignature: _grpc.UnaryUnaryMultiCallable[_accesslog_pb2.AddCosignatureRequest, _accesslog_pb2.AddCosignatureResponse]
+    """Stores a witness's cosignature (C2SP tlog-cosignature, cosignature/v1) of one of the log's signed tree
+    checkpoints. Only witnesses (spiffe://juki.local/witness/NAME) may call it, each for its own key, which
+    the mesh CA must have certified; the checkpoint must be one this log signed, with the root it stored.
+    """
 
 @_typing.type_check_only
 class AccessLogServiceAsyncStub(AccessLogServiceStub):
@@ -87,6 +92,11 @@ class AccessLogServiceAsyncStub(AccessLogServiceStub):
     """Returns the RFC 9162 inclusion proof of one leaf in the tree of a given size (O(log n) stored hashes)."""
     GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_accesslog_pb2.GetConsistencyProofRequest, _accesslog_pb2.GetConsistencyProofResponse]  # type: ignore[assignment]
     """Returns the RFC 9162 consistency proof between two tree sizes: the larger tree extends the smaller."""
+    AddCosignature: _aio.UnaryUnaryMultiCallable[_accesslog_pb2.AddCosignatureRequest, _accesslog_pb2.AddCosignatureResponse]  # type: ignore[assignment]
+    """Stores a witness's cosignature (C2SP tlog-cosignature, cosignature/v1) of one of the log's signed tree
+    checkpoints. Only witnesses (spiffe://juki.local/witness/NAME) may call it, each for its own key, which
+    the mesh CA must have certified; the checkpoint must be one this log signed, with the root it stored.
+    """
 
 class AccessLogServiceServicer(metaclass=_abc_1.ABCMeta):
     """AccessLogService stores provision records durably and in order, lists them per resident for
@@ -154,5 +164,16 @@ class AccessLogServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_accesslog_pb2.GetConsistencyProofResponse, _abc.Awaitable[_accesslog_pb2.GetConsistencyProofResponse]]:
         """Returns the RFC 9162 consistency proof between two tree sizes: the larger tree extends the smaller."""
+
+    @_abc_1.abstractmethod
+    def AddCosignature(
+        self,
+        request: _accesslog_pb2.AddCosignatureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accesslog_pb2.AddCosignatureResponse, _abc.Awaitable[_accesslog_pb2.AddCosignatureResponse]]:
+        """Stores a witness's cosignature (C2SP tlog-cosignature, cosignature/v1) of one of the log's signed tree
+        checkpoints. Only witnesses (spiffe://juki.local/witness/NAME) may call it, each for its own key, which
+        the mesh CA must have certified; the checkpoint must be one this log signed, with the root it stored.
+        """
 
 def add_AccessLogServiceServicer_to_server(servicer: AccessLogServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

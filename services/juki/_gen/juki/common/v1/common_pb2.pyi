@@ -400,7 +400,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_PIN_MISMATCH: _ErrorReason.ValueType  # 21
     """The PIN is wrong."""
     ERROR_REASON_SPECIAL_MOVE_IN_EXPIRED: _ErrorReason.ValueType  # 22
-    """The special move-in (特例転入) was not made within 14 days."""
+    """The special move-in (特例転入) came too late: it must come within 14 days of the actual move-in and
+    no later than 30 days after the planned move-out date, whichever is earlier.
+    """
     ERROR_REASON_NOT_SAME_HOUSEHOLD: _ErrorReason.ValueType  # 23
     """The subject of a wide-area copy is not in the applicant's household."""
     ERROR_REASON_ACCESS_LOG_UNAVAILABLE: _ErrorReason.ValueType  # 24
@@ -476,7 +478,9 @@ ERROR_REASON_CARD_ISSUANCE_ENDED: ErrorReason.ValueType  # 20
 ERROR_REASON_PIN_MISMATCH: ErrorReason.ValueType  # 21
 """The PIN is wrong."""
 ERROR_REASON_SPECIAL_MOVE_IN_EXPIRED: ErrorReason.ValueType  # 22
-"""The special move-in (特例転入) was not made within 14 days."""
+"""The special move-in (特例転入) came too late: it must come within 14 days of the actual move-in and
+no later than 30 days after the planned move-out date, whichever is earlier.
+"""
 ERROR_REASON_NOT_SAME_HOUSEHOLD: ErrorReason.ValueType  # 23
 """The subject of a wide-area copy is not in the applicant's household."""
 ERROR_REASON_ACCESS_LOG_UNAVAILABLE: ErrorReason.ValueType  # 24

@@ -98,6 +98,7 @@ class Provision(_message.Message):
     RESIDENT_CODE_FIELD_NUMBER: _builtins.int
     LEAF_FIELD_NUMBER: _builtins.int
     INCLUSION_PROOF_FIELD_NUMBER: _builtins.int
+    PROOF_TREE_SIZE_FIELD_NUMBER: _builtins.int
     query_mode: _common_pb2.QueryMode.ValueType
     """Function (機能区分)."""
     reason: _builtins.str
@@ -124,6 +125,10 @@ class Provision(_message.Message):
     """The access log's Merkle tree leaf of this provision (the canonical bytes of its stored record) and
     the leaf's inclusion proof in the tree of IntegrityReport.tree_checkpoint (leaf index sequence - 1):
     with the CA certificate alone, anyone can check that the provision shown is the one logged.
+    """
+    proof_tree_size: _builtins.int
+    """Size of the tree inclusion_proof leads to: that of IntegrityReport.witnessed_checkpoint when that
+    cosigned tree holds the provision (preferred), else that of IntegrityReport.tree_checkpoint.
     """
     @_builtins.property
     def provided_at(self) -> _timestamp_pb2.Timestamp:
@@ -154,10 +159,11 @@ class Provision(_message.Message):
         resident_code: _builtins.str = ...,
         leaf: _builtins.bytes = ...,
         inclusion_proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        proof_tree_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provided_at", b"provided_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "inclusion_proof", b"inclusion_proof", "leaf", b"leaf", "provided_at", b"provided_at", "provider", b"provider", "provider_tier", b"provider_tier", "purpose", b"purpose", "purpose_name", b"purpose_name", "query_mode", b"query_mode", "reason", b"reason", "recipient", b"recipient", "recipient_name", b"recipient_name", "resident_code", b"resident_code", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "inclusion_proof", b"inclusion_proof", "leaf", b"leaf", "proof_tree_size", b"proof_tree_size", "provided_at", b"provided_at", "provider", b"provider", "provider_tier", b"provider_tier", "purpose", b"purpose", "purpose_name", b"purpose_name", "query_mode", b"query_mode", "reason", b"reason", "recipient", b"recipient", "recipient_name", b"recipient_name", "resident_code", b"resident_code", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -231,6 +237,8 @@ class IntegrityReport(_message.Message):
     FULL_VERIFIED_AT_FIELD_NUMBER: _builtins.int
     TREE_CHECKPOINT_FIELD_NUMBER: _builtins.int
     SIGNING_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    WITNESSED_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    WITNESS_CERTIFICATES_FIELD_NUMBER: _builtins.int
     chain_verified: _builtins.bool
     """True when the access log's hash chain verified up to the checkpoint."""
     checkpoint_sequence: _builtins.int
@@ -251,6 +259,10 @@ class IntegrityReport(_message.Message):
     """
     signing_certificate: _builtins.str
     """PEM certificate of the checkpoint signing key, issued by the mesh CA."""
+    witnessed_checkpoint: _builtins.str
+    """The latest tree checkpoint witnesses cosigned (the log's signed note and the witnesses' cosignature
+    lines); provisions it holds are proven into it. Empty when no witness cosigned one.
+    """
     @_builtins.property
     def checkpoint_signed_at(self) -> _timestamp_pb2.Timestamp:
         """When that checkpoint was signed."""
@@ -262,6 +274,10 @@ class IntegrityReport(_message.Message):
     @_builtins.property
     def full_verified_at(self) -> _timestamp_pb2.Timestamp:
         """When the whole log was last recomputed from its start."""
+
+    @_builtins.property
+    def witness_certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """PEM certificates (issued by the mesh CA) of the cosigning keys of those witnesses."""
 
     def __init__(
         self,
@@ -278,10 +294,12 @@ class IntegrityReport(_message.Message):
         full_verified_at: _timestamp_pb2.Timestamp | None = ...,
         tree_checkpoint: _builtins.str = ...,
         signing_certificate: _builtins.str = ...,
+        witnessed_checkpoint: _builtins.str = ...,
+        witness_certificates: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_signed_at", b"checkpoint_signed_at", "full_verified_at", b"full_verified_at", "verified_at", b"verified_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_verified", b"chain_verified", "checkpoint_sequence", b"checkpoint_sequence", "checkpoint_signed_at", b"checkpoint_signed_at", "checkpoints_checked", b"checkpoints_checked", "full_verified_at", b"full_verified_at", "problem", b"problem", "records_checked", b"records_checked", "signing_certificate", b"signing_certificate", "signing_key_id", b"signing_key_id", "tree_checkpoint", b"tree_checkpoint", "verified_at", b"verified_at", "verified_through_sequence", b"verified_through_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_verified", b"chain_verified", "checkpoint_sequence", b"checkpoint_sequence", "checkpoint_signed_at", b"checkpoint_signed_at", "checkpoints_checked", b"checkpoints_checked", "full_verified_at", b"full_verified_at", "problem", b"problem", "records_checked", b"records_checked", "signing_certificate", b"signing_certificate", "signing_key_id", b"signing_key_id", "tree_checkpoint", b"tree_checkpoint", "verified_at", b"verified_at", "verified_through_sequence", b"verified_through_sequence", "witness_certificates", b"witness_certificates", "witnessed_checkpoint", b"witnessed_checkpoint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,6 +22,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _VerifyStatus:
@@ -532,12 +537,23 @@ class ChangeEvent(_message.Message):
     RECORD_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     NOTIFIED_ON_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     resident_code: _builtins.str
     """Resident code the change concerns (the old code for a code change)."""
     change_kind: _common_pb2.ChangeKind.ValueType
     """Reason of the change (異動事由)."""
-    cursor: _builtins.str
-    """Opaque position of this event; resuming from it continues after this event."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def cursor(self) -> _builtins.str:
+        """Deprecated: use page_token. The position of this event as the old cursor (still accepted as cursor)."""
+
+    @cursor.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def cursor(self, value: _builtins.str) -> None:
+        """Deprecated: use page_token. The position of this event as the old cursor (still accepted as cursor)."""
+
+    page_token: _builtins.str
+    """Opaque token of this event's position: a page_token that continues after this event."""
     @_builtins.property
     def occurred_on(self) -> _common_pb2.Date:
         """Date of the change (異動年月日)."""
@@ -559,10 +575,11 @@ class ChangeEvent(_message.Message):
         record: _common_pb2.IdentityRecord | None = ...,
         cursor: _builtins.str = ...,
         notified_on: _common_pb2.Date | None = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["notified_on", b"notified_on", "occurred_on", b"occurred_on", "record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_kind", b"change_kind", "cursor", b"cursor", "notified_on", b"notified_on", "occurred_on", b"occurred_on", "record", b"record", "resident_code", b"resident_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_kind", b"change_kind", "cursor", b"cursor", "notified_on", b"notified_on", "occurred_on", b"occurred_on", "page_token", b"page_token", "record", b"record", "resident_code", b"resident_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -570,7 +587,7 @@ Global___ChangeEvent: _TypeAlias = ChangeEvent  # noqa: Y015
 
 @_typing.final
 class ListChangesRequest(_message.Message):
-    """Request of ListChanges."""
+    """Request of ListChanges (paginated as AIP-158 describes; a change feed never ends, see next_page_token)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -578,12 +595,36 @@ class ListChangesRequest(_message.Message):
     CURSOR_FIELD_NUMBER: _builtins.int
     MAX_CHANGES_FIELD_NUMBER: _builtins.int
     OPERATOR_PROOF_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     purpose: _builtins.str
     """Code of the 事務 (purpose) the watch was registered for."""
-    cursor: _builtins.str
-    """Opaque cursor from a previous response or event; empty for the start of the feed."""
-    max_changes: _builtins.int
-    """Maximum events to return; 0 for the server default."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def cursor(self) -> _builtins.str:
+        """Deprecated: use page_token. A cursor from next_cursor or ChangeEvent.cursor; still accepted."""
+
+    @cursor.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def cursor(self, value: _builtins.str) -> None:
+        """Deprecated: use page_token. A cursor from next_cursor or ChangeEvent.cursor; still accepted."""
+
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def max_changes(self) -> _builtins.int:
+        """Deprecated: use page_size. Still accepted; page_size wins when both are set."""
+
+    @max_changes.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def max_changes(self, value: _builtins.int) -> None:
+        """Deprecated: use page_size. Still accepted; page_size wins when both are set."""
+
+    page_size: _builtins.int
+    """Maximum events to return; 0 for the server default (500), at most 10000."""
+    page_token: _builtins.str
+    """Token from a previous response's next_page_token (or an event's page_token); empty for the start
+    of the feed. Only valid for the same caller and purpose.
+    """
     @_builtins.property
     def operator_proof(self) -> _common_pb2.OperatorProof:
         """Proof of the human operator, for interactive use."""
@@ -595,10 +636,12 @@ class ListChangesRequest(_message.Message):
         cursor: _builtins.str = ...,
         max_changes: _builtins.int = ...,
         operator_proof: _common_pb2.OperatorProof | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["operator_proof", b"operator_proof"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "max_changes", b"max_changes", "operator_proof", b"operator_proof", "purpose", b"purpose"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "max_changes", b"max_changes", "operator_proof", b"operator_proof", "page_size", b"page_size", "page_token", b"page_token", "purpose", b"purpose"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -612,21 +655,35 @@ class ListChangesResponse(_message.Message):
 
     CHANGES_FIELD_NUMBER: _builtins.int
     NEXT_CURSOR_FIELD_NUMBER: _builtins.int
-    next_cursor: _builtins.str
-    """Cursor to resume from; equal to the request's cursor when there was nothing new."""
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def next_cursor(self) -> _builtins.str:
+        """Deprecated: use next_page_token. The old cursor after the last event (the request's when nothing new)."""
+
+    @next_cursor.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def next_cursor(self, value: _builtins.str) -> None:
+        """Deprecated: use next_page_token. The old cursor after the last event (the request's when nothing new)."""
+
+    next_page_token: _builtins.str
+    """Token to resume from. Always set, since new changes may come at any time: a page without changes means
+    the caller is up to date, and the same token asks again later.
+    """
     @_builtins.property
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChangeEvent]:
-        """Events after the cursor, oldest first."""
+        """Events after the position asked for, oldest first."""
 
     def __init__(
         self,
         *,
         changes: _abc.Iterable[Global___ChangeEvent] | None = ...,
         next_cursor: _builtins.str = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "next_cursor", b"next_cursor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "next_cursor", b"next_cursor", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -641,10 +698,21 @@ class StreamChangesRequest(_message.Message):
     PURPOSE_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     OPERATOR_PROOF_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     purpose: _builtins.str
     """Code of the 事務 (purpose) the watch was registered for."""
-    cursor: _builtins.str
-    """Opaque cursor to start after; empty for the start of the feed."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def cursor(self) -> _builtins.str:
+        """Deprecated: use page_token. A cursor to start after; still accepted."""
+
+    @cursor.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def cursor(self, value: _builtins.str) -> None:
+        """Deprecated: use page_token. A cursor to start after; still accepted."""
+
+    page_token: _builtins.str
+    """A token (ListChanges' next_page_token or an event's page_token) to start after; empty for the start."""
     @_builtins.property
     def operator_proof(self) -> _common_pb2.OperatorProof:
         """Proof of the human operator, for interactive use."""
@@ -655,10 +723,11 @@ class StreamChangesRequest(_message.Message):
         purpose: _builtins.str = ...,
         cursor: _builtins.str = ...,
         operator_proof: _common_pb2.OperatorProof | None = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["operator_proof", b"operator_proof"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "operator_proof", b"operator_proof", "purpose", b"purpose"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "operator_proof", b"operator_proof", "page_token", b"page_token", "purpose", b"purpose"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -672,8 +741,19 @@ class StreamChangesResponse(_message.Message):
 
     CHANGES_FIELD_NUMBER: _builtins.int
     NEXT_CURSOR_FIELD_NUMBER: _builtins.int
-    next_cursor: _builtins.str
-    """Cursor after the last event of this message."""
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def next_cursor(self) -> _builtins.str:
+        """Deprecated: use next_page_token. The old cursor after the last event of this message."""
+
+    @next_cursor.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def next_cursor(self, value: _builtins.str) -> None:
+        """Deprecated: use next_page_token. The old cursor after the last event of this message."""
+
+    next_page_token: _builtins.str
+    """Token after the last event of this message (to resume the stream or a ListChanges from)."""
     @_builtins.property
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChangeEvent]:
         """Events, oldest first."""
@@ -683,10 +763,11 @@ class StreamChangesResponse(_message.Message):
         *,
         changes: _abc.Iterable[Global___ChangeEvent] | None = ...,
         next_cursor: _builtins.str = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "next_cursor", b"next_cursor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "next_cursor", b"next_cursor", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -114,7 +114,7 @@ class LookupServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListChanges(self, request, context):
-        """Returns changes of the caller's watched residents after a cursor; resumable.
+        """Returns changes of the caller's watched residents after a page token; resumable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -58,7 +58,7 @@ class LookupServiceStub:
     RegisterWatch: _grpc.UnaryUnaryMultiCallable[_lookup_pb2.RegisterWatchRequest, _lookup_pb2.RegisterWatchResponse]
     """Adds resident codes to the caller's watch list for the change feed, under a purpose."""
     ListChanges: _grpc.UnaryUnaryMultiCallable[_lookup_pb2.ListChangesRequest, _lookup_pb2.ListChangesResponse]
-    """Returns changes of the caller's watched residents after a cursor; resumable."""
+    """Returns changes of the caller's watched residents after a page token; resumable."""
     StreamChanges: _grpc.UnaryStreamMultiCallable[_lookup_pb2.StreamChangesRequest, _lookup_pb2.StreamChangesResponse]
     """Streams changes of the caller's watched residents from a cursor, then follows new ones until the
     caller cancels.
@@ -92,7 +92,7 @@ class LookupServiceAsyncStub(LookupServiceStub):
     RegisterWatch: _aio.UnaryUnaryMultiCallable[_lookup_pb2.RegisterWatchRequest, _lookup_pb2.RegisterWatchResponse]  # type: ignore[assignment]
     """Adds resident codes to the caller's watch list for the change feed, under a purpose."""
     ListChanges: _aio.UnaryUnaryMultiCallable[_lookup_pb2.ListChangesRequest, _lookup_pb2.ListChangesResponse]  # type: ignore[assignment]
-    """Returns changes of the caller's watched residents after a cursor; resumable."""
+    """Returns changes of the caller's watched residents after a page token; resumable."""
     StreamChanges: _aio.UnaryStreamMultiCallable[_lookup_pb2.StreamChangesRequest, _lookup_pb2.StreamChangesResponse]  # type: ignore[assignment]
     """Streams changes of the caller's watched residents from a cursor, then follows new ones until the
     caller cancels.
@@ -153,7 +153,7 @@ class LookupServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lookup_pb2.ListChangesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lookup_pb2.ListChangesResponse, _abc.Awaitable[_lookup_pb2.ListChangesResponse]]:
-        """Returns changes of the caller's watched residents after a cursor; resumable."""
+        """Returns changes of the caller's watched residents after a page token; resumable."""
 
     @_abc_1.abstractmethod
     def StreamChanges(

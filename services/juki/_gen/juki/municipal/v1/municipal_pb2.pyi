@@ -147,6 +147,7 @@ class RecordChangeRequest(_message.Message):
     PREVIOUS_MUNICIPALITY_CODE_FIELD_NUMBER: _builtins.int
     NEXT_MUNICIPALITY_CODE_FIELD_NUMBER: _builtins.int
     NEW_RESIDENT_CODE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     change_kind: _common_pb2.ChangeKind.ValueType
     """Reason of the change (異動事由)."""
     previous_municipality_code: _builtins.str
@@ -155,6 +156,12 @@ class RecordChangeRequest(_message.Message):
     """For a move out: the municipality the resident goes to; empty if abroad or unknown."""
     new_resident_code: _builtins.str
     """For a resident code change: the new code (entry.resident_code holds the old one)."""
+    request_id: _builtins.str
+    """A UUID the caller chooses for this change, so that it can retry safely (AIP-155): a request with the
+    id of a change already recorded here is answered with that change's first answer (same notification
+    id and sequence, `replayed` set) and changes nothing. Reusing an id for a different change is
+    INVALID_ARGUMENT on `request_id`. Empty: every request is a new change.
+    """
     @_builtins.property
     def entry(self) -> Global___ResidentEntry:
         """The entry as it stands after the change; for a deletion, as it stood before."""
@@ -184,10 +191,11 @@ class RecordChangeRequest(_message.Message):
         previous_municipality_code: _builtins.str = ...,
         next_municipality_code: _builtins.str = ...,
         new_resident_code: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "notified_on", b"notified_on", "occurred_on", b"occurred_on", "operator_proof", b"operator_proof"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_kind", b"change_kind", "entry", b"entry", "new_resident_code", b"new_resident_code", "next_municipality_code", b"next_municipality_code", "notified_on", b"notified_on", "occurred_on", b"occurred_on", "operator_proof", b"operator_proof", "previous_municipality_code", b"previous_municipality_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_kind", b"change_kind", "entry", b"entry", "new_resident_code", b"new_resident_code", "next_municipality_code", b"next_municipality_code", "notified_on", b"notified_on", "occurred_on", b"occurred_on", "operator_proof", b"operator_proof", "previous_municipality_code", b"previous_municipality_code", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -203,6 +211,7 @@ class RecordChangeResponse(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     QUEUED_FIELD_NUMBER: _builtins.int
     RESIDENT_CODE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     notification_id: _builtins.str
     """Id of the notification queued for the prefecture."""
     sequence: _builtins.int
@@ -211,6 +220,10 @@ class RecordChangeResponse(_message.Message):
     """True when the municipality is disconnected and the notification is held in the outbox."""
     resident_code: _builtins.str
     """Resident code of the entry (newly assigned for a new entry)."""
+    replayed: _builtins.bool
+    """True when the request's `request_id` named a change recorded earlier: this is that change's answer,
+    and nothing was applied again.
+    """
     def __init__(
         self,
         *,
@@ -218,10 +231,11 @@ class RecordChangeResponse(_message.Message):
         sequence: _builtins.int = ...,
         queued: _builtins.bool = ...,
         resident_code: _builtins.str = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["notification_id", b"notification_id", "queued", b"queued", "resident_code", b"resident_code", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["notification_id", b"notification_id", "queued", b"queued", "replayed", b"replayed", "resident_code", b"resident_code", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

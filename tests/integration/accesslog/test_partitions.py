@@ -1,0 +1,224 @@
+"""Records partitioned by month (migration 0004, also on a log made before it) and retention by partition:
+the purge detaches and drops whole months, never deletes a row, and what remains still verifies and
+still proves into signed checkpoints (the tiles stay)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import asyncpg
+import pytest
+from juki._gen.juki.accesslog.v1 import accesslog_pb2
+from juki.accesslog import chain, loader, merkle, notes
+from juki.accesslog.retention import purge
+from juki.accesslog.service import valid_code
+from juki.accesslog.writer import micros_timestamps, prepare
+from juki.mesh import db
+
+from tests.integration.accesslog.conftest import LiveLog, codes, provision
+from tests.integration.accesslog.test_tamper import audit
+
+pytestmark = pytest.mark.timeout(180)
+ORIGIN = "juki.local/accesslog"
+
+
+def month_start(months_ago: int) -> dt.datetime:
+    now = dt.datetime.now(dt.UTC)
+    index = now.year * 12 + now.month - 1 - months_ago
+    return dt.datetime(index // 12, index % 12 + 1, 1, tzinfo=dt.UTC)
+
+
+def micros(value: dt.datetime) -> int:
+    return (value - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+
+
+async def load_at(database: Any, schema: str, key: bytes, residents: list[str], when: dt.datetime) -> loader.Loaded:
+    """Records of ``residents`` recorded at ``when`` (a past month), as the writer would have made them."""
+    conn = await asyncpg.connect(database.admin_url)
+    try:
+        await conn.execute(f'SELECT "{schema}".ensure_partitions($1, $1)', when)
+        await micros_timestamps(conn)
+        prepared = prepare([provision(code, seconds=int(when.timestamp())) for code in residents],
+                           chain.Pseudonymiser(key), micros(when), valid_code)
+        assert prepared is not None
+        return await loader.load(conn, schema, prepared, micros(when) + 3_600_000_000)
+    finally:
+        await conn.close()
+
+
+async def partitions(database: Any, schema: str) -> list[str]:
+    conn = await asyncpg.connect(database.admin_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p"
+            " ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace WHERE n.nspname = $1"
+            " AND p.relname = 'records' ORDER BY 1", schema)
+        return [row["relname"] for row in rows]
+    finally:
+        await conn.close()
+
+
+async def forbid_deletes(database: Any, schema: str) -> None:
+    """A trigger that refuses any DELETE of a record row: retention must drop partitions instead."""
+    conn = await asyncpg.connect(database.admin_url)
+    try:
+        await conn.execute(
+            f'CREATE FUNCTION "{schema}".no_delete() RETURNS trigger LANGUAGE plpgsql AS'
+            " $$ BEGIN RAISE EXCEPTION 'a record row was deleted'; END $$")
+        await conn.execute(f'CREATE TRIGGER no_delete BEFORE DELETE ON "{schema}".records FOR EACH ROW'
+                           f' EXECUTE FUNCTION "{schema}".no_delete()')
+    finally:
+        await conn.close()
+
+
+async def test_records_live_in_monthly_partitions(live_log: LiveLog, database: Any) -> None:
+    names = await partitions(database, live_log.schema)
+    this_month = month_start(0)
+    for ahead in range(3):  # this month and the next two, made by the service at start
+        index = this_month.year * 12 + this_month.month - 1 + ahead
+        assert f"records_{index // 12:04d}{index % 12 + 1:02d}" in names
+    assert "records_default" in names
+    await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(3)]))
+    conn = await asyncpg.connect(database.admin_url)
+    try:
+        where = await conn.fetch(f'SELECT tableoid::regclass::text AS part FROM "{live_log.schema}".records')
+        assert {row["part"].split(".")[-1].strip('"') for row in where} == {f"records_{this_month:%Y%m}"}
+    finally:
+        await conn.close()
+
+
+async def test_purge_drops_whole_months_and_the_rest_still_verifies_and_proves(
+    live_log: LiveLog, database: Any, ca: Any
+) -> None:
+    schema, key = live_log.schema, live_log.app.pseudonym_key
+    old, newer = codes(20, seed=21), codes(5, seed=22)
+    await load_at(database, schema, key, old, month_start(3))  # records 1..20, three months ago
+    await load_at(database, schema, key, newer, month_start(2))  # 21..25, two months ago
+    await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(5, seed=23)]))
+    auditor = live_log.stub("operator", "demo-operator")
+    before = await auditor.GetCheckpoint(accesslog_pb2.GetCheckpointRequest())  # tree of size 30
+    await forbid_deletes(database, schema)
+    signer = chain.Signer(ca.paths("signing", "accesslog")[1])
+    verifier = chain.CheckpointVerifier(ca.paths("signing", "accesslog")[0], ca.ca_cert_path)
+    conn = await database.admin()
+    try:
+        result = await purge(conn, schema, signer, verifier, older_than=month_start(2))
+    finally:
+        await conn.close()
+    gone = f"records_{month_start(3):%Y%m}"
+    assert (result.purged, result.anchor_sequence, result.problem, result.partitions) == (20, 20, "", [gone])
+    assert gone not in await partitions(database, schema)
+    assert f"records_{month_start(2):%Y%m}" in await partitions(database, schema)
+    # The audit verifies what remains, from the purge anchor, and the service's own verification too.
+    code, report = await audit(database, ca, schema, "--full")
+    assert code == 0 and report["first_sequence"] == 21 and report["records_checked"] == 10, report
+    verified = await auditor.VerifyLog(accesslog_pb2.VerifyLogRequest())
+    assert verified.ok and verified.records_checked == 10, verified
+    # Disclosure of what remains: each remaining record proves into the checkpoint signed before the purge
+    # and into the one the purge signed (the tiles, hashes of purged leaves included, stay).
+    after = await auditor.GetCheckpoint(accesslog_pb2.GetCheckpointRequest(since_checkpoint=before.tree_checkpoint))
+    log_key = live_log.app.verifier.note_verifier(ORIGIN)
+    old_cp, new_cp = log_key.verify_checkpoint(before.tree_checkpoint), log_key.verify_checkpoint(after.tree_checkpoint)
+    assert new_cp.tree_size == old_cp.tree_size == 30 and new_cp.root_hash == old_cp.root_hash
+    reader = live_log.stub("service", "disclosure")
+    listed = await reader.ListProvisions(accesslog_pb2.ListProvisionsRequest(resident_code=newer[2], proof_tree_size=30))
+    logged = listed.provisions[0]
+    assert logged.sequence == 23
+    assert merkle.verify_inclusion(merkle.leaf_hash(logged.leaf), 22, 30, list(logged.inclusion_proof),
+                                   old_cp.root_hash)
+    purged = await reader.ListProvisions(accesslog_pb2.ListProvisionsRequest(resident_code=old[2]))
+    assert not purged.provisions
+    # The purge is anchored: a signed purge checkpoint at 20 and a signed tree checkpoint over the tree.
+    conn = await database.admin()
+    try:
+        anchor = await conn.fetchrow(f'SELECT sequence FROM "{schema}".checkpoints WHERE kind = \'purge\'')
+        assert anchor["sequence"] == 20
+        notes_after = await conn.fetch(f'SELECT note FROM "{schema}".tree_checkpoints ORDER BY signed_at_ns')
+        assert isinstance(log_key.verify_checkpoint(notes_after[-1]["note"]), notes.Checkpoint)
+    finally:
+        await conn.close()
+    # The service keeps appending; a record deleted past the anchor is still named.
+    reply = await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(codes(1, seed=24)[0])]))
+    assert reply.first_sequence == 31
+
+
+async def test_a_month_holding_a_later_record_than_a_newer_month_is_kept(
+    live_log: LiveLog, database: Any, ca: Any
+) -> None:
+    schema, key = live_log.schema, live_log.app.pseudonym_key
+    await load_at(database, schema, key, codes(4, seed=31), month_start(2))  # 1..4, two months ago
+    await load_at(database, schema, key, codes(3, seed=32), month_start(4))  # 5..7, "four months ago" (a skewed clock)
+    signer = chain.Signer(ca.paths("signing", "accesslog")[1])
+    verifier = chain.CheckpointVerifier(ca.paths("signing", "accesslog")[0], ca.ca_cert_path)
+    conn = await database.admin()
+    try:
+        # Dropping the older month would remove 5..7 but keep 1..4: not a prefix, so nothing goes.
+        result = await purge(conn, schema, signer, verifier, older_than=month_start(3))
+        assert (result.purged, result.anchor_sequence, result.partitions) == (0, 0, [])
+        assert "kept" in result.kept
+        result = await purge(conn, schema, signer, verifier, older_than=month_start(1))
+        assert (result.purged, result.anchor_sequence) == (7, 7)
+    finally:
+        await conn.close()
+
+
+async def test_a_log_made_before_partitions_migrates_with_its_rows(
+    database: Any, settings_factory: Any, ca: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A schema at migration 3 (plain tables) with records, migrated to 4: the rows move into monthly
+    partitions, the log verifies, and the service appends after them."""
+    import uuid
+
+    from juki.accesslog.app import create, read_pseudonym_key
+
+    from tests.conftest import running
+
+    instance = f"accesslog-t{uuid.uuid4().hex[:10]}"
+    real = db.load_migrations
+    monkeypatch.setattr(db, "load_migrations", lambda package: real(package)[:3])
+    await db.migrate(database.admin_url, [db.MigrationTarget("accesslog", instance)])
+    schema = db.schema_name(instance)
+    conn = await asyncpg.connect(database.admin_url)
+    try:
+        assert await conn.fetchval("SELECT relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                                   " WHERE n.nspname = $1 AND relname = 'records'", schema) == b"r"
+    finally:
+        await conn.close()
+    base = settings_factory("accesslog", instance, ("service", "accesslog"))
+    settings = settings_factory("accesslog", instance, ("service", "accesslog"),
+                                accesslog=dataclasses.replace(base.accesslog, checkpoint_seconds=0, verify_seconds=0))
+    key = read_pseudonym_key(settings.accesslog.pseudonym_key_file)
+    conn = await asyncpg.connect(database.admin_url)
+    try:
+        await micros_timestamps(conn)
+        for months_ago, seed in ((5, 41), (1, 42)):
+            when = month_start(months_ago)
+            prepared = prepare([provision(c) for c in codes(6, seed=seed)], chain.Pseudonymiser(key), micros(when),
+                               valid_code)
+            assert prepared is not None
+            await loader.load(conn, schema, prepared, micros(when) + 1)
+    finally:
+        await conn.close()
+    monkeypatch.setattr(db, "load_migrations", real)
+    assert await db.migrate(database.admin_url, [db.MigrationTarget("accesslog", instance)]) == {instance: [4]}
+    names = await partitions(database, schema)
+    assert {f"records_{month_start(5):%Y%m}", f"records_{month_start(1):%Y%m}", "records_default"} <= set(names)
+    conn = await asyncpg.connect(database.admin_url)
+    try:
+        assert await conn.fetchval(f'SELECT count(*) FROM "{schema}".records') == 12
+        assert await conn.fetchval(f'SELECT count(*) FROM "{schema}".records_default') == 0
+    finally:
+        await conn.close()
+    app = create(settings)
+    async with running(settings, app) as address:
+        live = LiveLog(settings, app, address, schema, ca)
+        try:
+            reply = await live.stub().Append(accesslog_pb2.AppendRequest(records=[provision(codes(1, seed=43)[0])]))
+            assert reply.first_sequence == 13
+            await live.stub("operator", "demo-operator").GetCheckpoint(accesslog_pb2.GetCheckpointRequest())
+            code, report = await audit(database, ca, schema, "--full")
+            assert code == 0 and report["records_checked"] == 13, report
+        finally:
+            await live.close()
