@@ -121,7 +121,8 @@ async def _load(store: Store, peer: Peer, summary: intake_pb2.BulkLoadResponse,
     stream_last = ""  # the highest code of this stream so far (in order: each batch starts above it)
     in_order = True
     more = False
-    async for request in requests:
+    iterator = aiter(requests)
+    while (request := await _next_batch(iterator, forwarder)) is not None:
         more = request.more_batches
         if not summary.load_id:
             if not request.load_id or len(request.load_id) > 128:
@@ -169,6 +170,27 @@ async def _load(store: Store, peer: Peer, summary: intake_pb2.BulkLoadResponse,
     summary.records_unchanged = totals["records_unchanged"]
     summary.records_rejected = totals["records_rejected"]
     return summary
+
+
+async def _next_batch(iterator: AsyncIterator[intake_pb2.BulkLoadRequest], forwarder: _Forwarder | None
+                      ) -> intake_pb2.BulkLoadRequest | None:
+    """The next batch of the load (None at its end) — or, if the national stream ends first, its failure:
+    a sender that waits for the load to progress before it sends more must not wait on a dead stream."""
+    step: asyncio.Future[intake_pb2.BulkLoadRequest] = asyncio.ensure_future(anext(iterator))
+    upstream = forwarder.task if forwarder is not None else None
+    try:
+        if upstream is not None:
+            racing: set[asyncio.Future[Any]] = {step, upstream}
+            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        if upstream is None or step.done():
+            return await step
+    except StopAsyncIteration:
+        return None
+    step.cancel()
+    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+        await step
+    await upstream  # raises what ended it
+    raise JukiError(Reason.DEPENDENCY_UNAVAILABLE, "the national intake ended the load early; send it again")
 
 
 async def _apply_batch(store: Store, request: intake_pb2.BulkLoadRequest, summary: intake_pb2.BulkLoadResponse,
@@ -266,6 +288,11 @@ class _Forwarder:
         self._queue: asyncio.Queue[intake_pb2.BulkLoadRequest | None] = asyncio.Queue(maxsize=FORWARD_WINDOW)
         self._task: asyncio.Task[intake_pb2.BulkLoadResponse] | None = None
         self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def task(self) -> asyncio.Task[intake_pb2.BulkLoadResponse] | None:
+        """The national stream once the first batch was passed on (done: it ended, early or not)."""
+        return self._task
 
     async def _batches(self) -> AsyncIterator[intake_pb2.BulkLoadRequest]:
         while (request := await self._queue.get()) is not None:
