@@ -302,6 +302,7 @@ async def bench_load(args: argparse.Namespace) -> dict[str, Any]:
             prefecture = int(await admin.fetchval(
                 "SELECT count(*) FROM intake_p13.residents WHERE municipality_code = $1", NAKANO))
             database_bytes = int(await admin.fetchval("SELECT pg_database_size(current_database())"))
+            shared_buffers = str(await admin.fetchval("SHOW shared_buffers"))
         finally:
             await admin.close()
         if national != args.residents or prefecture != args.residents:
@@ -316,9 +317,12 @@ async def bench_load(args: argparse.Namespace) -> dict[str, Any]:
             "unit": "records durable at the prefecture and the national intake, through ResyncToPrefecture",
             "records_sent": response.records_sent,
             "records_applied": response.records_applied,
+            "resumptions": response.resumptions,
             "batch": env.batch or MunicipalSettings().resync_batch,
             "fill_seconds": round(fill_seconds, 2),
             "database_bytes": database_bytes,
+            # A backend's VmRSS counts the shared buffers it touched (bounded by this); RssAnon is its own.
+            "postgres_shared_buffers": shared_buffers,
             **memory,
         }
     finally:
