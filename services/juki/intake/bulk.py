@@ -66,6 +66,10 @@ def _violations(record: common_pb2.IdentityRecord, municipality_code: str) -> li
     return found
 
 
+def _load_id_ok(load_id: str) -> bool:
+    return 0 < len(load_id) <= 128 and load_id.isprintable()
+
+
 def _date(value: common_pb2.Date) -> dt.date | None:
     try:
         return dt.date(value.year, value.month, value.day) if value.year and value.month and value.day else None
@@ -125,8 +129,8 @@ async def _load(store: Store, peer: Peer, summary: intake_pb2.BulkLoadResponse,
     while (request := await _next_batch(iterator, forwarder)) is not None:
         more = request.more_batches
         if not summary.load_id:
-            if not request.load_id or len(request.load_id) > 128:
-                raise invalid("load_id", "1..128 characters, the same on every batch")
+            if not _load_id_ok(request.load_id):
+                raise invalid("load_id", "1..128 printable characters, the same on every batch")
             if not domain.is_municipality(request.municipality_code):
                 raise invalid("municipality_code", "must be a listed municipality", Reason.UNKNOWN_MUNICIPALITY)
             check_sender(peer, {request.municipality_code}, national=national, prefecture=prefecture)
@@ -221,8 +225,8 @@ async def get_bulk_load(store: Store, settings: ServiceSettings, request: intake
                         *, national: bool) -> intake_pb2.GetBulkLoadResponse:
     """Where a load stands here; at a prefecture, resumable only as far as the national intake has it too."""
     peer = require_peer()
-    if not request.load_id or len(request.load_id) > 128:
-        raise invalid("load_id", "1..128 characters")
+    if not _load_id_ok(request.load_id):
+        raise invalid("load_id", "1..128 printable characters")
     code = request.municipality_code
     if not domain.is_municipality(code):
         raise invalid("municipality_code", "must be a listed municipality", Reason.UNKNOWN_MUNICIPALITY)

@@ -164,6 +164,7 @@ async def test_a_load_id_of_another_municipality_is_refused(mesh: Mesh) -> None:
 @pytest.mark.parametrize(("load_id", "municipality", "field"), [
     ("", NAKANO, "load_id"),
     ("x" * 129, NAKANO, "load_id"),
+    ("load\x00id", NAKANO, "load_id"),
     ("some-load", "", "municipality_code"),
     ("some-load", "999999", "municipality_code"),
     ("some-load", "13114８", "municipality_code"),
