@@ -494,11 +494,6 @@ class Store:
 
     # -- bulk loads (BulkLoad: bulk.py checks and converts, the writes are here) ------------------------
 
-    async def bulk_load_done(self, load_id: str) -> bool:
-        """Whether a load of this id was completed (a repeated load is answered without writing)."""
-        return bool(await self.pool.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM bulk_loads WHERE load_id = $1 AND finished_at IS NOT NULL)", load_id))
-
     async def bulk_load(self, load_id: str) -> asyncpg.Record | None:
         """A load's progress (or summary, once ``finished_at`` is set); None before its first batch."""
         row: asyncpg.Record | None = await self.pool.fetchrow("SELECT * FROM bulk_loads WHERE load_id = $1", load_id)
