@@ -15,6 +15,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "juki.bench.disclose",
     "juki.bench.intake",
     "juki.bench.soak",
+    "juki.bench.load",
     "juki.bench.audit",
 )
 

@@ -35,6 +35,8 @@ def access(tier: str) -> dict[str, Method]:
         "SubmitNotifications": senders,
         "StreamNotifications": senders,
         "BulkLoad": senders,
+        # A load's progress: only its sender (the municipality, or its prefecture at the national tier).
+        "GetBulkLoad": frozenset({"municipality"}) if tier == "prefecture" else frozenset({"prefecture"}),
         "GetSequenceState": frozenset({"municipality", "prefecture", "operator"}),
         "SetConnectionState": Method(
             frozenset({"operator"}) if tier == "prefecture" else frozenset({"operator", "prefecture"}),

@@ -357,6 +357,13 @@ class IntakeServicer(intake_pb2_grpc.IntakeServiceServicer):
 
         return await bulk_load(self._store, self._settings, request_iterator, national=self.national)
 
+    async def GetBulkLoad(
+        self, request: intake_pb2.GetBulkLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> intake_pb2.GetBulkLoadResponse:
+        from juki.intake.bulk import get_bulk_load
+
+        return await get_bulk_load(self._store, self._settings, request, national=self.national)
+
     # for the bulk module
     @property
     def store(self) -> Store:

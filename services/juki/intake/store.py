@@ -25,7 +25,7 @@ import asyncpg
 from juki import domain
 from juki._gen.juki.intake.v1 import intake_pb2
 from juki.intake import convert
-from juki.mesh.errors import FieldViolation
+from juki.mesh.errors import FieldViolation, invalid
 
 _UPSERT_RESIDENT = (
     f"INSERT INTO residents ({', '.join(convert.RESIDENT_COLUMNS)}, updated_at) VALUES ("
@@ -109,10 +109,29 @@ def decode_event(payload: bytes) -> domain.Notification:
 
 @dataclass
 class BulkCounts:
-    """Records of one bulk batch written (new version) and left as they were (equal to the stored row)."""
+    """Records of one bulk batch written (new version) and left as they were (equal to the stored row);
+    with a :class:`BulkBatch`, also those received and refused (each record counted once per load) and
+    the load's resume point before this batch (records up to it were applied by an earlier batch)."""
 
     applied: int = 0
     unchanged: int = 0
+    received: int = 0
+    rejected: int = 0
+    skipped_through: str = ""
+
+
+@dataclass(frozen=True)
+class BulkBatch:
+    """One batch of a bulk load as its progress is recorded: ``codes`` of every record of the batch (in
+    the order received), those of them refused, and whether the batch continues its stream in ascending
+    resident-code order (only a load sent in order can be resumed)."""
+
+    load_id: str
+    municipality_code: str
+    through: int
+    codes: Sequence[str]
+    rejected: Sequence[str]
+    in_order: bool
 
 
 @dataclass(frozen=True)
@@ -475,77 +494,135 @@ class Store:
 
     # -- bulk loads (BulkLoad: bulk.py checks and converts, the writes are here) ------------------------
 
-    async def bulk_load_done(self, load_id: str) -> bool:
-        """Whether a load of this id was completed (a repeated load is answered without writing)."""
-        return bool(await self.pool.fetchval("SELECT EXISTS (SELECT 1 FROM bulk_loads WHERE load_id = $1)", load_id))
+    async def bulk_load(self, load_id: str) -> asyncpg.Record | None:
+        """A load's progress (or summary, once ``finished_at`` is set); None before its first batch."""
+        row: asyncpg.Record | None = await self.pool.fetchrow("SELECT * FROM bulk_loads WHERE load_id = $1", load_id)
+        return row
 
-    async def apply_bulk(self, rows: Mapping[str, Mapping[str, Any]]) -> BulkCounts:
+    async def apply_bulk(self, rows: Mapping[str, Mapping[str, Any]], batch: BulkBatch | None = None) -> BulkCounts:
         """Upsert one batch of loaded residents in one transaction.
 
         ``rows`` maps each resident code to its ``residents`` row by column name (every column of
         :data:`convert.RESIDENT_COLUMNS` but ``version``). A row equal to the stored one in
         :data:`BULK_COMPARED` is counted unchanged; any other gets the next version, a history row and a
         change-feed row.
+
+        With ``batch``, the load's progress row is locked first and advanced in the same transaction, so
+        what it says was applied is exactly what committed. While the load arrives in resident-code
+        order, records up to its last applied code were applied by an earlier batch (of this stream or
+        of an interrupted one) and are skipped: a resumed load writes nothing twice, counts nothing twice.
         """
         counts = BulkCounts()
-        if not rows:
+        if not rows and batch is None:
             return counts
         async with self.pool.acquire() as conn, conn.transaction():
-            # The same per-resident locks as a notification batch (apply) takes: a load and a relayed
-            # notification for one new resident must not both create its version 1.
-            await lock_residents(conn, rows)
-            now: dt.datetime = await conn.fetchval("SELECT now()")
-            existing = {
-                r["resident_code"]: r
-                for r in await conn.fetch(
-                    f"SELECT resident_code, version, {', '.join(BULK_COMPARED)} FROM residents"
-                    " WHERE resident_code = ANY($1::text[]) FOR UPDATE",
-                    list(rows),
-                )
-            }
-            upserts: list[tuple[Any, ...]] = []
-            versions: list[tuple[Any, ...]] = []
-            changes: list[tuple[Any, ...]] = []
-            for code, loaded in rows.items():
-                old = existing.get(code)
-                if old is not None and all(loaded[c] == old[c] for c in BULK_COMPARED):
-                    counts.unchanged += 1
-                    continue
-                counts.applied += 1
-                row = {**loaded, "version": old["version"] + 1 if old is not None else 1}
-                upserts.append((*(row[c] for c in convert.RESIDENT_COLUMNS), now))
-                stored = convert.record_from_row(row)
-                versions.append((code, row["version"], None, row["last_change_kind"], row["last_changed_on"],
-                                 row["last_notified_on"], stored.SerializeToString(deterministic=True), now))
-                changes.append((code, row["last_change_kind"], row["last_changed_on"], now))
-            if upserts:
-                await conn.executemany(_UPSERT_RESIDENT, upserts)
-                await conn.copy_records_to_table(
-                    "resident_versions",
-                    columns=("resident_code", "version", "notification_id", "change_kind", "occurred_on",
-                             "notified_on", "record", "recorded_at"),
-                    records=versions,
-                )
-                await conn.copy_records_to_table(
-                    "resident_changes", columns=("resident_code", "change_kind", "occurred_on", "recorded_at"),
-                    records=changes,
-                )
+            if batch is not None:
+                counts.skipped_through = skip = await self._lock_bulk_load(conn, batch)
+                if skip:
+                    rows = {code: row for code, row in rows.items() if code > skip}
+                taken = [code for code in batch.codes if code > skip]
+                counts.received = len(taken)
+                counts.rejected = sum(1 for code in batch.rejected if code > skip)
+            if rows:
+                await self._apply_bulk_rows(conn, rows, counts)
+            if batch is not None:
+                await self._advance_bulk_load(conn, batch, counts)
         return counts
 
-    async def finish_bulk_load(self, load_id: str, municipality_code: str, through: int, applied: int) -> None:
-        """Record a completed load: the municipality's sequence floor and the load's summary, in one transaction."""
+    async def _lock_bulk_load(self, conn: asyncpg.Connection, batch: BulkBatch) -> str:
+        """Lock (creating it at the first batch) a load's progress row; its resume point ('' for none)."""
+        await conn.execute(
+            "INSERT INTO bulk_loads (load_id, municipality_code, through_sequence, records_applied)"
+            " VALUES ($1, $2, $3, 0) ON CONFLICT (load_id) DO NOTHING",
+            batch.load_id, batch.municipality_code, batch.through,
+        )
+        row = await conn.fetchrow(
+            "SELECT municipality_code, last_resident_code, in_order FROM bulk_loads WHERE load_id = $1 FOR UPDATE",
+            batch.load_id,
+        )
+        assert row is not None
+        if row["municipality_code"] != batch.municipality_code:
+            raise invalid("load_id", "names a load of another municipality")
+        # Records up to the resume point were applied before only if the load and this batch are in order
+        # (a batch out of order may bring codes below it that were never sent).
+        return str(row["last_resident_code"]) if row["in_order"] and batch.in_order else ""
+
+    @staticmethod
+    async def _advance_bulk_load(conn: asyncpg.Connection, batch: BulkBatch, counts: BulkCounts) -> None:
+        last = batch.codes[-1] if batch.in_order and batch.codes else ""
+        await conn.execute(
+            "UPDATE bulk_loads SET in_order = in_order AND $2,"
+            " last_resident_code = CASE WHEN in_order AND $2 THEN GREATEST(last_resident_code, $3) ELSE '' END,"
+            " through_sequence = GREATEST(through_sequence, $4), records_received = records_received + $5,"
+            " records_applied = records_applied + $6, records_unchanged = records_unchanged + $7,"
+            " records_rejected = records_rejected + $8, updated_at = now() WHERE load_id = $1",
+            batch.load_id, batch.in_order, last, batch.through, counts.received, counts.applied,
+            counts.unchanged, counts.rejected,
+        )
+
+    async def _apply_bulk_rows(self, conn: asyncpg.Connection, rows: Mapping[str, Mapping[str, Any]],
+                               counts: BulkCounts) -> None:
+        # The same per-resident locks as a notification batch (apply) takes: a load and a relayed
+        # notification for one new resident must not both create its version 1.
+        await lock_residents(conn, rows)
+        now: dt.datetime = await conn.fetchval("SELECT now()")
+        existing = {
+            r["resident_code"]: r
+            for r in await conn.fetch(
+                f"SELECT resident_code, version, {', '.join(BULK_COMPARED)} FROM residents"
+                " WHERE resident_code = ANY($1::text[]) FOR UPDATE",
+                list(rows),
+            )
+        }
+        upserts: list[tuple[Any, ...]] = []
+        versions: list[tuple[Any, ...]] = []
+        changes: list[tuple[Any, ...]] = []
+        for code, loaded in rows.items():
+            old = existing.get(code)
+            if old is not None and all(loaded[c] == old[c] for c in BULK_COMPARED):
+                counts.unchanged += 1
+                continue
+            counts.applied += 1
+            row = {**loaded, "version": old["version"] + 1 if old is not None else 1}
+            upserts.append((*(row[c] for c in convert.RESIDENT_COLUMNS), now))
+            stored = convert.record_from_row(row)
+            versions.append((code, row["version"], None, row["last_change_kind"], row["last_changed_on"],
+                             row["last_notified_on"], stored.SerializeToString(deterministic=True), now))
+            changes.append((code, row["last_change_kind"], row["last_changed_on"], now))
+        if upserts:
+            await conn.executemany(_UPSERT_RESIDENT, upserts)
+            await conn.copy_records_to_table(
+                "resident_versions",
+                columns=("resident_code", "version", "notification_id", "change_kind", "occurred_on",
+                         "notified_on", "record", "recorded_at"),
+                records=versions,
+            )
+            await conn.copy_records_to_table(
+                "resident_changes", columns=("resident_code", "change_kind", "occurred_on", "recorded_at"),
+                records=changes,
+            )
+
+    async def finish_bulk_load(self, load_id: str, municipality_code: str, through: int) -> asyncpg.Record:
+        """Record a completed load: its summary and the municipality's sequence floor, in one transaction.
+
+        The load's row is taken before the municipality's (the order every bulk write takes them in).
+        Returns the load's row: its counts cover every stream of the load, each record once.
+        """
         async with self.pool.acquire() as conn, conn.transaction():
+            row: asyncpg.Record = await conn.fetchrow(
+                "INSERT INTO bulk_loads AS b (load_id, municipality_code, through_sequence, records_applied,"
+                " finished_at) VALUES ($1, $2, $3, 0, now()) ON CONFLICT (load_id) DO UPDATE SET"
+                " finished_at = COALESCE(b.finished_at, now()),"
+                " through_sequence = GREATEST(b.through_sequence, $3), updated_at = now() RETURNING *",
+                load_id, municipality_code, through,
+            )
             await conn.execute(
                 "INSERT INTO municipalities AS m (municipality_code, loaded_through) VALUES ($1, $2)"
                 " ON CONFLICT (municipality_code) DO UPDATE SET loaded_through = GREATEST(m.loaded_through, $2),"
                 " as_of = CASE WHEN m.connected THEN now() ELSE m.as_of END",
                 municipality_code, through,
             )
-            await conn.execute(
-                "INSERT INTO bulk_loads (load_id, municipality_code, through_sequence, records_applied)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT (load_id) DO NOTHING",
-                load_id, municipality_code, through, applied,
-            )
+        return row
 
     # -- connection state and status ---------------------------------------------------------------
 

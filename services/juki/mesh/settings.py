@@ -265,6 +265,8 @@ VARIABLES: Mapping[str, str] = {
     "JUKI_ACCESSLOG_MAX_GROUP_RECORDS": "accesslog: records per group commit (>= 1, default 100000)",
     "JUKI_ACCESSLOG_ORIGIN": "accesslog: checkpoint origin line",
     "JUKI_PSEUDONYM_KEY_FILE": "accesslog: key of the resident-code pseudonym",
+    # municipal CS
+    "JUKI_MUNICIPAL_RESYNC_BATCH": "municipal: records per BulkLoad batch of a resync (1..10000, default 1000)",
     # the CLI, the embedded database, tools and tests (declared so that a service started from a shell that
     # sets them does not refuse them)
     "JUKI_DATABASE_ADMIN_URL": "CLI (juki migrate): administrative URL",
@@ -402,6 +404,20 @@ class AccessLogSettings:
 
 
 @dataclass(frozen=True)
+class MunicipalSettings:
+    """The municipal CS's own options."""
+
+    resync_batch: int = 1000  # records per BulkLoad batch when the register is sent to the prefecture
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> MunicipalSettings:
+        batch = _count(environ, "JUKI_MUNICIPAL_RESYNC_BATCH", 1000)
+        if batch > 10_000:
+            raise SettingsError(f"JUKI_MUNICIPAL_RESYNC_BATCH: must be <= 10000 (the intake's batch limit), got {batch}")
+        return cls(resync_batch=batch)
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
     """Everything one service process needs, parsed once."""
 
@@ -424,6 +440,7 @@ class ServiceSettings:
     server: ServerSettings = field(default_factory=ServerSettings)
     lookup: LookupSettings = field(default_factory=LookupSettings)  # read by the lookup service only
     accesslog: AccessLogSettings = field(default_factory=AccessLogSettings)  # read by the access log only
+    municipal: MunicipalSettings = field(default_factory=MunicipalSettings)  # read by the municipal CS only
 
 
 def instance_name(service: str, tier: str | None, prefecture: str | None, municipality: str | None) -> str:
@@ -496,4 +513,5 @@ def load_service_settings(
         server=ServerSettings.from_env(env),
         lookup=LookupSettings.from_env(env) if service == "lookup" else LookupSettings(),
         accesslog=AccessLogSettings.from_env(env) if service == "accesslog" else AccessLogSettings(),
+        municipal=MunicipalSettings.from_env(env) if service == "municipal" else MunicipalSettings(),
     )

@@ -6,6 +6,8 @@ in :mod:`juki.municipal.registry`; the sender in :mod:`juki.municipal.sender`.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -36,7 +38,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "juki.municipal.v1.MunicipalService"
 CARD_SERVICE = spiffe_id("service", "card")
 DISCLOSURE_SERVICE = spiffe_id("service", "disclosure")
-RESYNC_BATCH = 1000
+RESYNC_DEADLINE_SECONDS = 24 * 3600  # a national-size register takes hours; a dead peer ends the call at once
+# A resync's stream interrupted by these is continued within the call (the same load, after its resume point).
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED})
+RESYNC_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # between attempts that got no further
+RESYNC_WINDOW = 8  # batches of a resync sent and not yet applied at both tiers (see window() in _send_load)
+RESYNC_WINDOW_POLL_SECONDS = 0.05
 # Changes after which the resident's 住基カード are revoked (the card service is told at once).
 _CARD_REVOKING = {
     common_pb2.CHANGE_KIND_DEATH: "死亡",
@@ -214,34 +221,155 @@ class MunicipalApp:
             log.warning("could not revoke the cards after %s: %s", reason, error.code().name)
 
     async def resync(self) -> municipal_pb2.ResyncToPrefectureResponse:
-        """Send the whole register to the prefecture (IntakeService.BulkLoad) as one snapshot."""
+        """Send the whole register to the prefecture (IntakeService.BulkLoad) as one ordered load.
+
+        The load's id and snapshot sequence are kept in this CS's database until the prefecture has the
+        whole load, so a resync interrupted by the death of any process on the way (this CS, the
+        prefecture intake, the national intake) continues with the same load id after the point
+        GetBulkLoad names: records already applied at both tiers are not sent again. Within one call an
+        interrupted stream (a restarted intake, a connection closed at its maximum age) is continued at
+        once, for as long as each attempt gets further; a repeated call continues after this CS's own
+        death. Memory holds a batch or two, whatever the register's size (a server-side cursor).
+        """
         address = self.settings.peers.prefecture_intake
         if not address:
             raise JukiError(Reason.DEPENDENCY_UNAVAILABLE, "no prefecture intake is configured")
-        load_id = str(uuid.uuid4())
+        resumptions = 0
         sent = 0
-        through = 0
-
-        async def batches() -> AsyncIterator[intake_pb2.BulkLoadRequest]:
-            nonlocal sent, through
-            async for snapshot_sequence, entries in self.registry.snapshot(RESYNC_BATCH):
-                through = snapshot_sequence
-                sent += len(entries)
-                yield intake_pb2.BulkLoadRequest(
-                    load_id=load_id, municipality_code=self.municipality_code, through_sequence=snapshot_sequence,
-                    records=[convert.identity_record(e) for e in entries],
-                )
-
+        stalled = 0
+        reached: str | None = None  # the resume point of the last attempt that got one
         async with self.sender.lock, secure_channel(address, self.settings.tls) as channel:
             stub = intake_pb2_grpc.IntakeServiceStub(channel)
-            summary = await stub.BulkLoad(batches(), timeout=600)
-            await self.registry.acknowledge_through(through)
+            while True:
+                load_id, through = await self.registry.resync_in_progress()
+                try:
+                    response = await self._send_load(stub, load_id, through)
+                except _Sent as partial:
+                    sent += partial.records
+                    error, point = partial.error, partial.after
+                    resumptions += bool(load_id) and point is not None
+                else:
+                    response.records_sent += sent
+                    response.resumptions = resumptions + bool(load_id)
+                    return response
+                if error.code() not in _RESUMABLE:
+                    raise error
+                # Interrupted: continue while the load gets further; give up after a few attempts that do not.
+                advanced = point is not None and (reached is None or point > reached)
+                reached = point if advanced else reached
+                stalled = 0 if advanced else stalled + 1
+                if stalled > len(RESYNC_BACKOFF_SECONDS):
+                    raise error
+                delay = RESYNC_BACKOFF_SECONDS[stalled - 1] if stalled else 0.0
+                log.warning("resync interrupted (%s: %s); continuing in %.1f s", error.code().name,
+                            error.details(), delay)
+                await asyncio.sleep(delay)
+
+    async def _send_load(self, stub: intake_pb2_grpc.IntakeServiceStub, load_id: str, through: int
+                         ) -> municipal_pb2.ResyncToPrefectureResponse:
+        """One attempt: from the start (no load in progress) or after GetBulkLoad's point. Raises
+        :class:`_Sent` (the records this attempt sent, where it started, why it ended) when it fails."""
+        batch = self.settings.municipal.resync_batch
+        sent = 0
+        after: str | None = None
+        try:
+            if not load_id:
+                after = ""
+            else:
+                state = await stub.GetBulkLoad(intake_pb2.GetBulkLoadRequest(
+                    load_id=load_id, municipality_code=self.municipality_code), timeout=30)
+                if state.state == intake_pb2.BULK_LOAD_STATE_FINISHED:
+                    await self.registry.finish_resync(load_id, through)
+                    self.sender.wake()
+                    return municipal_pb2.ResyncToPrefectureResponse(
+                        load_id=load_id, through_sequence=through, records_sent=0,
+                        records_applied=state.records_applied + state.records_unchanged,
+                        records_rejected=state.records_rejected)
+                after = state.last_resident_code
+                log.info("continuing resync %s after %s… (%d records at the prefecture)", load_id, after[:3],
+                         state.records_received)
+
+            unconfirmed: collections.deque[str] = collections.deque()  # last code of each batch in flight
+
+            async def window() -> None:
+                """Wait until fewer than RESYNC_WINDOW batches are sent and not yet applied at both tiers:
+                what a broken stream loses (and its resumption sends again) stays a few batches, whatever
+                the transport buffers between the tiers would hold."""
+                while len(unconfirmed) >= RESYNC_WINDOW:
+                    try:
+                        state = await stub.GetBulkLoad(intake_pb2.GetBulkLoadRequest(
+                            load_id=load_id, municipality_code=self.municipality_code), timeout=30)
+                    except grpc.aio.AioRpcError:
+                        pass  # a tier is down: the stream fails too, and that ends the attempt
+                    else:
+                        while unconfirmed and unconfirmed[0] <= state.last_resident_code:
+                            unconfirmed.popleft()
+                    if len(unconfirmed) >= RESYNC_WINDOW:
+                        await asyncio.sleep(RESYNC_WINDOW_POLL_SECONDS)
+
+            failure: BaseException | None = None
+
+            async def batches() -> AsyncIterator[intake_pb2.BulkLoadRequest]:
+                nonlocal failure
+                try:
+                    async for request in _batches():
+                        yield request
+                except Exception as exc:
+                    failure = exc  # gRPC only cancels the call: the error is raised below
+                    raise
+
+            async def _batches() -> AsyncIterator[intake_pb2.BulkLoadRequest]:
+                nonlocal sent, load_id, through
+                ready: intake_pb2.BulkLoadRequest | None = None
+                async for snapshot_sequence, entries in self.registry.snapshot(batch, after or ""):
+                    if not load_id:
+                        # A new load: remembered (with the sequence its snapshot reflects) before its first
+                        # batch leaves. A resumed one keeps its first snapshot's sequence, so every
+                        # notification after it is still sent (a newer snapshot of the rest loses nothing).
+                        load_id, through = str(uuid.uuid4()), snapshot_sequence
+                        await self.registry.begin_resync(load_id, through)
+                    if ready is not None:
+                        await window()
+                        if ready.records:
+                            unconfirmed.append(ready.records[-1].resident_code)
+                        sent += len(ready.records)
+                        yield ready  # a batch leaves once the next is read: all but the last announce more
+                    ready = intake_pb2.BulkLoadRequest(
+                        load_id=load_id, municipality_code=self.municipality_code, through_sequence=through,
+                        records=[convert.identity_record(e) for e in entries], more_batches=True,
+                    )
+                if ready is not None:
+                    ready.more_batches = False
+                    sent += len(ready.records)
+                    yield ready
+
+            try:
+                summary = await stub.BulkLoad(batches(), timeout=RESYNC_DEADLINE_SECONDS)
+            except asyncio.CancelledError:
+                if failure is None:
+                    raise
+                raise failure from None  # reading the register failed: the load stays in progress
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED) and load_id:
+                await self.registry.abandon_resync(load_id)  # refused, not interrupted: start afresh
+            raise _Sent(sent, after, error) from error
+        await self.registry.finish_resync(load_id, through)
         self.sender.wake()
         return municipal_pb2.ResyncToPrefectureResponse(
             load_id=load_id, through_sequence=through, records_sent=sent,
             records_applied=summary.records_applied + summary.records_unchanged,
             records_rejected=summary.records_rejected,
         )
+
+
+class _Sent(Exception):
+    """An attempt of a resync that failed: the records it sent, where it started, the error that ended it."""
+
+    def __init__(self, records: int, after: str | None, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(error.details())
+        self.records = records
+        self.after = after  # the resume point it started from (None: it got none)
+        self.error = error
 
 
 def create(settings: ServiceSettings) -> MunicipalApp:

@@ -151,11 +151,14 @@ class Registry:
                 connected,
             )
 
-    async def snapshot(self, batch: int) -> AsyncIterator[tuple[int, list[municipal_pb2.ResidentEntry]]]:
-        """The whole register in batches, with the outbox sequence it reflects (one consistent snapshot)."""
+    async def snapshot(self, batch: int, after: str = "") -> AsyncIterator[tuple[int, list[municipal_pb2.ResidentEntry]]]:
+        """The register in batches of ascending resident code (those after ``after`` when given), with the
+        outbox sequence it reflects (one consistent snapshot, read through a server-side cursor: memory
+        holds one batch, whatever the register's size)."""
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             through = int(await conn.fetchval("SELECT last_sequence FROM outbox_state"))
-            cursor = conn.cursor("SELECT entry FROM residents ORDER BY resident_code", prefetch=batch)
+            cursor = conn.cursor("SELECT entry FROM residents WHERE resident_code > $1 ORDER BY resident_code",
+                                 after, prefetch=batch)
             chunk: list[municipal_pb2.ResidentEntry] = []
             async for row in cursor:
                 chunk.append(_entry(row["entry"]))
@@ -163,6 +166,35 @@ class Registry:
                     yield through, chunk
                     chunk = []
             yield through, chunk
+
+    async def resync_in_progress(self) -> tuple[str, int]:
+        """The load id and snapshot sequence of an unfinished resync, or ("", 0)."""
+        row = await self.pool.fetchrow("SELECT resync_load_id, resync_through FROM outbox_state")
+        assert row is not None
+        return str(row["resync_load_id"]), int(row["resync_through"])
+
+    async def begin_resync(self, load_id: str, through: int) -> None:
+        """Remember a resync before its first batch is sent (a restart continues it)."""
+        async with self.pool.acquire() as conn:
+            await conn.execute("UPDATE outbox_state SET resync_load_id = $1, resync_through = $2", load_id, through)
+
+    async def finish_resync(self, load_id: str, through: int) -> None:
+        """The prefecture has the whole load: notifications up to its snapshot are acknowledged with it."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE outbox SET acknowledged_at = now() WHERE sequence <= $1 AND acknowledged_at IS NULL",
+                through,
+            )
+            await conn.execute(
+                "UPDATE outbox_state SET last_resync_load_id = $1, resync_load_id = '', resync_through = 0",
+                load_id,
+            )
+
+    async def abandon_resync(self, load_id: str) -> None:
+        """Forget a resync the prefecture refused (the next one starts afresh with a new load id)."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE outbox_state SET resync_load_id = '', resync_through = 0 WHERE resync_load_id = $1", load_id)
 
     async def log_operator(self, operator_id: str, peer: str, method: str, resident_code: str = "") -> None:
         async with self.pool.acquire() as conn:

@@ -8,6 +8,7 @@ at the prefecture, relayed to the national centre). A mesh that already holds re
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 from collections import Counter
@@ -29,6 +30,8 @@ from juki.seeding.population import FOREIGN_SHARE, Person, Relationship, generat
 
 RESYNC_METHOD = "/juki.municipal.v1.MunicipalService/ResyncToPrefecture"
 COPY_BATCH = 20_000
+RESYNC_DEADLINE = 24 * 3600  # a big register takes long; an interrupted one continues when sent again
+RESYNC_CALLS = 100  # ResyncToPrefecture calls of one register (each may be cut at the maximum connection age)
 
 
 def individual_number(resident_code: str) -> str:
@@ -139,12 +142,24 @@ async def resync(address: str, tls: TlsFiles, operator: tuple[Any, Any]) -> muni
                         password=DEMO_OPERATOR_PASSWORD)
     async with secure_channel(address, tls) as channel:
         stub = municipal_pb2_grpc.MunicipalServiceStub(channel)
-        response: municipal_pb2.ResyncToPrefectureResponse = await stub.ResyncToPrefecture(request, timeout=900)
-    return response
+        for call in range(1, RESYNC_CALLS + 1):
+            try:
+                response: municipal_pb2.ResyncToPrefectureResponse = await stub.ResyncToPrefecture(
+                    request, timeout=RESYNC_DEADLINE)
+                return response
+            except grpc.aio.AioRpcError as error:
+                # A call longer than the CS's maximum connection age is cut; the next one continues the load.
+                if error.code() != grpc.StatusCode.UNAVAILABLE or call == RESYNC_CALLS:
+                    raise
+                await asyncio.sleep(1.0)
+                sign_operator_proof(request, RESYNC_METHOD, cert_pem=cert.read_bytes(), key_pem=key.read_bytes(),
+                                    password=DEMO_OPERATOR_PASSWORD)  # a fresh proof (a nonce is used once)
+    raise AssertionError("unreachable")
 
 
 async def _not_at_prefecture(admin_url: str, municipalities: list[str]) -> list[str]:
-    """Municipalities of which the prefecture's store holds no resident (or cannot be read)."""
+    """Municipalities of which the prefecture's store holds no resident (or cannot be read), or whose CS
+    has a resync in progress (interrupted: sent again, it continues where the prefecture has it)."""
     conn = await asyncpg.connect(admin_url)
     try:
         found = []
@@ -155,7 +170,12 @@ async def _not_at_prefecture(admin_url: str, municipalities: list[str]) -> list[
                     f'SELECT EXISTS (SELECT 1 FROM "{schema}".residents WHERE municipality_code = $1)', code)
             except asyncpg.PostgresError:
                 held = False
-            if not held:
+            register = schema_name(f"municipal-{code}")
+            try:
+                unfinished = await conn.fetchval(f"SELECT resync_load_id <> '' FROM \"{register}\".outbox_state")
+            except asyncpg.PostgresError:
+                unfinished = False
+            if not held or unfinished:
                 found.append(code)
         return found
     finally:

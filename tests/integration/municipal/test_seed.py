@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 from juki._gen.juki.municipal.v1 import municipal_pb2
 from juki.seeding.registers import individual_number, load_registers
 
@@ -84,3 +85,29 @@ async def test_the_population_is_as_old_as_the_business_day(database: Any) -> No
         became = entry.became_resident_on
         assert (became.year, became.month, became.day) <= (2010, 1, 4)
         assert entry.resident_kind == 1  # no foreign residents' 住民票 before 2012-07-09
+
+
+async def test_a_register_with_an_unfinished_resync_is_sent_again(database: Any) -> None:
+    """The prefecture holds part of 中野区's register, and the CS still has the load in progress: seeding a
+    mesh that is already seeded sends it again (the CS continues that load)."""
+    import random
+
+    from juki import domain
+    from juki.seeding.registers import _not_at_prefecture
+
+    conn = await database.admin()
+    try:
+        if not await conn.fetchval("SELECT 1 FROM information_schema.schemata WHERE schema_name = 'municipal_131148'"):
+            pytest.skip("no CS schema of 131148 in this database")
+        await conn.execute(
+            "INSERT INTO intake_p13.residents (resident_code, resident_kind, municipality_code, status)"
+            " VALUES ($1, 1, '131148', 1)", domain.generate_resident_code(random.Random()))
+        await conn.execute("UPDATE municipal_131148.outbox_state SET resync_load_id = 'unfinished'")
+        try:
+            assert await _not_at_prefecture(database.admin_url, ["131148"]) == ["131148"]
+            await conn.execute("UPDATE municipal_131148.outbox_state SET resync_load_id = ''")
+            assert await _not_at_prefecture(database.admin_url, ["131148"]) == []
+        finally:
+            await conn.execute("UPDATE municipal_131148.outbox_state SET resync_load_id = ''")
+    finally:
+        await conn.close()

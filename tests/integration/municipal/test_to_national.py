@@ -152,3 +152,62 @@ async def test_resync_sends_the_whole_register(ca: Any, chain: Chain) -> None:
         assert response.records_sent >= 1 and response.records_rejected == 0
         assert response.records_applied == response.records_sent
         assert response.through_sequence >= born.sequence
+
+
+async def test_an_interrupted_resync_continues_the_same_load(ca: Any, chain: Chain, database: Any) -> None:
+    """The CS keeps the load in progress in its database; a repeated ResyncToPrefecture asks the
+    prefecture where it stands and sends only the records after that point, with the same load id."""
+    from juki.municipal import convert
+
+    async with channel_as(ca, "operator", "demo-operator", chain.municipal) as channel:
+        stub = municipal_pb2_grpc.MunicipalServiceStub(channel)
+        for given in ("続一", "続二", "続三"):
+            await record_birth(ca, stub, given)
+        admin = await database.admin()
+        try:
+            rows = await admin.fetch("SELECT entry FROM municipal_131148.residents ORDER BY resident_code")
+            through = await admin.fetchval("SELECT last_sequence FROM municipal_131148.outbox_state")
+            entries = [municipal_pb2.ResidentEntry.FromString(r["entry"]) for r in rows]
+            # An earlier resync got its first two records to both tiers before the CS died.
+            load_id = f"interrupted-{entries[0].resident_code}"
+            await admin.execute("UPDATE municipal_131148.outbox_state SET resync_load_id = $1, resync_through = $2",
+                                load_id, through)
+        finally:
+            await admin.close()
+        async with channel_as(ca, "municipality", NAKANO, chain.prefecture) as intake:
+            intake_stub = intake_pb2_grpc.IntakeServiceStub(intake)
+            never = asyncio.Event()
+
+            async def first_batch() -> Any:
+                yield intake_pb2.BulkLoadRequest(
+                    load_id=load_id, municipality_code=NAKANO, through_sequence=through, more_batches=True,
+                    records=[convert.identity_record(e) for e in entries[:2]])
+                await never.wait()
+
+            call = intake_stub.BulkLoad(first_batch())
+            ask = intake_pb2.GetBulkLoadRequest(load_id=load_id, municipality_code=NAKANO)
+
+            async def both_tiers_have_it() -> bool:
+                return (await intake_stub.GetBulkLoad(ask)).last_resident_code == entries[1].resident_code
+
+            await eventually(both_tiers_have_it)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            response = await stub.ResyncToPrefecture(sign(
+                ca, municipal_pb2.ResyncToPrefectureRequest(), "/juki.municipal.v1.MunicipalService/ResyncToPrefecture"))
+            assert (response.load_id, response.through_sequence) == (load_id, through)
+            assert response.records_sent == len(entries) - 2
+            assert response.records_applied == len(entries)  # the whole load's summary
+            assert (await intake_stub.GetBulkLoad(ask)).state == intake_pb2.BULK_LOAD_STATE_FINISHED
+    admin = await database.admin()
+    try:
+        state = await admin.fetchrow("SELECT resync_load_id, last_resync_load_id FROM municipal_131148.outbox_state")
+        assert (state["resync_load_id"], state["last_resync_load_id"]) == ("", load_id)
+    finally:
+        await admin.close()
+    # A further resync is a new load, from the start.
+    async with channel_as(ca, "operator", "demo-operator", chain.municipal) as channel:
+        again = await municipal_pb2_grpc.MunicipalServiceStub(channel).ResyncToPrefecture(sign(
+            ca, municipal_pb2.ResyncToPrefectureRequest(), "/juki.municipal.v1.MunicipalService/ResyncToPrefecture"))
+    assert again.load_id != load_id and again.records_sent == len(entries)

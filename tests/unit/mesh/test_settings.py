@@ -163,3 +163,15 @@ def test_settings_hold_no_untyped_bag() -> None:
     from juki.mesh.settings import ServiceSettings
 
     assert "extra" not in ServiceSettings.__dataclass_fields__
+
+
+def test_the_municipal_resync_batch_is_typed_and_checked(tmp_path: Path) -> None:
+    from juki.mesh.settings import MunicipalSettings
+
+    environ = _environ(tmp_path, JUKI_MUNICIPALITY="131148", JUKI_MUNICIPAL_RESYNC_BATCH="200")
+    assert load_service_settings("municipal", environ=environ).municipal == MunicipalSettings(resync_batch=200)
+    assert load_service_settings("card", environ=environ).municipal == MunicipalSettings()
+    for bad in ("0", "10001", "many"):
+        with pytest.raises(SettingsError, match="JUKI_MUNICIPAL_RESYNC_BATCH"):
+            load_service_settings("municipal", environ=_environ(
+                tmp_path, JUKI_MUNICIPALITY="131148", JUKI_MUNICIPAL_RESYNC_BATCH=bad))

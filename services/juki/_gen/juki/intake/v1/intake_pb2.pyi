@@ -51,6 +51,34 @@ NOTIFICATION_OUTCOME_REJECTED: NotificationOutcome.ValueType  # 3
 """Not stored; see violations."""
 Global___NotificationOutcome: _TypeAlias = NotificationOutcome  # noqa: Y015
 
+class _BulkLoadState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BulkLoadStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BulkLoadState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BULK_LOAD_STATE_UNSPECIFIED: _BulkLoadState.ValueType  # 0
+    """Not set."""
+    BULK_LOAD_STATE_NOT_STARTED: _BulkLoadState.ValueType  # 1
+    """No batch of the load has been applied here (send it from the start with the same load_id)."""
+    BULK_LOAD_STATE_IN_PROGRESS: _BulkLoadState.ValueType  # 2
+    """Some batches are applied here; send the records after last_resident_code with the same load_id."""
+    BULK_LOAD_STATE_FINISHED: _BulkLoadState.ValueType  # 3
+    """The load is complete here (and, at a prefecture, at the national intake); the counts are final."""
+
+class BulkLoadState(_BulkLoadState, metaclass=_BulkLoadStateEnumTypeWrapper):
+    """Where a BulkLoad stands at this tier."""
+
+BULK_LOAD_STATE_UNSPECIFIED: BulkLoadState.ValueType  # 0
+"""Not set."""
+BULK_LOAD_STATE_NOT_STARTED: BulkLoadState.ValueType  # 1
+"""No batch of the load has been applied here (send it from the start with the same load_id)."""
+BULK_LOAD_STATE_IN_PROGRESS: BulkLoadState.ValueType  # 2
+"""Some batches are applied here; send the records after last_resident_code with the same load_id."""
+BULK_LOAD_STATE_FINISHED: BulkLoadState.ValueType  # 3
+"""The load is complete here (and, at a prefecture, at the national intake); the counts are final."""
+Global___BulkLoadState: _TypeAlias = BulkLoadState  # noqa: Y015
+
 @_typing.final
 class Notification(_message.Message):
     """A notification of one change (異動) of one resident, sent by the home municipality's CS (市町村CS)
@@ -565,13 +593,22 @@ class BulkLoadRequest(_message.Message):
     MUNICIPALITY_CODE_FIELD_NUMBER: _builtins.int
     THROUGH_SEQUENCE_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
+    MORE_BATCHES_FIELD_NUMBER: _builtins.int
     load_id: _builtins.str
-    """Id of the load, the same on every batch of the stream; loading an id again is idempotent."""
+    """Id of the load, the same on every batch of the stream; loading an id again is idempotent. A load
+    sent in ascending resident_code order can be resumed: after an interruption, send the records after
+    GetBulkLoad's last_resident_code with the same load_id (the records up to it are not applied twice).
+    """
     municipality_code: _builtins.str
     """Municipality whose register is loaded (6 digits); the same on every batch."""
     through_sequence: _builtins.int
     """The municipality's notification sequence the snapshot reflects; after the load, sequences up to it
     count as applied.
+    """
+    more_batches: _builtins.bool
+    """Set on every batch of a load but its last. A stream that ends after a batch with more_batches set was
+    interrupted (its sender died): the load is not finished at any tier, and stays resumable. A load
+    whose batches all leave it unset is finished by the end of its stream.
     """
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.IdentityRecord]:
@@ -584,10 +621,11 @@ class BulkLoadRequest(_message.Message):
         municipality_code: _builtins.str = ...,
         through_sequence: _builtins.int = ...,
         records: _abc.Iterable[_common_pb2.IdentityRecord] | None = ...,
+        more_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_id", b"load_id", "municipality_code", b"municipality_code", "records", b"records", "through_sequence", b"through_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_id", b"load_id", "more_batches", b"more_batches", "municipality_code", b"municipality_code", "records", b"records", "through_sequence", b"through_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -639,7 +677,7 @@ class BulkLoadResponse(_message.Message):
     municipality_code: _builtins.str
     """Municipality loaded."""
     records_received: _builtins.int
-    """Records received in all batches."""
+    """Records received in all batches (of every stream of the load when it was resumed, each counted once)."""
     records_applied: _builtins.int
     """Records inserted or changed."""
     records_unchanged: _builtins.int
@@ -668,6 +706,89 @@ class BulkLoadResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BulkLoadResponse: _TypeAlias = BulkLoadResponse  # noqa: Y015
+
+@_typing.final
+class GetBulkLoadRequest(_message.Message):
+    """Request of GetBulkLoad."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOAD_ID_FIELD_NUMBER: _builtins.int
+    MUNICIPALITY_CODE_FIELD_NUMBER: _builtins.int
+    load_id: _builtins.str
+    """Id of the load (1..128 characters)."""
+    municipality_code: _builtins.str
+    """Municipality whose register the load carries (6 digits): the caller's own, or one of its prefecture's."""
+    def __init__(
+        self,
+        *,
+        load_id: _builtins.str = ...,
+        municipality_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_id", b"load_id", "municipality_code", b"municipality_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBulkLoadRequest: _TypeAlias = GetBulkLoadRequest  # noqa: Y015
+
+@_typing.final
+class GetBulkLoadResponse(_message.Message):
+    """Response of GetBulkLoad."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOAD_ID_FIELD_NUMBER: _builtins.int
+    MUNICIPALITY_CODE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    LAST_RESIDENT_CODE_FIELD_NUMBER: _builtins.int
+    THROUGH_SEQUENCE_FIELD_NUMBER: _builtins.int
+    RECORDS_RECEIVED_FIELD_NUMBER: _builtins.int
+    RECORDS_APPLIED_FIELD_NUMBER: _builtins.int
+    RECORDS_UNCHANGED_FIELD_NUMBER: _builtins.int
+    RECORDS_REJECTED_FIELD_NUMBER: _builtins.int
+    load_id: _builtins.str
+    """Id of the load."""
+    municipality_code: _builtins.str
+    """Municipality loaded."""
+    state: Global___BulkLoadState.ValueType
+    """Where the load stands."""
+    last_resident_code: _builtins.str
+    """The resume point: every record of the load with a resident code up to this one is applied here
+    and, at a prefecture, at the national intake too. Empty: resume from the start. A load resumed
+    after it sends its records in ascending resident_code order (as it must be sent to be resumable).
+    """
+    through_sequence: _builtins.int
+    """The municipality's notification sequence the load reflects."""
+    records_received: _builtins.int
+    """Records received by this tier's applied batches, each counted once."""
+    records_applied: _builtins.int
+    """Records inserted or changed."""
+    records_unchanged: _builtins.int
+    """Records equal to what was already stored."""
+    records_rejected: _builtins.int
+    """Records refused."""
+    def __init__(
+        self,
+        *,
+        load_id: _builtins.str = ...,
+        municipality_code: _builtins.str = ...,
+        state: Global___BulkLoadState.ValueType = ...,
+        last_resident_code: _builtins.str = ...,
+        through_sequence: _builtins.int = ...,
+        records_received: _builtins.int = ...,
+        records_applied: _builtins.int = ...,
+        records_unchanged: _builtins.int = ...,
+        records_rejected: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_resident_code", b"last_resident_code", "load_id", b"load_id", "municipality_code", b"municipality_code", "records_applied", b"records_applied", "records_received", b"records_received", "records_rejected", b"records_rejected", "records_unchanged", b"records_unchanged", "state", b"state", "through_sequence", b"through_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBulkLoadResponse: _TypeAlias = GetBulkLoadResponse  # noqa: Y015
 
 @_typing.final
 class GetResidentRequest(_message.Message):

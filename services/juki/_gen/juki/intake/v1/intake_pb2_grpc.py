@@ -67,6 +67,11 @@ class IntakeServiceStub:
                 request_serializer=juki_dot_intake_dot_v1_dot_intake__pb2.BulkLoadRequest.SerializeToString,
                 response_deserializer=juki_dot_intake_dot_v1_dot_intake__pb2.BulkLoadResponse.FromString,
                 _registered_method=True)
+        self.GetBulkLoad = channel.unary_unary(
+                '/juki.intake.v1.IntakeService/GetBulkLoad',
+                request_serializer=juki_dot_intake_dot_v1_dot_intake__pb2.GetBulkLoadRequest.SerializeToString,
+                response_deserializer=juki_dot_intake_dot_v1_dot_intake__pb2.GetBulkLoadResponse.FromString,
+                _registered_method=True)
         self.GetResident = channel.unary_unary(
                 '/juki.intake.v1.IntakeService/GetResident',
                 request_serializer=juki_dot_intake_dot_v1_dot_intake__pb2.GetResidentRequest.SerializeToString,
@@ -137,6 +142,15 @@ class IntakeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBulkLoad(self, request, context):
+        """Returns how far a BulkLoad got, so that an interrupted load continues with the same load_id after
+        last_resident_code instead of from the start. Only the municipality that owns the load (at a
+        prefecture) or its prefecture (at the national intake) may ask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetResident(self, request, context):
         """Returns the current identity record of a resident. If the code was changed, follows the chain of
         successor codes and returns the current record.
@@ -185,6 +199,11 @@ def add_IntakeServiceServicer_to_server(servicer, server):
                     servicer.BulkLoad,
                     request_deserializer=juki_dot_intake_dot_v1_dot_intake__pb2.BulkLoadRequest.FromString,
                     response_serializer=juki_dot_intake_dot_v1_dot_intake__pb2.BulkLoadResponse.SerializeToString,
+            ),
+            'GetBulkLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBulkLoad,
+                    request_deserializer=juki_dot_intake_dot_v1_dot_intake__pb2.GetBulkLoadRequest.FromString,
+                    response_serializer=juki_dot_intake_dot_v1_dot_intake__pb2.GetBulkLoadResponse.SerializeToString,
             ),
             'GetResident': grpc.unary_unary_rpc_method_handler(
                     servicer.GetResident,
@@ -362,6 +381,33 @@ class IntakeService:
             '/juki.intake.v1.IntakeService/BulkLoad',
             juki_dot_intake_dot_v1_dot_intake__pb2.BulkLoadRequest.SerializeToString,
             juki_dot_intake_dot_v1_dot_intake__pb2.BulkLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBulkLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/juki.intake.v1.IntakeService/GetBulkLoad',
+            juki_dot_intake_dot_v1_dot_intake__pb2.GetBulkLoadRequest.SerializeToString,
+            juki_dot_intake_dot_v1_dot_intake__pb2.GetBulkLoadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,11 @@ class IntakeServiceStub:
     after reconnection). Client stream of batches sharing one load_id; answered with a summary.
     Loading the same records again changes nothing.
     """
+    GetBulkLoad: _grpc.UnaryUnaryMultiCallable[_intake_pb2.GetBulkLoadRequest, _intake_pb2.GetBulkLoadResponse]
+    """Returns how far a BulkLoad got, so that an interrupted load continues with the same load_id after
+    last_resident_code instead of from the start. Only the municipality that owns the load (at a
+    prefecture) or its prefecture (at the national intake) may ask.
+    """
     GetResident: _grpc.UnaryUnaryMultiCallable[_intake_pb2.GetResidentRequest, _intake_pb2.GetResidentResponse]
     """Returns the current identity record of a resident. If the code was changed, follows the chain of
     successor codes and returns the current record.
@@ -110,6 +115,11 @@ class IntakeServiceAsyncStub(IntakeServiceStub):
     """Loads a municipality's whole register as identity records (initial load, or resynchronisation
     after reconnection). Client stream of batches sharing one load_id; answered with a summary.
     Loading the same records again changes nothing.
+    """
+    GetBulkLoad: _aio.UnaryUnaryMultiCallable[_intake_pb2.GetBulkLoadRequest, _intake_pb2.GetBulkLoadResponse]  # type: ignore[assignment]
+    """Returns how far a BulkLoad got, so that an interrupted load continues with the same load_id after
+    last_resident_code instead of from the start. Only the municipality that owns the load (at a
+    prefecture) or its prefecture (at the national intake) may ask.
     """
     GetResident: _aio.UnaryUnaryMultiCallable[_intake_pb2.GetResidentRequest, _intake_pb2.GetResidentResponse]  # type: ignore[assignment]
     """Returns the current identity record of a resident. If the code was changed, follows the chain of
@@ -188,6 +198,17 @@ class IntakeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Loads a municipality's whole register as identity records (initial load, or resynchronisation
         after reconnection). Client stream of batches sharing one load_id; answered with a summary.
         Loading the same records again changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBulkLoad(
+        self,
+        request: _intake_pb2.GetBulkLoadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_intake_pb2.GetBulkLoadResponse, _abc.Awaitable[_intake_pb2.GetBulkLoadResponse]]:
+        """Returns how far a BulkLoad got, so that an interrupted load continues with the same load_id after
+        last_resident_code instead of from the start. Only the municipality that owns the load (at a
+        prefecture) or its prefecture (at the national intake) may ask.
         """
 
     @_abc_1.abstractmethod

@@ -445,16 +445,21 @@ class ResyncToPrefectureResponse(_message.Message):
     RECORDS_SENT_FIELD_NUMBER: _builtins.int
     RECORDS_APPLIED_FIELD_NUMBER: _builtins.int
     RECORDS_REJECTED_FIELD_NUMBER: _builtins.int
+    RESUMPTIONS_FIELD_NUMBER: _builtins.int
     load_id: _builtins.str
     """Id of the BulkLoad used."""
     through_sequence: _builtins.int
     """Outbox sequence the snapshot reflects."""
     records_sent: _builtins.int
-    """Records sent."""
+    """Records sent (by this call: after the resume point when it continued a load)."""
     records_applied: _builtins.int
     """Records the prefecture applied."""
     records_rejected: _builtins.int
     """Records the prefecture refused."""
+    resumptions: _builtins.int
+    """Times this call continued the load from where the prefecture had it (a load left in progress by an
+    earlier call, or a stream interrupted during this one); records_sent counts every attempt's records.
+    """
     def __init__(
         self,
         *,
@@ -463,10 +468,11 @@ class ResyncToPrefectureResponse(_message.Message):
         records_sent: _builtins.int = ...,
         records_applied: _builtins.int = ...,
         records_rejected: _builtins.int = ...,
+        resumptions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_id", b"load_id", "records_applied", b"records_applied", "records_rejected", b"records_rejected", "records_sent", b"records_sent", "through_sequence", b"through_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_id", b"load_id", "records_applied", b"records_applied", "records_rejected", b"records_rejected", "records_sent", b"records_sent", "resumptions", b"resumptions", "through_sequence", b"through_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -100,7 +100,9 @@ class MunicipalServiceServicer:
 
     def ResyncToPrefecture(self, request, context):
         """Sends the whole register to the prefecture again through IntakeService.BulkLoad, e.g. after
-        reconnection (as 中野区 had to in 2003-08). Operator action.
+        reconnection (as 中野区 had to in 2003-08). Operator action. An interrupted load (an intake restarted,
+        a connection closed) is continued within the call; one this CS did not finish (it died) is continued
+        by the next call, after the point both tiers have (IntakeService.GetBulkLoad), with the same load_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -51,7 +51,9 @@ class MunicipalServiceStub:
     """Returns the outbox state: sequences issued, acknowledged and pending, and the connection."""
     ResyncToPrefecture: _grpc.UnaryUnaryMultiCallable[_municipal_pb2.ResyncToPrefectureRequest, _municipal_pb2.ResyncToPrefectureResponse]
     """Sends the whole register to the prefecture again through IntakeService.BulkLoad, e.g. after
-    reconnection (as 中野区 had to in 2003-08). Operator action.
+    reconnection (as 中野区 had to in 2003-08). Operator action. An interrupted load (an intake restarted,
+    a connection closed) is continued within the call; one this CS did not finish (it died) is continued
+    by the next call, after the point both tiers have (IntakeService.GetBulkLoad), with the same load_id.
     """
 
 @_typing.type_check_only
@@ -74,7 +76,9 @@ class MunicipalServiceAsyncStub(MunicipalServiceStub):
     """Returns the outbox state: sequences issued, acknowledged and pending, and the connection."""
     ResyncToPrefecture: _aio.UnaryUnaryMultiCallable[_municipal_pb2.ResyncToPrefectureRequest, _municipal_pb2.ResyncToPrefectureResponse]  # type: ignore[assignment]
     """Sends the whole register to the prefecture again through IntakeService.BulkLoad, e.g. after
-    reconnection (as 中野区 had to in 2003-08). Operator action.
+    reconnection (as 中野区 had to in 2003-08). Operator action. An interrupted load (an intake restarted,
+    a connection closed) is continued within the call; one this CS did not finish (it died) is continued
+    by the next call, after the point both tiers have (IntakeService.GetBulkLoad), with the same load_id.
     """
 
 class MunicipalServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -124,7 +128,9 @@ class MunicipalServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_municipal_pb2.ResyncToPrefectureResponse, _abc.Awaitable[_municipal_pb2.ResyncToPrefectureResponse]]:
         """Sends the whole register to the prefecture again through IntakeService.BulkLoad, e.g. after
-        reconnection (as 中野区 had to in 2003-08). Operator action.
+        reconnection (as 中野区 had to in 2003-08). Operator action. An interrupted load (an intake restarted,
+        a connection closed) is continued within the call; one this CS did not finish (it died) is continued
+        by the next call, after the point both tiers have (IntakeService.GetBulkLoad), with the same load_id.
         """
 
 def add_MunicipalServiceServicer_to_server(servicer: MunicipalServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
