@@ -96,26 +96,34 @@ def key_id(public_key: ed25519.Ed25519PublicKey) -> str:
 SIGNING_IDENTITY = spiffe_id("signing", "accesslog")
 
 
-def signing_public_key(cert_pem: bytes, ca_pem: bytes, *, at: dt.datetime | None = None) -> ed25519.Ed25519PublicKey:
-    """The checkpoint key from its certificate, once the certificate is shown to be the mesh CA's
-    certificate for the access log's signing identity (any other Ed25519 certificate of the CA, e.g. a
-    witness's, must not pass for the log's). ValueError naming what failed otherwise."""
+def ca_certificate(cert_pem: bytes, ca_pem: bytes, what: str, *, at: dt.datetime | None = None
+                   ) -> tuple[x509.Certificate, list[str]]:
+    """A certificate shown to be issued by the mesh CA (and valid at ``at``, when given), with its URI SANs.
+    ValueError naming ``what`` ("the signing certificate", "the witness certificate") otherwise."""
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         ca = x509.load_pem_x509_certificate(ca_pem)
     except ValueError as exc:
-        raise ValueError("the certificate is not PEM") from exc
+        raise ValueError(f"{what} is not PEM") from exc
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
-        raise ValueError("the signing certificate is not issued by the mesh CA") from exc
+        raise ValueError(f"{what} is not issued by the mesh CA") from exc
     if at is not None and not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
-        raise ValueError("the signing certificate was not valid at that time")
+        raise ValueError(f"{what} is outside its validity")
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = names.get_values_for_type(x509.UniformResourceIdentifier)
+        uris = list(names.get_values_for_type(x509.UniformResourceIdentifier))
     except x509.ExtensionNotFound:
         uris = []
+    return cert, uris
+
+
+def signing_public_key(cert_pem: bytes, ca_pem: bytes, *, at: dt.datetime | None = None) -> ed25519.Ed25519PublicKey:
+    """The checkpoint key from its certificate, once the certificate is shown to be the mesh CA's
+    certificate for the access log's signing identity (any other Ed25519 certificate of the CA, e.g. a
+    witness's, must not pass for the log's). ValueError naming what failed otherwise."""
+    cert, uris = ca_certificate(cert_pem, ca_pem, "the signing certificate", at=at)
     if SIGNING_IDENTITY not in uris:
         raise ValueError(f"the signing certificate is not for {SIGNING_IDENTITY}")
     public_key = cert.public_key()

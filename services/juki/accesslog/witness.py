@@ -24,12 +24,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from juki.accesslog import merkle, notes
+from juki.accesslog import chain, merkle, notes
 from juki.mesh.settings import spiffe_id
 
 SPIFFE_PREFIX = spiffe_id("witness", "")
@@ -65,24 +63,9 @@ def certified_witness(
     """The witness a certificate names, once it is shown to be the mesh CA's certificate of an Ed25519
     cosigning key for a witness identity (valid at ``at`` and not among the ``revoked`` serials, when
     given). ValueError naming what fails otherwise."""
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        ca = x509.load_pem_x509_certificate(ca_pem)
-    except ValueError as exc:
-        raise ValueError("the witness certificate is not PEM") from exc
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise ValueError("the witness certificate is not issued by the mesh CA") from exc
-    if at is not None and not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
-        raise ValueError("the witness certificate is outside its validity")
+    cert, uris = chain.ca_certificate(cert_pem, ca_pem, "the witness certificate", at=at)
     if cert.serial_number in revoked:
         raise ValueError("the witness certificate is revoked")
-    try:
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = names.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
     witnesses = [uri[len(SPIFFE_PREFIX):] for uri in uris if uri.startswith(SPIFFE_PREFIX)]
     if len(witnesses) != 1 or not witnesses[0] or "/" in witnesses[0]:
         raise ValueError(f"the certificate is not for a witness identity ({SPIFFE_PREFIX}NAME)")
