@@ -505,7 +505,8 @@ async def serve(settings: ServiceSettings, service: MeshService, *, ready_file: 
     log.info("%s serving on %s (mTLS) with %s", settings.instance, running.address, ", ".join(running.names))
     ready_path = ready_file or settings.ready_file
     if ready_path is not None:
-        tmp = ready_path.with_suffix(".tmp")
+        # Per process: the processes of one pod (serve --processes N) write lookup.ready.0, .1, ... at once.
+        tmp = ready_path.with_name(f"{ready_path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"address": running.address, "pid": os.getpid(), "instance": settings.instance}))
         tmp.replace(ready_path)
     stop = asyncio.Event()
