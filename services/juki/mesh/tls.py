@@ -61,10 +61,13 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.enable_retries", 1),
     # Reconnect quickly after a peer restarts (the supervisor or Kubernetes brings it back within seconds):
     # gRPC's defaults wait 1 s after the first failed connection and back off to 120 s. Still jittered
-    # (±20 %) and exponential (x1.6), but from 100 ms and capped at 2 s.
+    # (±20 %) and exponential (x1.6), but from 100 ms and capped at 300 ms, so that a peer back after an
+    # outage of any length is reached within 0.36 s of its readiness (a cap of 2 s left callers of a
+    # restarted lookup or access log failing for 1.4 s after it was ready). A refused connection on the
+    # dedicated line costs next to nothing, so three attempts a second to a peer that is down are cheap.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_reconnect_backoff_ms", 300),
 )
 
 SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (

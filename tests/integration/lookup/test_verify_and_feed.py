@@ -159,7 +159,10 @@ async def test_change_feed_lists_watched_changes_after_a_resumable_cursor(mesh: 
     purpose = "B1-NATIONAL-MUTUAL-AID-PENSION"
     registered = await stub.RegisterWatch(lookup_pb2.RegisterWatchRequest(purpose=purpose, resident_codes=[watched]))
     again = await stub.RegisterWatch(lookup_pb2.RegisterWatchRequest(purpose=purpose, resident_codes=[watched]))
-    assert (registered.registered_count, again.registered_count, again.watched_count) == (1, 0, 1)
+    # The module's mesh is shared: another test may watch for kkr under this purpose too, so the count
+    # is compared with the first answer's, not with a constant (it once failed by test order).
+    assert (registered.registered_count, again.registered_count) == (1, 0)
+    assert again.watched_count == registered.watched_count >= 1
     start = await stub.ListChanges(lookup_pb2.ListChangesRequest(purpose=purpose))
     cursor = start.next_cursor
     await add_change(mesh.database, other, common_pb2.CHANGE_KIND_ADDRESS_CHANGE, dt.date(2024, 5, 1))
