@@ -5,7 +5,12 @@ This is the one privileged path of the access log. The service's own role can ne
 purge runs with the administrative database role (``juki audit purge``, or a scheduled Job in
 Kubernetes), holding the checkpoint signing key. In one transaction, under the writers' advisory lock:
 
-1. the log is verified first (a purge must not launder tampering);
+1. the log is verified first (a purge must not launder tampering): in full, or — given the tree state an
+   earlier verification reached (the auditor's, ``juki audit verify``'s state file) — incrementally, which
+   hashes only the records since that state; the records to drop are then recomputed on their own (their
+   chain from the previous anchor, each leaf against the tree's tiles) along with the first record kept,
+   which must chain from the new anchor. So a purge costs O(new records + dropped records + log n), never
+   a pass over the records it keeps;
 2. the partitions to drop are the months (``records_YYYYMM``, migration 0004) that end before the
    cut-off and whose records are a prefix of the log: every remaining record has a larger sequence (a
    month never holds an earlier record than the one before it unless clocks of replicas disagreed; the
@@ -30,7 +35,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from juki.accesslog import chain, notes, tiles
-from juki.accesslog.verify import DEFAULT_ORIGIN, verify_log
+from juki.accesslog.verify import DEFAULT_ORIGIN, TreeProgress, TreeState, verify_log, verify_range
 
 DEFAULT_RETENTION = dt.timedelta(days=7 * 365 + 2)  # 7 years, as prefectures keep provision records
 _MONTHLY = re.compile(r"records_(\d{4})(\d{2})")
@@ -43,6 +48,9 @@ class PurgeResult:
     problem: str = ""
     partitions: list[str] = field(default_factory=list)  # the records partitions dropped
     kept: str = ""  # why an older partition was kept, if one was
+    verification: str = ""  # "incremental" (from an earlier verification's tree state) or "full"
+    records_hashed: int = 0  # records whose hashes the purge recomputed: new ones, then dropped ones
+    tree: TreeProgress | None = None  # the verification's tree side (its state at the latest checkpoint)
 
 
 @dataclass(frozen=True)
@@ -77,12 +85,17 @@ async def purge(
     *,
     older_than: dt.datetime,
     origin: str = DEFAULT_ORIGIN,
+    resume: TreeState | None = None,
 ) -> PurgeResult:
     """Drop the monthly partitions that end before ``older_than`` and hold a prefix of the log, anchored
-    by a signed purge checkpoint. ``conn`` must be an administrative connection."""
-    verified = await verify_log(conn, verifier, schema=schema, origin=origin)
+    by a signed purge checkpoint. ``conn`` must be an administrative connection. ``resume``: the tree state
+    an earlier verification reached, to verify incrementally (None: the whole log)."""
+    verified = await verify_log(conn, verifier, schema=schema, origin=origin, resume=resume)
     if not verified.ok:
         return PurgeResult(0, 0, f"refusing to purge a log that does not verify: {verified.problem}")
+    tree = verified.tree
+    incremental = tree is not None and tree.resumed_from > 0
+    hashed = tree.records_hashed if tree is not None else verified.records_checked
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('juki-accesslog-writer:' || $1))", schema)
         partitions: list[_Partition] = []
@@ -107,6 +120,19 @@ async def purge(
                     " partition: kept until the whole prefix can go")
         anchor = max((p.last for p in chosen if p.last is not None), default=0)
         purged = 0
+        if anchor and incremental:
+            # The verification did not hash the records it had verified before: recompute those to drop,
+            # from the previous anchor, and the first one kept (it must chain from the new anchor).
+            previous = await conn.fetchrow(
+                f'SELECT sequence, chain_hash FROM "{schema}".checkpoints WHERE kind = \'purge\''
+                " ORDER BY sequence DESC LIMIT 1")
+            after, start = (int(previous["sequence"]), bytes(previous["chain_hash"])) if previous else (0, chain.GENESIS)
+            last = max((p.last for p in partitions if p.last is not None), default=anchor)
+            checked = await verify_range(conn, schema, after, start, min(anchor + 1, last))
+            hashed += checked.records_hashed
+            if checked.problem is not None:
+                return PurgeResult(0, 0, f"refusing to purge a log that does not verify: {checked.problem[1]}",
+                                   verification="incremental", records_hashed=hashed)
         if anchor:
             anchor_hash = bytes(await conn.fetchval(
                 f'SELECT chain_hash FROM "{schema}".records WHERE sequence = $1', anchor))
@@ -132,4 +158,5 @@ async def purge(
                 if name.removeprefix(f"{parent}_") in chosen_months:
                     await conn.execute(f'ALTER TABLE "{schema}"."{parent}" DETACH PARTITION "{schema}"."{name}"')
                     await conn.execute(f'DROP TABLE "{schema}"."{name}"')
-    return PurgeResult(purged, anchor, partitions=[p.name for p in chosen], kept=kept)
+    return PurgeResult(purged, anchor, partitions=[p.name for p in chosen], kept=kept,
+                       verification="incremental" if incremental else "full", records_hashed=hashed, tree=tree)

@@ -29,6 +29,12 @@ _ROWS_SQL = (
 )
 
 
+def record_bytes(row: asyncpg.Record) -> bytes:
+    """The canonical bytes of a stored record (a row of ``_ROWS_SQL``): what its chain and leaf hash cover."""
+    return chain.canonical_bytes(int(row["sequence"]), int(row["provided_us"]), int(row["recorded_us"]),
+                                 int(row["outcome"]), bytes(row["subject"]), bytes(row["payload"]))
+
+
 @dataclass(frozen=True)
 class TreeState:
     """What a verification reached: records 1..size verified, the tree's frontier and root at that
@@ -218,7 +224,6 @@ async def verify_log(
                     return result
 
         next_hash = chain.next_hash
-        canonical = chain.canonical_bytes
         leaf_hash = merkle.leaf_hash
         cursor_after = expected - 1
         completed: list[tuple[int, int, bytes]] = []  # nodes of tile levels the chunk completed
@@ -237,11 +242,8 @@ async def verify_log(
                 if sequence != expected:
                     result.fail(expected, f"record {expected} is missing or out of order (found {sequence} next)")
                     return result
-                record_bytes = canonical(
-                    sequence, int(row["provided_us"]), int(row["recorded_us"]), int(row["outcome"]),
-                    bytes(row["subject"]), bytes(row["payload"]),
-                )
-                computed = next_hash(previous, record_bytes)
+                canonical = record_bytes(row)
+                computed = next_hash(previous, canonical)
                 if computed != bytes(row["chain_hash"]):
                     result.fail(sequence, f"record {sequence} does not match its chain hash (altered, inserted or moved)")
                     return result
@@ -249,7 +251,7 @@ async def verify_log(
                     if cp.chain_hash != computed:
                         result.fail(sequence, f"checkpoint at sequence {sequence} does not match the recomputed chain")
                         return result
-                frontier.append(leaf_hash(record_bytes), keep)
+                frontier.append(leaf_hash(canonical), keep)
                 signed_root = roots.get(sequence)
                 if signed_root is not None and frontier.root() != signed_root:
                     result.fail(sequence, f"the signed tree checkpoint of size {sequence} does not match the"
@@ -289,6 +291,47 @@ async def verify_log(
                 return result
             tree.consistency_checked = True
     return result
+
+
+@dataclass(frozen=True)
+class RangeCheck:
+    """What :func:`verify_range` found: the first problem (sequence, what), records hashed, last chain hash."""
+
+    problem: tuple[int, str] | None
+    records_hashed: int
+    chain_hash: bytes
+
+
+async def verify_range(
+    conn: asyncpg.Connection, schema: str | None, after: int, previous: bytes, through: int, *, chunk: int = 20_000
+) -> RangeCheck:
+    """Records ``after + 1 .. through``: each present, chaining from ``previous`` (the chain hash of record
+    ``after``), and each leaf equal to the stored tree's level-0 tile hash. O(records in the range): what a
+    purge checks of the records it drops when an earlier verification already covered them (so that a
+    record altered since is caught before its evidence goes), and of the first record it keeps."""
+    table = f'"{schema}".records' if schema else "records"
+    expected, hashed = after + 1, 0
+    while expected <= through:
+        rows = await conn.fetch(_ROWS_SQL.format(table=table), expected - 1, min(chunk, through - expected + 1))
+        if not rows:
+            return RangeCheck((expected, f"record {expected} is missing"), hashed, previous)
+        leaves: list[tuple[int, int, bytes]] = []
+        for row in rows:
+            sequence = int(row["sequence"])
+            if sequence != expected:
+                return RangeCheck((expected, f"record {expected} is missing or out of order (found {sequence}"
+                                             " next)"), hashed, previous)
+            canonical = record_bytes(row)
+            computed = chain.next_hash(previous, canonical)
+            if computed != bytes(row["chain_hash"]):
+                return RangeCheck((sequence, f"record {sequence} does not match its chain hash (altered,"
+                                             " inserted or moved)"), hashed, previous)
+            leaves.append((0, sequence - 1, merkle.leaf_hash(canonical)))
+            previous, expected, hashed = computed, expected + 1, hashed + 1
+        problem = await _compare_tiles(conn, leaves, schema)
+        if problem:
+            return RangeCheck(problem, hashed, previous)
+    return RangeCheck(None, hashed, previous)
 
 
 async def _compare_tiles(

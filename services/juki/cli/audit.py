@@ -46,11 +46,7 @@ def register(sub: Any) -> None:
     verify.add_argument("--via-service", action="store_true",
                         help="ask the running access-log service (VerifyLog) instead of reading the database")
     verify.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    verify.add_argument("--full", action="store_true",
-                        help="recompute the whole log instead of continuing from the last verified checkpoint")
-    verify.add_argument("--state", type=Path,
-                        help="the auditor's state file (default: <data dir>/audit/<schema>.json)")
-    verify.add_argument("--origin", default=DEFAULT_ORIGIN, help=f"the log's origin (default {DEFAULT_ORIGIN})")
+    _add_state_options(verify)
     verify.set_defaults(func=cmd_verify)
 
     witness = asub.add_parser(
@@ -80,7 +76,17 @@ def register(sub: Any) -> None:
     purge_parser.add_argument("--older-than-days", type=float, default=DEFAULT_RETENTION.days,
                               help=f"retention period in days (default {DEFAULT_RETENTION.days}, 7 years)")
     purge_parser.add_argument("--signing-key", type=Path, help="checkpoint signing key (default: the mesh PKI's)")
+    _add_state_options(purge_parser)  # a purge verifies first, from the same state as `verify`
     purge_parser.set_defaults(func=cmd_purge)
+
+
+def _add_state_options(parser: argparse.ArgumentParser) -> None:
+    """The auditor's state, shared by ``verify`` and ``purge``: both continue from the last verified checkpoint."""
+    parser.add_argument("--full", action="store_true",
+                        help="recompute the whole log instead of continuing from the last verified checkpoint")
+    parser.add_argument("--state", type=Path,
+                        help="the auditor's state file (default: <data dir>/audit/<schema>.json)")
+    parser.add_argument("--origin", default=DEFAULT_ORIGIN, help=f"the log's origin (default {DEFAULT_ORIGIN})")
 
 
 def _add_database_options(parser: argparse.ArgumentParser) -> None:
@@ -232,17 +238,23 @@ async def cmd_purge(args: argparse.Namespace) -> int:
     url, ca, cert = _resolve(args)
     key = _signing_key(args)
     cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=args.older_than_days)
+    state_file = _state_file(args)
+    resume = None if args.full else _load_state(state_file, args.origin)
     conn = await asyncpg.connect(url)
     try:
         result = await purge(conn, args.schema, chain.Signer(Path(key)), chain.CheckpointVerifier(cert, ca),
-                             older_than=cutoff)
+                             older_than=cutoff, origin=args.origin, resume=resume)
     finally:
         await conn.close()
     if result.problem:
         print(f"error: {result.problem}", file=sys.stderr)
         return 1
+    tree = result.tree
+    if tree is not None and tree.at_latest is not None and tree.latest is not None:
+        _save_state(state_file, args.origin, tree.at_latest, tree.latest.note)
     print(json.dumps({"purged": result.purged, "anchor_sequence": result.anchor_sequence,
                       "cutoff": cutoff.isoformat(), "partitions_dropped": result.partitions,
+                      "verification": result.verification, "records_hashed": result.records_hashed,
                       **({"kept": result.kept} if result.kept else {})}))
     return 0
 
