@@ -82,18 +82,33 @@ class TreeProgress:
     cosignatures_checked: int = 0
 
 
-async def load_tree_checkpoints(conn: asyncpg.Connection, schema: str | None = None) -> list[StoredTreeCheckpoint]:
+def _checkpoints_table(schema: str | None) -> str:
+    return f'"{schema}".checkpoints' if schema else "checkpoints"
+
+
+async def load_tree_checkpoints(
+    conn: asyncpg.Connection, schema: str | None = None, from_size: int = 0
+) -> list[StoredTreeCheckpoint]:
+    """Signed tree checkpoints of size ``from_size`` or more (all by default), by size."""
     table = f'"{schema}".tree_checkpoints' if schema else "tree_checkpoints"
-    rows = await conn.fetch(f"SELECT tree_size, root_hash, note FROM {table} ORDER BY tree_size, signed_at_ns")
+    rows = await conn.fetch(f"SELECT tree_size, root_hash, note FROM {table} WHERE tree_size >= $1"
+                            " ORDER BY tree_size, signed_at_ns", from_size)
     return [StoredTreeCheckpoint(int(r["tree_size"]), bytes(r["root_hash"]), r["note"]) for r in rows]
 
 
-async def load_checkpoints(conn: asyncpg.Connection, schema: str | None = None) -> list[chain.StoredCheckpoint]:
-    table = f'"{schema}".checkpoints' if schema else "checkpoints"
-    rows = await conn.fetch(
-        f"SELECT sequence, chain_hash, signed_at_ns, signature, key_id, kind FROM {table}"
-        " ORDER BY sequence, signed_at_ns"
-    )
+async def load_checkpoints(
+    conn: asyncpg.Connection, schema: str | None = None, from_sequence: int = 0
+) -> list[chain.StoredCheckpoint]:
+    """Chain checkpoints at ``from_sequence`` or later (all by default), the latest one in any case, and every
+    purge anchor, by sequence."""
+    table = _checkpoints_table(schema)
+    columns = "sequence, chain_hash, signed_at_ns, signature, key_id, kind"
+    if from_sequence > 0:  # but never past the latest ordinary checkpoint (index reads, like all of these)
+        latest = await conn.fetchval(f"SELECT max(sequence) FROM {table} WHERE kind <> 'purge'")
+        from_sequence = min(from_sequence, int(latest)) if latest is not None else from_sequence
+    rows = [*await conn.fetch(f"SELECT {columns} FROM {table} WHERE kind = 'purge' AND sequence < $1", from_sequence),
+            *await conn.fetch(f"SELECT {columns} FROM {table} WHERE sequence >= $1", from_sequence)]
+    rows.sort(key=lambda r: (int(r["sequence"]), int(r["signed_at_ns"])))
     return [
         chain.StoredCheckpoint(int(r["sequence"]), bytes(r["chain_hash"]), int(r["signed_at_ns"]),
                                bytes(r["signature"]), r["key_id"], r["kind"])
@@ -127,12 +142,22 @@ async def verify_log(
     records_table = f'"{schema}".records' if schema else "records"
     note_verifier = verifier.note_verifier(origin)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        checkpoints = await load_checkpoints(conn, schema)
-        tree_checkpoints = await load_tree_checkpoints(conn, schema)
         bounds = await conn.fetchrow(f"SELECT min(sequence) AS first, max(sequence) AS last FROM {records_table}")
         first = int(bounds["first"]) if bounds["first"] is not None else 0
         last = int(bounds["last"]) if bounds["last"] is not None else 0
         result.first_sequence, result.last_sequence = first, last
+        # A resumed verification reads only the checkpoints from its state on (and every purge anchor):
+        # a log signs one every few seconds, millions over the years, which an earlier run checked. It
+        # resumes only while the log still starts right after its latest purge anchor (or at 1), so that
+        # a deleted first record, or a purge past the state, is caught by a run from the anchor.
+        if resume is not None:
+            anchor_at = await conn.fetchval(
+                f"SELECT coalesce(max(sequence), 0) FROM {_checkpoints_table(schema)} WHERE kind = 'purge'")
+            if not (resume.size >= anchor_at and first == anchor_at + 1):
+                resume = None
+        from_size = resume.size if resume is not None else 0
+        checkpoints = await load_checkpoints(conn, schema, from_size)
+        tree_checkpoints = await load_tree_checkpoints(conn, schema, from_size)
         stored_size = await tiles.tree_size(conn, schema)
 
         # Signatures first: a forged checkpoint is a problem whatever the records say.
@@ -154,8 +179,6 @@ async def verify_log(
         # two roots for one size are a fork. Those a resumed verification already covered are skipped.
         roots = tree.roots
         for tcp in tree_checkpoints:
-            if resume is not None and tcp.tree_size < resume.size:
-                continue
             try:
                 signed = note_verifier.verify_checkpoint(tcp.note)
             except notes.NoteError as exc:

@@ -224,6 +224,35 @@ async def test_audit_continues_from_the_last_verified_checkpoint(live_log: LiveL
     assert code == 1 and report["first_bad_sequence"] == 5, report
 
 
+async def test_an_incremental_audit_reads_only_the_checkpoints_since_its_state(
+    live_log: LiveLog, database: Any, ca: Any
+) -> None:
+    auditor = live_log.stub("operator", "demo-operator")
+    await filled(live_log)  # records 1..20, one checkpoint of each kind at 20
+    for seed in range(6):  # a log signs a checkpoint every few seconds: 6 more of each kind, 21..26
+        await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(codes(1, seed=60 + seed)[0])]))
+        await auditor.GetCheckpoint(accesslog_pb2.GetCheckpointRequest())
+    code, report = await audit(database, ca, live_log.schema, "--full")
+    assert code == 0 and (report["checkpoints_checked"], report["tree_checkpoints_checked"]) == (7, 7), report
+    await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(2, seed=70)]))
+    await auditor.GetCheckpoint(accesslog_pb2.GetCheckpointRequest())  # 28
+    code, report = await audit(database, ca, live_log.schema)
+    # The one at its state (26) and the new one: not the 6 before, which the full run checked.
+    assert code == 0 and report["mode"] == "incremental", report
+    assert (report["checkpoints_checked"], report["tree_checkpoints_checked"]) == (2, 2), report
+    # A signature damaged since, on a checkpoint before the state, is left to --full; one after it is not.
+    await admin_execute(database, f'UPDATE "{live_log.schema}".checkpoints SET signature = \'\\x{"00" * 64}\''
+                                  " WHERE sequence = 22")
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 0 and report["checkpoints_checked"] == 1, report  # the state moved to 28
+    code, report = await audit(database, ca, live_log.schema, "--full")
+    assert code == 1 and report["first_bad_sequence"] == 22 and "signature" in report["problem"], report
+    await admin_execute(database, f'UPDATE "{live_log.schema}".checkpoints SET signature = \'\\x{"00" * 64}\''
+                                  " WHERE sequence = 28")
+    code, report = await audit(database, ca, live_log.schema)
+    assert code == 1 and report["first_bad_sequence"] == 28 and "signature" in report["problem"], report
+
+
 async def test_an_altered_stored_tile_hash_is_named(live_log: LiveLog, database: Any, ca: Any) -> None:
     await filled(live_log)
     code, report = await audit(database, ca, live_log.schema)
