@@ -152,6 +152,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         self.last_verification: tuple[float, accesslog_pb2.VerifyLogResponse] | None = None
         self._reached: TreeState | None = None  # what the last good verification reached (tree frontier included)
         self._full_at: tuple[float, Any] | None = None  # when the last full verification succeeded
+        self._tiles = tiles.TileCache()  # interior nodes of complete upper tiles, for proofs
 
     async def _append(self, records: Any, batch_id: str, prefix: str) -> tuple[int, int]:
         if len(records) > MAX_BATCH_RECORDS:
@@ -294,7 +295,8 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
                 indices = [int(row["sequence"]) - 1 for row in rows[:size]]
                 sizes = [witnessed_size if i < witnessed_size else proof_size for i in indices]
                 proofs = await tiles.compute(
-                    conn, lambda node: [merkle.inclusion_proof(i, n, node) for i, n in zip(indices, sizes, strict=True)])
+                    conn, lambda node: [merkle.inclusion_proof(i, n, node) for i, n in zip(indices, sizes, strict=True)],
+                    cache=self._tiles)
         response = accesslog_pb2.ListProvisionsResponse()
         for position, row in enumerate(rows[:size]):
             record = accesslog_pb2.ProvisionRecord.FromString(row["payload"])
@@ -401,7 +403,8 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             first, second = since.tree_size, tree.tree_size
             async with self._pool.acquire() as conn:
                 response.consistency_proof.extend(
-                    await tiles.compute(conn, lambda node: merkle.consistency_proof(first, second, node)))
+                    await tiles.compute(conn, lambda node: merkle.consistency_proof(first, second, node),
+                                        cache=self._tiles))
         return response
 
     async def GetInclusionProof(
@@ -414,7 +417,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             raise invalid("leaf_index", "must be less than tree_size")
         async with self._pool.acquire() as conn:
             leaf, proof = await tiles.compute(
-                conn, lambda node: (node(0, index), merkle.inclusion_proof(index, size, node)))
+                conn, lambda node: (node(0, index), merkle.inclusion_proof(index, size, node)), cache=self._tiles)
         return accesslog_pb2.GetInclusionProofResponse(leaf_hash=leaf, inclusion_proof=proof)
 
     async def GetConsistencyProof(
@@ -427,7 +430,8 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         if first > second:
             raise invalid("first_size", "must not be larger than second_size")
         async with self._pool.acquire() as conn:
-            proof = await tiles.compute(conn, lambda node: merkle.consistency_proof(first, second, node))
+            proof = await tiles.compute(conn, lambda node: merkle.consistency_proof(first, second, node),
+                                        cache=self._tiles)
         return accesslog_pb2.GetConsistencyProofResponse(consistency_proof=proof)
 
     def _revoked_serials(self) -> frozenset[int]:

@@ -7,11 +7,19 @@ fragments in ``end_width`` order.
 
 Every read goes through :func:`compute`: the node ids a computation needs are listed first
 (juki.accesslog.merkle.nodes_needed), their tiles fetched in one query, then the computation runs.
+
+A node inside a tile (tree level 8L + j, j > 0) is the root of 2**j of its hashes, so a proof crossing a
+tile needs up to 255 hashes computed from it. A complete tile never changes, so its interior nodes are
+computed once, all together (its *pyramid*), and shared by every proof of the computation; a
+:class:`TileCache` keeps the pyramids of upper tiles (tile level 1 and above, one per 65,536 leaves, which
+every proof crosses) across calls of one serving process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import asyncpg
@@ -24,6 +32,8 @@ T = TypeVar("T")
 
 # (level, tile_index, end_width, hashes) as stored
 TileRow = tuple[int, int, int, bytes]
+# The interior of a complete tile: for j = 0..8, the 256 >> j node hashes of its level j, concatenated.
+Pyramid = tuple[bytes, ...]
 
 
 class TileError(Exception):
@@ -101,9 +111,23 @@ def assemble(level: int, tile_index: int, fragments: Iterable[tuple[int, bytes]]
     return hashes
 
 
-async def read_tiles(
-    conn: asyncpg.Connection, wanted: Iterable[tuple[int, int]], schema: str | None = None
-) -> dict[tuple[int, int], list[bytes]]:
+def concatenated(level: int, tile_index: int, fragments: Iterable[tuple[int, bytes]]) -> bytes:
+    """The hashes of one tile from its fragments, as one byte string (what proofs read: no split)."""
+    parts: list[bytes] = []
+    count = 0
+    for end_width, data in fragments:
+        start = end_width - len(data) // merkle.HASH_SIZE
+        if start != count:
+            raise TileError(f"tile {level}/{tile_index}: a fragment ending at {end_width} starts at {start},"
+                            f" after {count} hashes")
+        parts.append(data)
+        count = end_width
+    return b"".join(parts)
+
+
+async def _fragments(
+    conn: asyncpg.Connection, wanted: Iterable[tuple[int, int]], schema: str | None
+) -> dict[tuple[int, int], list[tuple[int, bytes]]]:
     keys = sorted(set(wanted))
     if not keys:
         return {}
@@ -116,31 +140,127 @@ async def read_tiles(
     grouped: dict[tuple[int, int], list[tuple[int, bytes]]] = {key: [] for key in keys}
     for row in rows:
         grouped[(int(row["level"]), int(row["tile_index"]))].append((int(row["end_width"]), bytes(row["hashes"])))
+    return grouped
+
+
+async def read_tiles(
+    conn: asyncpg.Connection, wanted: Iterable[tuple[int, int]], schema: str | None = None
+) -> dict[tuple[int, int], list[bytes]]:
+    grouped = await _fragments(conn, wanted, schema)
     return {key: assemble(key[0], key[1], fragments) for key, fragments in grouped.items()}
 
 
-def oracle(tiles: dict[tuple[int, int], list[bytes]]) -> merkle.NodeOracle:
-    """Node hashes computed from fetched tiles (each node from one tile)."""
+def pyramid(hashes: Sequence[bytes] | bytes) -> Pyramid:
+    """Every interior node of a complete tile (255 hashes), level by level. A node's two children are 64
+    consecutive bytes of the level below, hashed as they lie."""
+    sha256, prefix, pair = hashlib.sha256, b"\x01", 2 * merkle.HASH_SIZE
+    data = hashes if isinstance(hashes, bytes) else b"".join(hashes)
+    levels = [data]
+    while len(data) > merkle.HASH_SIZE:
+        data = b"".join([sha256(prefix + data[i:i + pair]).digest() for i in range(0, len(data), pair)])
+        levels.append(data)
+    return tuple(levels)
+
+
+class TileCache:
+    """Pyramids of complete upper tiles, kept across calls by one serving process (least recently used
+    first out). 16 KiB each: the default of 1,024 holds every upper tile of a log of 67 million leaves.
+    Only a server's proofs use it; audits read the stored tiles every time."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = capacity
+        self._pyramids: OrderedDict[tuple[int, int], Pyramid] = OrderedDict()
+        # Nodes of upper tiles still partial (the tree's right edge, which every proof to a recent size
+        # crosses): a perfect subtree's hash never changes once its leaves exist.
+        self.nodes: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[int, int]) -> Pyramid | None:
+        found = self._pyramids.get(key)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self._pyramids.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[int, int], value: Pyramid) -> None:
+        if key[0] < 1:  # level-0 tiles, one per 256 leaves, are read at random: they would flush the rest
+            return
+        self._pyramids[key] = value
+        self._pyramids.move_to_end(key)
+        while len(self._pyramids) > self.capacity:
+            self._pyramids.popitem(last=False)
+
+    def put_node(self, key: tuple[int, int], value: bytes) -> None:
+        self.nodes[key] = value
+        self.nodes.move_to_end(key)
+        while len(self.nodes) > 16 * self.capacity:
+            self.nodes.popitem(last=False)
+
+
+def oracle(
+    tiles: Mapping[tuple[int, int], Sequence[bytes] | bytes],
+    pyramids: dict[tuple[int, int], Pyramid] | None = None,
+    cache: TileCache | None = None,
+) -> merkle.NodeOracle:
+    """Node hashes from fetched tiles (each node from one tile; a tile's hashes as a list or as one byte
+    string): from the pyramid of a complete tile (built on first need, kept in ``pyramids`` and offered
+    to ``cache``), from a partial one by hashing (remembered, and offered to ``cache`` for upper tiles)."""
+    built = pyramids if pyramids is not None else {}
+    memo: dict[tuple[int, int], bytes] = {}
+    shared = cache.nodes if cache is not None else memo
+    size = merkle.HASH_SIZE
 
     def node(level: int, index: int) -> bytes:
         tile_level, tile_index, first, count = _tile_span(level, index)
-        hashes = tiles.get((tile_level, tile_index), [])[first:first + count]
-        if len(hashes) != count:
-            raise TileError(f"tile {tile_level}/{tile_index} lacks the hashes of node {level}/{index}")
-        while len(hashes) > 1:
-            hashes = [merkle.node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes), 2)]
-        return hashes[0]
+        key = (tile_level, tile_index)
+        j = level - tile_level * HEIGHT
+        levels = built.get(key)
+        if levels is None:
+            stored = tiles.get(key, b"")
+            width = len(stored) // size if isinstance(stored, bytes) else len(stored)
+            if width == WIDTH and j > 0:
+                levels = built[key] = pyramid(stored)
+                if cache is not None:
+                    cache.put(key, levels)
+            else:
+                known = memo.get((level, index)) or shared.get((level, index))
+                if known is not None:
+                    return known
+                if first + count > width:
+                    raise TileError(f"tile {tile_level}/{tile_index} lacks the hashes of node {level}/{index}")
+                if isinstance(stored, bytes):
+                    hashes = [stored[i * size:(i + 1) * size] for i in range(first, first + count)]
+                else:
+                    hashes = [stored[i] for i in range(first, first + count)]
+                while len(hashes) > 1:
+                    hashes = [merkle.node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes), 2)]
+                memo[(level, index)] = hashes[0]
+                if cache is not None and tile_level >= 1 and j > 0:
+                    cache.put_node((level, index), hashes[0])
+                return hashes[0]
+        at = (first >> j) * size
+        return levels[j][at:at + size]
 
     return node
 
 
 async def compute(
-    conn: asyncpg.Connection, computation: Callable[[merkle.NodeOracle], T], schema: str | None = None
+    conn: asyncpg.Connection, computation: Callable[[merkle.NodeOracle], T], schema: str | None = None,
+    cache: TileCache | None = None,
 ) -> T:
-    """Run a tree computation (a root, a proof, a frontier) on the stored tiles, reading them in one query."""
-    needed = merkle.nodes_needed(computation)
-    tiles = await read_tiles(conn, (_tile_span(level, index)[:2] for level, index in needed), schema)
-    return computation(oracle(tiles))
+    """Run a tree computation (a root, a proof, a frontier) on the stored tiles, reading them in one query
+    (the upper tiles ``cache`` holds are not read again)."""
+    wanted = {_tile_span(level, index)[:2] for level, index in merkle.nodes_needed(computation)}
+    pyramids: dict[tuple[int, int], Pyramid] = {}
+    if cache is not None:
+        for key in wanted:
+            if key[0] >= 1 and (found := cache.get(key)) is not None:
+                pyramids[key] = found
+    grouped = await _fragments(conn, wanted.difference(pyramids), schema)
+    tiles = {key: concatenated(key[0], key[1], fragments) for key, fragments in grouped.items()}
+    return computation(oracle(tiles, pyramids, cache))
 
 
 async def load_frontier(conn: asyncpg.Connection, size: int, schema: str | None = None) -> merkle.Frontier:

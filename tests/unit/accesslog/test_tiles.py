@@ -49,6 +49,12 @@ def test_a_gap_or_an_overlap_in_fragments_is_a_tile_error() -> None:
         tiles.assemble(0, 0, [(2, h * 2), (3, h * 2)])
     with pytest.raises(tiles.TileError):
         tiles.oracle({(0, 0): [h]})(1, 0)
+    assert tiles.concatenated(0, 0, [(2, h * 2), (3, h)]) == h * 3
+    for broken in ([(2, h * 2), (4, h)], [(2, h * 2), (3, h * 2)]):
+        with pytest.raises(tiles.TileError):
+            tiles.concatenated(0, 0, broken)
+    with pytest.raises(tiles.TileError):
+        tiles.oracle({(0, 0): h})(1, 0)
 
 
 def _mth(leaves: list[bytes]) -> bytes:
@@ -81,3 +87,36 @@ def test_extending_by_runs_builds_the_tree_and_fragments_of_appending_one_by_one
     assert (by_runs.size, by_runs.hashes) == (one_by_one.size, one_by_one.hashes)
     assert by_runs.root() == _mth(leaves)
     assert got.rows() == expected.rows()
+
+
+def test_a_pyramid_holds_every_perfect_subtree_of_its_tile() -> None:
+    leaves = [hashlib.sha256(i.to_bytes(2, "big")).digest() for i in range(tiles.WIDTH)]
+    levels = tiles.pyramid(leaves)
+    assert [len(level) // 32 for level in levels] == [256, 128, 64, 32, 16, 8, 4, 2, 1]
+    for j, level in enumerate(levels):
+        width = 1 << j
+        for k in {0, min(1, len(level) // 32 - 1), len(level) // 32 - 1}:
+            assert level[32 * k:32 * (k + 1)] == _mth(leaves[k * width:(k + 1) * width])
+
+
+def test_proofs_from_cached_upper_tiles_are_those_from_the_stored_tiles() -> None:
+    """A serving process keeps the pyramids of complete upper tiles across calls; each answer must be
+    the one computed from the stored tiles alone, and level-0 tiles must not crowd the cache."""
+    frontier, fragments = merkle.Frontier(), tiles.Fragments()
+    leaves = [merkle.leaf_hash(i.to_bytes(4, "big")) for i in range(200_000)]  # 3 level-1 tiles, one partial
+    frontier.extend(leaves, fragments.run)
+    stored = {(level, index): tiles.assemble(level, index, [(end, data)])
+              for level, index, end, data in fragments.rows()}
+    cache = tiles.TileCache(capacity=2)
+    rng = random.Random(3)
+    size = frontier.size
+    for _ in range(40):
+        index = rng.randrange(size)
+        plain = merkle.inclusion_proof(index, size, tiles.oracle(stored))
+        known = {key: found for key in stored if key[0] >= 1 and (found := cache.get(key)) is not None}
+        cached = merkle.inclusion_proof(index, size, tiles.oracle(  # tiles as read for proofs: one byte string
+            {key: b"".join(value) for key, value in stored.items() if key not in known}, known, cache))
+        assert cached == plain and merkle.verify_inclusion(leaves[index], index, size, cached, frontier.root())
+    assert cache.hits > 0 and cache.nodes  # the partial level-1 tile's nodes are remembered too
+    assert all(key[0] >= 1 for key in cache._pyramids) and len(cache._pyramids) <= 2
+    assert all(level >= tiles.HEIGHT for level, _ in cache.nodes)
