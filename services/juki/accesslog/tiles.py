@@ -170,8 +170,8 @@ class TileCache:
     def __init__(self, capacity: int = 1024) -> None:
         self.capacity = capacity
         self._pyramids: OrderedDict[tuple[int, int], Pyramid] = OrderedDict()
-        # Nodes of upper tiles still partial (the tree's right edge, which every proof to a recent size
-        # crosses): a perfect subtree's hash never changes once its leaves exist.
+        # Nodes of partial tiles (only the tree's right edge has them, and every proof to a recent size
+        # crosses it): a perfect subtree's hash never changes once its leaves exist.
         self.nodes: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self.hits = self.misses = 0
 
@@ -237,7 +237,7 @@ def oracle(
                 while len(hashes) > 1:
                     hashes = [merkle.node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes), 2)]
                 memo[(level, index)] = hashes[0]
-                if cache is not None and tile_level >= 1 and j > 0:
+                if cache is not None and j > 0:  # a node of a partial tile: only the right edge has them
                     cache.put_node((level, index), hashes[0])
                 return hashes[0]
         at = (first >> j) * size

@@ -152,6 +152,7 @@ async def measure(env: Any, args: argparse.Namespace, codes: list[str], pseudony
     grpc_ms: list[float] = []
     sql_ms: list[float] = []
     returned = verified = 0
+    page_sizes: list[int] = []
     failed: list[str] = []
     proof_hashes: list[int] = []
     try:
@@ -169,6 +170,7 @@ async def measure(env: Any, args: argparse.Namespace, codes: list[str], pseudony
             reply = await stub.ListProvisions(request, timeout=30)
             grpc_ms.append((time.perf_counter() - started) * 1000)
             returned += len(reply.provisions)
+            page_sizes.append(len(reply.provisions))
             # What the resident's verifier does with each provision (not timed: it runs on their side).
             for logged in reply.provisions:
                 proof_hashes.append(len(logged.inclusion_proof))
@@ -198,7 +200,18 @@ async def measure(env: Any, args: argparse.Namespace, codes: list[str], pseudony
         "proofs": True, "proof_tree_size": tree_size,
         "proofs_verified": verified, "proofs_failed": returned - verified, "proof_failures": failed,
         "inclusion_proof_hashes_max": max(proof_hashes, default=0),
+        # The tail is the residents with many provisions (pensioners): one proof, and one level-0 tile
+        # to hash, per provision shown.
+        "provisions_in_slowest_1pct": _slowest(grpc_ms, page_sizes),
+        "p99_ms_pages_of_10_or_fewer": round(percentile([ms for ms, n in zip(grpc_ms, page_sizes, strict=True)
+                                                         if n <= 10] or [0.0], 0.99), 3),
     }
+
+
+def _slowest(times: list[float], counts: list[int]) -> dict[str, float]:
+    """Provisions per answer among the slowest 1 % of answers, and among all."""
+    ranked = sorted(zip(times, counts, strict=True), reverse=True)[:max(1, len(times) // 100)]
+    return {"median": statistics.median(n for _, n in ranked), "all_median": statistics.median(counts or [0])}
 
 
 async def cmd_bench_disclose(args: argparse.Namespace) -> int:
