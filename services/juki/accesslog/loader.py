@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from juki.accesslog import chain, merkle, tiles
-from juki.accesslog.writer import HEAD_SQL, RECORD_COLUMNS, TILE_COLUMNS, PreparedRecord
+from juki.accesslog.writer import HEAD_SQL, RECORD_COLUMNS, PreparedRecord, copy_tiles
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,7 @@ async def load(
             frontier.extend(leaves, fragments.run)
             if rows:
                 await conn.copy_records_to_table("records", records=rows, columns=RECORD_COLUMNS, schema_name=schema)
-                await conn.copy_records_to_table("tiles", records=fragments.rows(), columns=TILE_COLUMNS,
-                                                 schema_name=schema)
+                await copy_tiles(conn, fragments, schema)
         loaded = Loaded(sequence, previous, frontier)
         if not batch:
             return loaded

@@ -296,7 +296,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
                 sizes = [witnessed_size if i < witnessed_size else proof_size for i in indices]
                 proofs = await tiles.compute(
                     conn, lambda node: [merkle.inclusion_proof(i, n, node) for i, n in zip(indices, sizes, strict=True)],
-                    cache=self._tiles)
+                    cache=self._tiles, middles=True)
         response = accesslog_pb2.ListProvisionsResponse()
         for position, row in enumerate(rows[:size]):
             record = accesslog_pb2.ProvisionRecord.FromString(row["payload"])
@@ -404,7 +404,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             async with self._pool.acquire() as conn:
                 response.consistency_proof.extend(
                     await tiles.compute(conn, lambda node: merkle.consistency_proof(first, second, node),
-                                        cache=self._tiles))
+                                        cache=self._tiles, middles=True))
         return response
 
     async def GetInclusionProof(
@@ -417,7 +417,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             raise invalid("leaf_index", "must be less than tree_size")
         async with self._pool.acquire() as conn:
             leaf, proof = await tiles.compute(
-                conn, lambda node: (node(0, index), merkle.inclusion_proof(index, size, node)), cache=self._tiles)
+                conn, lambda node: (node(0, index), merkle.inclusion_proof(index, size, node)), cache=self._tiles, middles=True)
         return accesslog_pb2.GetInclusionProofResponse(leaf_hash=leaf, inclusion_proof=proof)
 
     async def GetConsistencyProof(
@@ -431,7 +431,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             raise invalid("first_size", "must not be larger than second_size")
         async with self._pool.acquire() as conn:
             proof = await tiles.compute(conn, lambda node: merkle.consistency_proof(first, second, node),
-                                        cache=self._tiles)
+                                        cache=self._tiles, middles=True)
         return accesslog_pb2.GetConsistencyProofResponse(consistency_proof=proof)
 
     def _revoked_serials(self) -> frozenset[int]:

@@ -13,6 +13,11 @@ tile needs up to 255 hashes computed from it. A complete tile never changes, so 
 computed once, all together (its *pyramid*), and shared by every proof of the computation; a
 :class:`TileCache` keeps the pyramids of upper tiles (tile level 1 and above, one per 65,536 leaves, which
 every proof crosses) across calls of one serving process.
+
+Level-0 tiles are read at random (one per provision shown), so neither is cached: instead the writer
+stores each one's *middle*, the 16 hashes of tree level 4 under it (migration 0006), and a proof served
+to a reader computes a level-0 tile's nodes from the leaf's 16 hashes and the middle: 22 hashes instead
+of the 247 of a pyramid. Audits and the writer never read middles; audits recompute and compare them.
 """
 
 from __future__ import annotations
@@ -28,10 +33,14 @@ from juki.accesslog import merkle
 
 HEIGHT = 8
 WIDTH = 1 << HEIGHT
+MIDDLE = 4  # the tree level whose nodes are stored as each level-0 tile's middle
+MIDDLE_WIDTH = WIDTH >> MIDDLE  # 16 per level-0 tile
 T = TypeVar("T")
 
 # (level, tile_index, end_width, hashes) as stored
 TileRow = tuple[int, int, int, bytes]
+# (tile_index, end_width, hashes) of a level-0 tile's middle, as stored
+MiddleRow = tuple[int, int, bytes]
 # The interior of a complete tile: for j = 0..8, the 256 >> j node hashes of its level j, concatenated.
 Pyramid = tuple[bytes, ...]
 
@@ -40,46 +49,60 @@ class TileError(Exception):
     """The stored tiles do not hold a hash they must hold (a gap or an overlap): damaged storage."""
 
 
-def _table(schema: str | None) -> str:
-    return f'"{schema}".tiles' if schema else "tiles"
+def _table(schema: str | None, name: str = "tiles") -> str:
+    return f'"{schema}".{name}' if schema else name
+
+
+def _collect(into: dict[T, tuple[int, list[bytes]]], key: T, offset: int, values: Sequence[bytes]) -> None:
+    """Add a run of hashes at ``offset`` of the tile ``key`` (runs of one tile arrive in index order)."""
+    found = into.get(key)
+    if found is None:
+        into[key] = (offset, list(values))
+    else:
+        found[1].extend(values)
+
+
+def _collect_run(
+    into: dict[T, tuple[int, list[bytes]]], shift: int, key: Callable[[int], T], index: int, values: Sequence[bytes]
+) -> None:
+    """Add a run of one level's nodes from ``index`` to tiles of ``2**shift`` hashes, split where a tile ends."""
+    width, count, done = 1 << shift, len(values), 0
+    while done < count:
+        tile, offset = index >> shift, index & (width - 1)
+        take = min(count - done, width - offset)
+        _collect(into, key(tile), offset, values[done:done + take])
+        done += take
+        index += take
 
 
 class Fragments:
-    """Collects the nodes a group commit completes and turns those of tile levels into fragment rows."""
+    """Collects the nodes a group commit completes and turns those of tile levels into fragment rows, and
+    those of tree level 4 into level-0 tiles' middles."""
 
     def __init__(self) -> None:
         self._by_tile: dict[tuple[int, int], tuple[int, list[bytes]]] = {}
+        self._middles: dict[int, tuple[int, list[bytes]]] = {}
 
     def __call__(self, level: int, index: int, value: bytes) -> None:
         """``merkle.Frontier.append``'s ``completed`` callback."""
-        if level % HEIGHT:
-            return
-        key = (level // HEIGHT, index >> HEIGHT)
-        found = self._by_tile.get(key)
-        if found is None:
-            self._by_tile[key] = (index & (WIDTH - 1), [value])
-        else:
-            found[1].append(value)  # nodes of one level complete in index order
+        if level == MIDDLE:
+            _collect(self._middles, index >> MIDDLE, index & (MIDDLE_WIDTH - 1), (value,))
+        elif level % HEIGHT == 0:
+            _collect(self._by_tile, (level // HEIGHT, index >> HEIGHT), index & (WIDTH - 1), (value,))
 
     def run(self, level: int, index: int, values: Sequence[bytes]) -> None:
         """``merkle.Frontier.extend``'s ``completed`` callback: a run of one level's nodes from ``index``."""
-        if level % HEIGHT or not values:
-            return
-        tile_level, count, done = level // HEIGHT, len(values), 0
-        while done < count:
-            tile, offset = index >> HEIGHT, index & (WIDTH - 1)
-            take = min(count - done, WIDTH - offset)
-            found = self._by_tile.get((tile_level, tile))
-            if found is None:
-                self._by_tile[(tile_level, tile)] = (offset, list(values[done:done + take]))
-            else:
-                found[1].extend(values[done:done + take])
-            done += take
-            index += take
+        if level == MIDDLE:
+            _collect_run(self._middles, MIDDLE, lambda tile: tile, index, values)
+        elif level % HEIGHT == 0:
+            _collect_run(self._by_tile, HEIGHT, lambda tile: (level // HEIGHT, tile), index, values)
 
     def rows(self) -> list[TileRow]:
         return [(level, tile, start + len(hashes), b"".join(hashes))
                 for (level, tile), (start, hashes) in sorted(self._by_tile.items())]
+
+    def middle_rows(self) -> list[MiddleRow]:
+        return [(tile, start + len(hashes), b"".join(hashes)) for tile, (start, hashes) in sorted(self._middles.items())]
 
 
 async def tree_size(conn: asyncpg.Connection, schema: str | None = None) -> int:
@@ -125,28 +148,60 @@ def concatenated(level: int, tile_index: int, fragments: Iterable[tuple[int, byt
     return b"".join(parts)
 
 
+def whole_prefix(fragments: Iterable[tuple[int, bytes]]) -> bytes:
+    """A middle from its fragments (by end_width), as far as they run without a gap or overlap: a middle
+    only spares hashing, so a damaged one is used as far as it is whole (an audit names the damage)."""
+    parts: list[bytes] = []
+    count = 0
+    for end_width, data in fragments:
+        if end_width - len(data) // merkle.HASH_SIZE != count:
+            break
+        parts.append(data)
+        count = end_width
+    return b"".join(parts)
+
+
 async def _fragments(
-    conn: asyncpg.Connection, wanted: Iterable[tuple[int, int]], schema: str | None
-) -> dict[tuple[int, int], list[tuple[int, bytes]]]:
+    conn: asyncpg.Connection, wanted: Iterable[tuple[int, int]], schema: str | None,
+    middles: Iterable[int] = (),
+) -> tuple[dict[tuple[int, int], list[tuple[int, bytes]]], dict[int, list[tuple[int, bytes]]]]:
+    """The fragments of the ``wanted`` tiles, and of the middles of the level-0 tiles ``middles``: one query."""
     keys = sorted(set(wanted))
-    if not keys:
-        return {}
-    rows = await conn.fetch(
-        f"SELECT t.level, t.tile_index, t.end_width, t.hashes FROM {_table(schema)} t"
-        " JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, tile_index)"
-        " ON t.level = w.level AND t.tile_index = w.tile_index ORDER BY t.level, t.tile_index, t.end_width",
-        [k[0] for k in keys], [k[1] for k in keys],
-    )
+    middle_keys = sorted(set(middles))
+    if not keys and not middle_keys:
+        return {}, {}
+    sql = (f"SELECT t.level, t.tile_index, t.end_width, t.hashes FROM {_table(schema)} t"
+           " JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, tile_index)"
+           " ON t.level = w.level AND t.tile_index = w.tile_index")
+    args: list[object] = [[k[0] for k in keys], [k[1] for k in keys]]
+    if middle_keys:  # level -1 marks a middle's rows
+        sql += (f" UNION ALL SELECT -1, m.tile_index, m.end_width, m.hashes FROM {_table(schema, 'tile_middles')} m"
+                " WHERE m.tile_index = ANY($3::bigint[])")
+        args.append(middle_keys)
+    rows = await conn.fetch(sql + " ORDER BY 1, 2, 3", *args)
     grouped: dict[tuple[int, int], list[tuple[int, bytes]]] = {key: [] for key in keys}
+    middle_grouped: dict[int, list[tuple[int, bytes]]] = {}
     for row in rows:
-        grouped[(int(row["level"]), int(row["tile_index"]))].append((int(row["end_width"]), bytes(row["hashes"])))
-    return grouped
+        fragment = (int(row["end_width"]), bytes(row["hashes"]))
+        if row["level"] < 0:
+            middle_grouped.setdefault(int(row["tile_index"]), []).append(fragment)
+        else:
+            grouped[(int(row["level"]), int(row["tile_index"]))].append(fragment)
+    return grouped, middle_grouped
+
+
+async def read_middles(
+    conn: asyncpg.Connection, tile_indexes: Iterable[int], schema: str | None = None
+) -> dict[int, bytes]:
+    """The stored middles of level-0 tiles, each as far as it is whole (see :func:`whole_prefix`)."""
+    _, grouped = await _fragments(conn, (), schema, tile_indexes)
+    return {key: whole_prefix(fragments) for key, fragments in grouped.items()}
 
 
 async def read_tiles(
     conn: asyncpg.Connection, wanted: Iterable[tuple[int, int]], schema: str | None = None
 ) -> dict[tuple[int, int], list[bytes]]:
-    grouped = await _fragments(conn, wanted, schema)
+    grouped, _ = await _fragments(conn, wanted, schema)
     return {key: assemble(key[0], key[1], fragments) for key, fragments in grouped.items()}
 
 
@@ -203,64 +258,81 @@ def oracle(
     tiles: Mapping[tuple[int, int], Sequence[bytes] | bytes],
     pyramids: dict[tuple[int, int], Pyramid] | None = None,
     cache: TileCache | None = None,
+    middles: Mapping[int, bytes] | None = None,
 ) -> merkle.NodeOracle:
     """Node hashes from fetched tiles (each node from one tile; a tile's hashes as a list or as one byte
     string): from the pyramid of a complete tile (built on first need, kept in ``pyramids`` and offered
-    to ``cache``), from a partial one by hashing (remembered, and offered to ``cache`` for upper tiles)."""
+    to ``cache``), from a partial one by hashing (remembered, and offered to ``cache`` for upper tiles).
+    A level-0 tile with a middle in ``middles`` has no pyramid built: its nodes below tree level 4 are
+    hashed from at most 8 of its hashes, those above from at most 8 of the middle's."""
     built = pyramids if pyramids is not None else {}
     memo: dict[tuple[int, int], bytes] = {}
     shared = cache.nodes if cache is not None else memo
+    middle_of = middles if middles is not None else {}
     size = merkle.HASH_SIZE
+
+    def reduce(hashes: list[bytes]) -> bytes:
+        while len(hashes) > 1:
+            hashes = [merkle.node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes), 2)]
+        return hashes[0]
 
     def node(level: int, index: int) -> bytes:
         tile_level, tile_index, first, count = _tile_span(level, index)
         key = (tile_level, tile_index)
         j = level - tile_level * HEIGHT
         levels = built.get(key)
-        if levels is None:
-            stored = tiles.get(key, b"")
-            width = len(stored) // size if isinstance(stored, bytes) else len(stored)
-            if width == WIDTH and j > 0:
-                levels = built[key] = pyramid(stored)
-                if cache is not None:
-                    cache.put(key, levels)
-            else:
-                known = memo.get((level, index)) or shared.get((level, index))
-                if known is not None:
-                    return known
-                if first + count > width:
-                    raise TileError(f"tile {tile_level}/{tile_index} lacks the hashes of node {level}/{index}")
-                if isinstance(stored, bytes):
-                    hashes = [stored[i * size:(i + 1) * size] for i in range(first, first + count)]
-                else:
-                    hashes = [stored[i] for i in range(first, first + count)]
-                while len(hashes) > 1:
-                    hashes = [merkle.node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes), 2)]
-                memo[(level, index)] = hashes[0]
-                if cache is not None and j > 0:  # a node of a partial tile: only the right edge has them
-                    cache.put_node((level, index), hashes[0])
-                return hashes[0]
-        at = (first >> j) * size
-        return levels[j][at:at + size]
+        if levels is not None:
+            at = (first >> j) * size
+            return levels[j][at:at + size]
+        known = memo.get((level, index)) or shared.get((level, index))
+        if known is not None:
+            return known
+        stored = tiles.get(key, b"")
+        width = len(stored) // size if isinstance(stored, bytes) else len(stored)
+        middle = middle_of.get(tile_index, b"") if tile_level == 0 else b""
+        if middle and j >= MIDDLE and (first + count) >> MIDDLE <= len(middle) // size:
+            at = (first >> MIDDLE) * size
+            value = reduce([middle[i:i + size] for i in range(at, at + (count >> MIDDLE) * size, size)])
+            memo[(level, index)] = value
+            return value
+        if width == WIDTH and j > 0 and not (middle and j < MIDDLE):
+            levels = built[key] = pyramid(stored)
+            if cache is not None:
+                cache.put(key, levels)
+            at = (first >> j) * size
+            return levels[j][at:at + size]
+        if first + count > width:
+            raise TileError(f"tile {tile_level}/{tile_index} lacks the hashes of node {level}/{index}")
+        if isinstance(stored, bytes):
+            value = reduce([stored[i * size:(i + 1) * size] for i in range(first, first + count)])
+        else:
+            value = reduce([stored[i] for i in range(first, first + count)])
+        memo[(level, index)] = value
+        if cache is not None and j > 0 and width < WIDTH:  # a node of a partial tile: only the right edge has them
+            cache.put_node((level, index), value)
+        return value
 
     return node
 
 
 async def compute(
     conn: asyncpg.Connection, computation: Callable[[merkle.NodeOracle], T], schema: str | None = None,
-    cache: TileCache | None = None,
+    cache: TileCache | None = None, *, middles: bool = False,
 ) -> T:
     """Run a tree computation (a root, a proof, a frontier) on the stored tiles, reading them in one query
-    (the upper tiles ``cache`` holds are not read again)."""
+    (the upper tiles ``cache`` holds are not read again). ``middles``: also read the level-0 tiles' middles
+    and compute from them (proofs served to readers; the writer and audits compute from the tiles alone)."""
     wanted = {_tile_span(level, index)[:2] for level, index in merkle.nodes_needed(computation)}
     pyramids: dict[tuple[int, int], Pyramid] = {}
     if cache is not None:
         for key in wanted:
             if key[0] >= 1 and (found := cache.get(key)) is not None:
                 pyramids[key] = found
-    grouped = await _fragments(conn, wanted.difference(pyramids), schema)
+    grouped, middle_grouped = await _fragments(
+        conn, wanted.difference(pyramids), schema, [key[1] for key in wanted if key[0] == 0] if middles else ())
     tiles = {key: concatenated(key[0], key[1], fragments) for key, fragments in grouped.items()}
-    return computation(oracle(tiles, pyramids, cache))
+    found_middles = {key: whole_prefix(fragments) for key, fragments in middle_grouped.items()}
+    return computation(oracle(tiles, pyramids, cache, found_middles))
 
 
 async def load_frontier(conn: asyncpg.Connection, size: int, schema: str | None = None) -> merkle.Frontier:

@@ -249,10 +249,10 @@ async def verify_log(
         next_hash = chain.next_hash
         leaf_hash = merkle.leaf_hash
         cursor_after = expected - 1
-        completed: list[tuple[int, int, bytes]] = []  # nodes of tile levels the chunk completed
+        completed: list[tuple[int, int, bytes]] = []  # nodes of tile levels (and middles) the chunk completed
 
         def keep(level: int, index: int, value: bytes) -> None:
-            if level % tiles.HEIGHT == 0:
+            if level % tiles.HEIGHT == 0 or level == tiles.MIDDLE:
                 completed.append((level, index, value))
 
         while True:
@@ -360,12 +360,25 @@ async def verify_range(
 async def _compare_tiles(
     conn: asyncpg.Connection, completed: list[tuple[int, int, bytes]], schema: str | None
 ) -> tuple[int, str] | None:
-    """The first stored tile hash that differs from the recomputed node: (sequence, problem)."""
+    """The first stored tile hash that differs from the recomputed node: (sequence, problem). A level-0
+    tile's middle must match where it is stored (a log written before middles has none for its older
+    tiles, and proofs then compute from the tile)."""
     if not completed:
         return None
     stored = await tiles.read_tiles(conn, {(level // tiles.HEIGHT, index >> tiles.HEIGHT)
-                                           for level, index, _ in completed}, schema)
+                                           for level, index, _ in completed if level != tiles.MIDDLE}, schema)
+    middles = await tiles.read_middles(conn, {index >> tiles.MIDDLE for level, index, _ in completed
+                                              if level == tiles.MIDDLE}, schema)
+    size = merkle.HASH_SIZE
     for level, index, value in completed:
+        if level == tiles.MIDDLE:
+            middle = middles.get(index >> tiles.MIDDLE, b"")
+            at = (index & (tiles.MIDDLE_WIDTH - 1)) * size
+            if at < len(middle) and middle[at:at + size] != value:
+                last_sequence = (index + 1) << level
+                return last_sequence, (f"the stored middle hash of tree node {level}/{index} (records up to"
+                                       f" {last_sequence}) does not match the records")
+            continue
         hashes = stored.get((level // tiles.HEIGHT, index >> tiles.HEIGHT), [])
         position = index & (tiles.WIDTH - 1)
         found = hashes[position] if position < len(hashes) else None

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 
@@ -43,10 +44,26 @@ HEAD_SQL = (
 )
 RECORD_COLUMNS = ("sequence", "subject", "provided_at", "recorded_at", "outcome", "payload", "chain_hash")
 TILE_COLUMNS = ("level", "tile_index", "end_width", "hashes")
+MIDDLE_COLUMNS = ("tile_index", "end_width", "hashes")
+# The fragments of the tiles and of the level-0 tiles' middles a group extends: one statement.
 TILES_INSERT = (
-    "INSERT INTO tiles (level, tile_index, end_width, hashes)"
-    " SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::smallint[], $4::bytea[])"
+    "WITH tile_rows AS (INSERT INTO tiles (level, tile_index, end_width, hashes)"
+    " SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::smallint[], $4::bytea[]))"
+    " INSERT INTO tile_middles (tile_index, end_width, hashes)"
+    " SELECT * FROM unnest($5::bigint[], $6::smallint[], $7::bytea[])"
 )
+
+
+def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as ``width`` column lists (for a statement over ``unnest`` of arrays)."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
+
+async def copy_tiles(conn: asyncpg.Connection, fragments: tiles.Fragments, schema: str) -> None:
+    """The tile and middle fragments a large append made, by COPY (the bulk paths)."""
+    await conn.copy_records_to_table("tiles", records=fragments.rows(), columns=TILE_COLUMNS, schema_name=schema)
+    await conn.copy_records_to_table("tile_middles", records=fragments.middle_rows(), columns=MIDDLE_COLUMNS,
+                                     schema_name=schema)
 
 
 # PostgreSQL counts timestamps in microseconds since 2000-01-01; Unix since 1970-01-01.
@@ -133,6 +150,7 @@ class _Built:
     base_frontier: merkle.Frontier = field(default_factory=merkle.Frontier)
     end_frontier: merkle.Frontier = field(default_factory=merkle.Frontier)
     tile_rows: list[tiles.TileRow] = field(default_factory=list)
+    middle_rows: list[tiles.MiddleRow] = field(default_factory=list)
 
 
 @dataclass
@@ -221,8 +239,7 @@ class LogWriter:
                     frontier.append(merkle.leaf_hash(chain.canonical_bytes(
                         int(r["sequence"]), r["provided_at"], r["recorded_at"], int(r["outcome"]),
                         bytes(r["subject"]), bytes(r["payload"]))), fragments)
-                await conn.copy_records_to_table("tiles", records=fragments.rows(), columns=TILE_COLUMNS,
-                                                 schema_name=self._schema)
+                await copy_tiles(conn, fragments, self._schema)
                 log.info("added %d records to the Merkle tree (now %d leaves)", len(rows), frontier.size)
                 size = frontier.size
         return await tiles.load_frontier(conn, sequence)
@@ -334,7 +351,7 @@ class LogWriter:
                 built.new_batches.append((item.batch_id, ack.first_sequence, ack.count, recorded_us))
         frontier.extend(leaves, fragments.run)  # the group's leaves onto the tree, a level at a time
         built.end_sequence, built.end_hash = sequence, previous
-        built.end_frontier, built.tile_rows = frontier, fragments.rows()
+        built.end_frontier, built.tile_rows, built.middle_rows = frontier, fragments.rows(), fragments.middle_rows()
         return built
 
     async def _commit(self, group: list[_Pending], built: _Built) -> None:
@@ -364,7 +381,7 @@ class LogWriter:
                 )
             if built.tile_rows:
                 # A few rows per group (one fragment per tile touched): one INSERT of arrays, not a COPY.
-                await conn.execute(TILES_INSERT, *(list(column) for column in zip(*built.tile_rows, strict=True)))
+                await conn.execute(TILES_INSERT, *columns(built.tile_rows, 4), *columns(built.middle_rows, 3))
             if built.new_batches:
                 await conn.copy_records_to_table(
                     "batches", records=built.new_batches,

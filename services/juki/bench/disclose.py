@@ -241,13 +241,15 @@ async def cmd_bench_disclose(args: argparse.Namespace) -> int:
                 "SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0)::bigint FROM pg_inherits"
                 " WHERE inhparent = 'accesslog.records'::regclass")
             tiles_size = await conn.fetchval("SELECT pg_total_relation_size('accesslog.tiles')")
+            middles_size = await conn.fetchval("SELECT pg_total_relation_size('accesslog.tile_middles')")
         finally:
             await conn.close()
         figures: dict[str, Any] = {
             "bench": "disclose", "log_records": head, "population": args.population, "runs": args.runs,
             "page_size": args.page_size, "fill_seconds": round(fill_seconds, 1),
             "fill_records_per_s": round(head / fill_seconds) if fill_seconds else 0,
-            "table_bytes": size, "tiles_bytes": tiles_size, "goal_p99_ms": GOAL_P99_MS,
+            "table_bytes": size, "tiles_bytes": tiles_size,
+            "middles_bytes": middles_size, "goal_p99_ms": GOAL_P99_MS,
         }
         figures.update(await measure(env, args, codes, pseudonym_key, head, root))
         figures["within_goal"] = figures["p99_ms"] <= GOAL_P99_MS and figures["proofs_failed"] == 0

@@ -403,7 +403,8 @@ async def test_a_log_written_before_the_tree_existed_gets_its_tiles_at_start(liv
     await live_log.stub().Append(accesslog_pb2.AppendRequest(records=[provision(c) for c in codes(300, seed=3)]))
     admin = await database.admin()
     try:
-        await admin.execute(f'DELETE FROM "{live_log.schema}".tiles')  # as before migration 0002
+        for table in ("tiles", "tile_middles"):  # as before migration 0002
+            await admin.execute(f'DELETE FROM "{live_log.schema}".{table}')
     finally:
         await admin.close()
     restarted = create(live_log.settings)

@@ -25,4 +25,6 @@ async def test_bench_audit_reports_incremental_audit_and_proof_sizes() -> None:
     assert figures["proofs"][0]["inclusion_proof_hashes_max"] <= 10
     assert figures["proofs"][1]["inclusion_proof_hashes_max"] <= 12
     assert figures["proofs"][1]["consistency_proof_hashes_max"] <= 13
+    # the proofs as served (from the level-0 tiles' middles) are the proofs from the tiles alone
+    assert [p["served_proofs_differing"] for p in figures["proofs"]] == [0, 0]
     assert "incremental_seconds" in figures and "fill_records_per_s" in figures

@@ -182,7 +182,9 @@ async def test_a_log_made_before_partitions_migrates_with_its_rows(
 
     instance = f"accesslog-t{uuid.uuid4().hex[:10]}"
     real = db.load_migrations
-    monkeypatch.setattr(db, "load_migrations", lambda package: real(package)[:3])
+    # migrations 1-3, and the middles table today's loader writes (0006, independent of 4 and 5)
+    monkeypatch.setattr(db, "load_migrations",
+                        lambda package: [m for m in real(package) if m.version <= 3 or m.name == "tile_middles"])
     await db.migrate(database.admin_url, [db.MigrationTarget("accesslog", instance)])
     schema = db.schema_name(instance)
     conn = await asyncpg.connect(database.admin_url)

@@ -270,6 +270,35 @@ async def test_an_altered_stored_tile_hash_is_named(live_log: LiveLog, database:
     assert code == 1 and report["first_bad_sequence"] == 8 and "tile hash of record 8" in report["problem"], report
 
 
+async def test_an_altered_stored_middle_is_named_and_never_yields_a_proof_that_verifies(
+    live_log: LiveLog, database: Any, ca: Any
+) -> None:
+    """The middle of a level-0 tile (its tree-level-4 nodes, which proofs served to readers use) is held
+    to the records like the tiles: a full audit names the altered node, and a proof through it fails."""
+    from juki.accesslog import merkle, notes
+
+    await filled(live_log)
+    operator = live_log.stub("operator", "demo-operator")
+    signed = notes.parse_checkpoint(notes.split_note(
+        (await operator.GetCheckpoint(accesslog_pb2.GetCheckpointRequest())).tree_checkpoint)[0])
+    size, root = signed.tree_size, signed.root_hash
+    assert size == 20
+    request = accesslog_pb2.GetInclusionProofRequest(leaf_index=17, tree_size=size)
+    before = await operator.GetInclusionProof(request)
+    assert merkle.verify_inclusion(before.leaf_hash, 17, size, list(before.inclusion_proof), root)
+    # Node 4/0 (the root of records 1..16) is the middle's first hash, and a sibling on record 18's path.
+    await admin_execute(
+        database,
+        f'UPDATE "{live_log.schema}".tile_middles SET hashes = overlay(hashes placing \'\\x{"cd" * 32}\'::bytea'
+        f" from 1 for 32) WHERE tile_index = 0 AND end_width = 1",
+    )
+    after = await operator.GetInclusionProof(request)
+    assert not merkle.verify_inclusion(after.leaf_hash, 17, size, list(after.inclusion_proof), root)
+    code, report = await audit(database, ca, live_log.schema, "--full")
+    assert code == 1 and report["first_bad_sequence"] == 16, report
+    assert "middle hash of tree node 4/0 (records up to 16)" in report["problem"], report
+
+
 async def test_a_forked_tree_two_roots_for_one_size_is_detected(live_log: LiveLog, database: Any, ca: Any) -> None:
     from juki.accesslog import notes
 
