@@ -19,6 +19,8 @@ EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 # hash of the perfect subtree at (level, index)
 NodeOracle = Callable[[int, int], bytes]
+# hashes of ranges (start, end) that are not perfect subtrees, shared by computations on one tree
+RangeMemo = dict[tuple[int, int], bytes]
 
 
 class ProofError(ValueError):
@@ -38,12 +40,13 @@ def _split(size: int) -> int:
     return 1 << ((size - 1).bit_length() - 1)
 
 
-def subtree_hash(start: int, end: int, node: NodeOracle) -> bytes:
+def subtree_hash(start: int, end: int, node: NodeOracle, memo: RangeMemo | None = None) -> bytes:
     """MTH(D[start:end]) for a range on the right edge of an aligned subtree (as proofs need them).
 
     A perfect aligned range is one node; otherwise it splits at the largest power of two, whose left
     part is perfect and aligned because ``start`` is a multiple of that power (true of every range the
-    RFC 9162 recursions produce).
+    RFC 9162 recursions produce). ``memo`` keeps the hashes of such split ranges for later calls on the
+    same tree: every proof into one tree size crosses the same right edge.
     """
     size = end - start
     if size <= 0:
@@ -53,15 +56,20 @@ def subtree_hash(start: int, end: int, node: NodeOracle) -> bytes:
         if start % size:
             raise ProofError(f"range {start}..{end} is not aligned")
         return node(level, start >> level)
+    if memo is not None and (found := memo.get((start, end))) is not None:
+        return found
     k = _split(size)
-    return node_hash(subtree_hash(start, start + k, node), subtree_hash(start + k, end, node))
+    value = node_hash(subtree_hash(start, start + k, node, memo), subtree_hash(start + k, end, node, memo))
+    if memo is not None:
+        memo[(start, end)] = value
+    return value
 
 
 def root(size: int, node: NodeOracle) -> bytes:
     return EMPTY_ROOT if size == 0 else subtree_hash(0, size, node)
 
 
-def inclusion_proof(index: int, size: int, node: NodeOracle) -> list[bytes]:
+def inclusion_proof(index: int, size: int, node: NodeOracle, memo: RangeMemo | None = None) -> list[bytes]:
     """PATH(index, D[0:size]) of RFC 9162 §2.1.3.1, nearest sibling first."""
     if size <= 0 or not 0 <= index < size:
         raise ProofError(f"leaf {index} is not in a tree of size {size}")
@@ -71,13 +79,20 @@ def inclusion_proof(index: int, size: int, node: NodeOracle) -> list[bytes]:
     while end - start > 1:
         k = _split(end - start)
         if index < start + k:
-            proof.append(subtree_hash(start + k, end, node))
+            proof.append(subtree_hash(start + k, end, node, memo))
             end = start + k
         else:
             proof.append(subtree_hash(start, start + k, node))
             start += k
     proof.reverse()
     return proof
+
+
+def inclusion_proofs(wanted: Sequence[tuple[int, int]], node: NodeOracle) -> list[list[bytes]]:
+    """The inclusion proofs of many (index, size) pairs, as :func:`inclusion_proof` one by one, with the
+    right-edge ranges they share hashed once (a page of disclosed provisions, all proven into one tree)."""
+    memo: RangeMemo = {}
+    return [inclusion_proof(index, size, node, memo) for index, size in wanted]
 
 
 def consistency_proof(first: int, second: int, node: NodeOracle) -> list[bytes]:

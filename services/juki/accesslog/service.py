@@ -153,6 +153,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
         self._reached: TreeState | None = None  # what the last good verification reached (tree frontier included)
         self._full_at: tuple[float, Any] | None = None  # when the last full verification succeeded
         self._tiles = tiles.TileCache()  # interior nodes of complete upper tiles, for proofs
+        self._tree_seen = 0  # the largest tree size read from the tiles: the tree only grows
 
     async def _append(self, records: Any, batch_id: str, prefix: str) -> tuple[int, int]:
         if len(records) > MAX_BATCH_RECORDS:
@@ -295,7 +296,7 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
                 indices = [int(row["sequence"]) - 1 for row in rows[:size]]
                 sizes = [witnessed_size if i < witnessed_size else proof_size for i in indices]
                 proofs = await tiles.compute(
-                    conn, lambda node: [merkle.inclusion_proof(i, n, node) for i, n in zip(indices, sizes, strict=True)],
+                    conn, lambda node: merkle.inclusion_proofs(list(zip(indices, sizes, strict=True)), node),
                     cache=self._tiles, middles=True)
         response = accesslog_pb2.ListProvisionsResponse()
         for position, row in enumerate(rows[:size]):
@@ -364,17 +365,21 @@ class AccessLogServicer(accesslog_pb2_grpc.AccessLogServiceServicer):
             return await self.verify_now(full=False)
         return await self.verify_now()
 
-    async def _check_size(self, field: str, size: int) -> int:
-        """The log's current tree size, once ``size`` is shown to be a tree the log has (1..current)."""
+    async def _check_size(self, field: str, size: int) -> None:
+        """Refuse a ``size`` that is not a tree the log has (1..its current size). The tree only grows
+        (appends add leaves, a purge keeps every hash), so a size at most the largest one seen is known
+        to exist without a query; only a larger one reads the tiles (any replica's appends included)."""
         if size < 1:
             raise invalid(field, "a tree has at least one leaf")
         if size > MAX_TREE_SIZE:
             raise invalid(field, "larger than any tree this log can hold")
+        if size <= self._tree_seen:
+            return
         async with self._pool.acquire() as conn:
             current = await tiles.tree_size(conn)
+        self._tree_seen = max(self._tree_seen, current)
         if size > current:
             raise invalid(field, f"the log's tree holds {current} leaves")
-        return current
 
     async def GetCheckpoint(
         self, request: accesslog_pb2.GetCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]

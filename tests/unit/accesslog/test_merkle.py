@@ -196,3 +196,38 @@ def test_frontier_reports_the_nodes_it_completes() -> None:
 def test_nodes_needed_is_logarithmic() -> None:
     needed = merkle.nodes_needed(lambda node: merkle.inclusion_proof(123_456, 10_000_000, node))
     assert len(needed) <= 2 * 24
+
+
+def test_proofs_of_a_page_share_their_right_edge_and_equal_the_single_proofs() -> None:
+    node = oracle(DATA)
+    # Every (index, size) of up to 70 leaves, in one batch with a shared memo of the split ranges: the
+    # ranges of different sizes overlap, so a wrong memo key would hand one size's hash to another.
+    wanted = [(index, size) for size in range(1, 71) for index in range(size)]
+    batch = merkle.inclusion_proofs(wanted, node)
+    assert batch == [ref_path(index, DATA[:size]) for index, size in wanted]
+    assert merkle.inclusion_proofs([], node) == []
+
+
+def test_a_page_of_proofs_hashes_the_shared_right_edge_once() -> None:
+    calls = {"count": 0}
+    real = merkle.node_hash
+
+    def counting(left: bytes, right: bytes) -> bytes:
+        calls["count"] += 1
+        return real(left, right)
+
+    wanted = [(index, 10_000_000) for index in range(0, 1_000_000, 20_000)]  # 50 provisions
+    node = lambda level, index: merkle.leaf_hash(f"{level}/{index}".encode())  # noqa: E731
+    merkle.node_hash = counting  # type: ignore[assignment]
+    try:
+        one_by_one = [merkle.inclusion_proof(index, size, node) for index, size in wanted]
+        separate, calls["count"] = calls["count"], 0
+        together = merkle.inclusion_proofs(wanted, node)
+        shared = calls["count"]
+    finally:
+        merkle.node_hash = real  # type: ignore[assignment]
+    assert together == one_by_one
+    # Each index is in the left 2**23 leaves; its sibling is the rest, 10,000,000 - 2**23, whose 7 set
+    # bits are 7 perfect subtrees joined by 6 hashes: once per page instead of once per proof
+    edge = bin(10_000_000 - 2**23).count("1") - 1
+    assert edge == 6 and separate == 50 * edge and shared == edge
