@@ -34,9 +34,12 @@ async def load(
     recorded_us: int | Callable[[int], int],
     *,
     chunk: int = 100_000,
+    group: int = 0,
 ) -> Loaded:
     """Append ``records`` after the log's head, ``chunk`` per transaction. ``recorded_us``: the recording
-    time (microseconds since the epoch) of every record, or a function of the sequence giving it."""
+    time (microseconds since the epoch) of every record, or a function of the sequence giving it.
+    ``group``: store the tree's tiles as group commits of that many records would (one fragment per tile
+    each touches), not one per chunk: the tile rows of a log written by the service under light load."""
     stamp = recorded_us if callable(recorded_us) else (lambda _sequence: recorded_us)
     canonical, next_hash, leaf_hash = chain.canonical_bytes, chain.next_hash, merkle.leaf_hash
     iterator = iter(records)
@@ -62,7 +65,9 @@ async def load(
                 previous = next_hash(previous, record_bytes)
                 add_leaf(leaf_hash(record_bytes))
                 rows.append((sequence, subject, provided_us, at, outcome, payload, previous))
-            frontier.extend(leaves, fragments.run)
+            for at in range(0, len(leaves), group or len(leaves) or 1):
+                frontier.extend(leaves[at:at + group] if group else leaves, fragments.run)
+                fragments.cut()
             if rows:
                 await conn.copy_records_to_table("records", records=rows, columns=RECORD_COLUMNS, schema_name=schema)
                 await copy_tiles(conn, fragments, schema)

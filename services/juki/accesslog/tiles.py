@@ -5,6 +5,11 @@ node of level 8L + j (0 <= j < 8) is the root of 2**j consecutive hashes of one 
 node is one tile away. Rows are fragments (see migration 0002): a tile is the concatenation of its
 fragments in ``end_width`` order.
 
+Group commits of a few records leave many fragments per tile (64 to 128 for a level-0 tile at 2 to 4
+records per commit), so the commit that completes a tile writes its last fragment as the tile whole
+(:func:`whole_when_complete`), and a computation reads that one row of each complete tile; audits read
+every fragment and hold the whole tile to them.
+
 Every read goes through :func:`compute`: the node ids a computation needs are listed first
 (juki.accesslog.merkle.nodes_needed), their tiles fetched in one query, then the computation runs.
 
@@ -46,7 +51,17 @@ Pyramid = tuple[bytes, ...]
 
 
 class TileError(Exception):
-    """The stored tiles do not hold a hash they must hold (a gap or an overlap): damaged storage."""
+    """The stored tiles do not hold a hash they must hold (a gap or an overlap), or a tile stored whole
+    differs from its fragments: damaged storage, in tile (``level``, ``tile_index``)."""
+
+    def __init__(self, level: int, tile_index: int, problem: str) -> None:
+        super().__init__(f"tile {level}/{tile_index}: {problem}")
+        self.level, self.tile_index = level, tile_index
+
+    @property
+    def first_sequence(self) -> int:
+        """The first record under the tile (a middle's, level -1, is that of its level-0 tile)."""
+        return (self.tile_index << (HEIGHT * (max(self.level, 0) + 1))) + 1
 
 
 def _table(schema: str | None, name: str = "tiles") -> str:
@@ -82,6 +97,7 @@ class Fragments:
     def __init__(self) -> None:
         self._by_tile: dict[tuple[int, int], tuple[int, list[bytes]]] = {}
         self._middles: dict[int, tuple[int, list[bytes]]] = {}
+        self._cut: tuple[list[TileRow], list[MiddleRow]] = ([], [])
 
     def __call__(self, level: int, index: int, value: bytes) -> None:
         """``merkle.Frontier.append``'s ``completed`` callback."""
@@ -97,12 +113,26 @@ class Fragments:
         elif level % HEIGHT == 0:
             _collect_run(self._by_tile, HEIGHT, lambda tile: (level // HEIGHT, tile), index, values)
 
-    def rows(self) -> list[TileRow]:
+    def cut(self) -> None:
+        """End a group commit: the hashes collected so far make their fragments, later ones start new ones
+        (a bulk path writing many commits' rows at once, as the writer would have stored them)."""
+        self._cut[0].extend(self._rows())
+        self._cut[1].extend(self._middle_rows())
+        self._by_tile.clear()
+        self._middles.clear()
+
+    def _rows(self) -> list[TileRow]:
         return [(level, tile, start + len(hashes), b"".join(hashes))
                 for (level, tile), (start, hashes) in sorted(self._by_tile.items())]
 
-    def middle_rows(self) -> list[MiddleRow]:
+    def _middle_rows(self) -> list[MiddleRow]:
         return [(tile, start + len(hashes), b"".join(hashes)) for tile, (start, hashes) in sorted(self._middles.items())]
+
+    def rows(self) -> list[TileRow]:
+        return [*self._cut[0], *self._rows()]
+
+    def middle_rows(self) -> list[MiddleRow]:
+        return [*self._cut[1], *self._middle_rows()]
 
 
 async def tree_size(conn: asyncpg.Connection, schema: str | None = None) -> int:
@@ -123,26 +153,26 @@ def _tile_span(level: int, index: int) -> tuple[int, int, int, int]:
 
 def assemble(level: int, tile_index: int, fragments: Iterable[tuple[int, bytes]]) -> list[bytes]:
     """The hashes of one tile from its fragments ((end_width, hashes), by end_width)."""
-    hashes: list[bytes] = []
-    for end_width, data in fragments:
-        count = len(data) // merkle.HASH_SIZE
-        start = end_width - count
-        if start != len(hashes):
-            raise TileError(f"tile {level}/{tile_index}: a fragment ending at {end_width} starts at {start},"
-                            f" after {len(hashes)} hashes")
-        hashes += [data[i:i + merkle.HASH_SIZE] for i in range(0, len(data), merkle.HASH_SIZE)]
-    return hashes
+    data = concatenated(level, tile_index, fragments)
+    return [data[i:i + merkle.HASH_SIZE] for i in range(0, len(data), merkle.HASH_SIZE)]
 
 
 def concatenated(level: int, tile_index: int, fragments: Iterable[tuple[int, bytes]]) -> bytes:
-    """The hashes of one tile from its fragments, as one byte string (what proofs read: no split)."""
+    """The hashes of one tile from its fragments, as one byte string (what proofs read: no split). A
+    fragment from the tile's start after others is the tile whole (see :func:`whole_when_complete`): it
+    must repeat them, and replaces them."""
     parts: list[bytes] = []
     count = 0
     for end_width, data in fragments:
         start = end_width - len(data) // merkle.HASH_SIZE
-        if start != count:
-            raise TileError(f"tile {level}/{tile_index}: a fragment ending at {end_width} starts at {start},"
-                            f" after {count} hashes")
+        if start == 0 and count:
+            if not data.startswith(b"".join(parts)):
+                raise TileError(level, tile_index, f"the whole tile through {end_width} differs from its first"
+                                f" {count} hashes as stored in fragments")
+            parts = []
+        elif start != count:
+            raise TileError(level, tile_index, f"a fragment ending at {end_width} starts at {start}, after {count}"
+                            " hashes")
         parts.append(data)
         count = end_width
     return b"".join(parts)
@@ -154,29 +184,45 @@ def whole_prefix(fragments: Iterable[tuple[int, bytes]]) -> bytes:
     parts: list[bytes] = []
     count = 0
     for end_width, data in fragments:
-        if end_width - len(data) // merkle.HASH_SIZE != count:
+        start = end_width - len(data) // merkle.HASH_SIZE
+        if start == 0 and count and data.startswith(b"".join(parts)):
+            parts = []  # the middle whole, as written by the commit that completed it
+        elif start != count:
             break
         parts.append(data)
         count = end_width
     return b"".join(parts)
 
 
+def _whole(alias: str, width: int) -> str:
+    """SQL: the fragment ``alias`` is its tile whole (complete, from the tile's start)."""
+    return f"({alias}.end_width = {width} AND octet_length({alias}.hashes) = {width * merkle.HASH_SIZE})"
+
+
 async def _fragments(
     conn: asyncpg.Connection, wanted: Iterable[tuple[int, int]], schema: str | None,
-    middles: Iterable[int] = (),
+    middles: Iterable[int] = (), *, latest: bool = False,
 ) -> tuple[dict[tuple[int, int], list[tuple[int, bytes]]], dict[int, list[tuple[int, bytes]]]]:
-    """The fragments of the ``wanted`` tiles, and of the middles of the level-0 tiles ``middles``: one query."""
+    """The fragments of the ``wanted`` tiles, and of the middles of the level-0 tiles ``middles``: one query.
+    ``latest``: of a tile stored whole, that row alone (what a computation needs; audits read them all)."""
     keys = sorted(set(wanted))
     middle_keys = sorted(set(middles))
     if not keys and not middle_keys:
         return {}, {}
-    sql = (f"SELECT t.level, t.tile_index, t.end_width, t.hashes FROM {_table(schema)} t"
+    tiles_table, middles_table = _table(schema), _table(schema, "tile_middles")
+    sql = (f"SELECT t.level, t.tile_index, t.end_width, t.hashes FROM {tiles_table} t"
            " JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, tile_index)"
            " ON t.level = w.level AND t.tile_index = w.tile_index")
+    if latest:
+        sql += (f" WHERE {_whole('t', WIDTH)} OR NOT EXISTS (SELECT 1 FROM {tiles_table} f WHERE f.level = t.level"
+                f" AND f.tile_index = t.tile_index AND {_whole('f', WIDTH)})")
     args: list[object] = [[k[0] for k in keys], [k[1] for k in keys]]
     if middle_keys:  # level -1 marks a middle's rows
-        sql += (f" UNION ALL SELECT -1, m.tile_index, m.end_width, m.hashes FROM {_table(schema, 'tile_middles')} m"
+        sql += (f" UNION ALL SELECT -1, m.tile_index, m.end_width, m.hashes FROM {middles_table} m"
                 " WHERE m.tile_index = ANY($3::bigint[])")
+        if latest:
+            sql += (f" AND ({_whole('m', MIDDLE_WIDTH)} OR NOT EXISTS (SELECT 1 FROM {middles_table} f"
+                    f" WHERE f.tile_index = m.tile_index AND {_whole('f', MIDDLE_WIDTH)}))")
         args.append(middle_keys)
     rows = await conn.fetch(sql + " ORDER BY 1, 2, 3", *args)
     grouped: dict[tuple[int, int], list[tuple[int, bytes]]] = {key: [] for key in keys}
@@ -190,12 +236,69 @@ async def _fragments(
     return grouped, middle_grouped
 
 
-async def read_middles(
+def _completing(rows: Sequence[tuple[T, int, bytes]], width: int) -> dict[T, int]:
+    """Of (key, end_width, hashes) rows, the keys whose tile a row completes without starting it (its
+    position in ``rows``)."""
+    return {key: at for at, (key, end_width, data) in enumerate(rows)
+            if end_width == width and len(data) < width * merkle.HASH_SIZE}
+
+
+async def whole_when_complete(
+    conn: asyncpg.Connection, rows: Sequence[TileRow], middle_rows: Sequence[MiddleRow], schema: str | None = None,
+) -> tuple[list[TileRow], list[MiddleRow]]:
+    """The rows to store, with each fragment that completes a tile (or a middle) it did not start carrying
+    the tile whole: the hashes stored before it (read here, under the writers' lock, when ``rows`` do not
+    hold them) and its own. Readers of a complete tile then read one row, not the 64 to 128 fragments
+    that group commits of a few records leave; the earlier fragments stay (the log's role may only
+    INSERT), and audits check that the whole tile repeats them. Rows of one tile come in end_width order."""
+    tile_keyed = [((level, tile), end, data) for level, tile, end, data in rows]
+    middle_keyed = [(tile, end, data) for tile, end, data in middle_rows]
+    tile_done, middle_done = _completing(tile_keyed, WIDTH), _completing(middle_keyed, MIDDLE_WIDTH)
+    if not tile_done and not middle_done:
+        return list(rows), list(middle_rows)
+
+    def before(keyed: Sequence[tuple[T, int, bytes]], done: dict[T, int]) -> dict[T, list[tuple[int, bytes]]]:
+        """The fragments ``rows`` hold of each completed tile, before the completing one."""
+        found: dict[T, list[tuple[int, bytes]]] = {key: [] for key in done}
+        for at, (key, end, data) in enumerate(keyed):
+            if key in done and at < done[key]:
+                found[key].append((end, data))
+        return found
+
+    tile_listed, middle_listed = before(tile_keyed, tile_done), before(middle_keyed, middle_done)
+
+    def starts_at_zero(listed: list[tuple[int, bytes]], last: tuple[int, bytes]) -> bool:
+        end, data = (listed or [last])[0]
+        return end == len(data) // merkle.HASH_SIZE
+
+    stored_tiles, stored_middles = await _fragments(
+        conn, [key for key in tile_done if not starts_at_zero(tile_listed[key], tile_keyed[tile_done[key]][1:])],
+        schema, [key for key in middle_done
+                 if not starts_at_zero(middle_listed[key], middle_keyed[middle_done[key]][1:])])
+
+    def whole(keyed: list[tuple[T, int, bytes]], done: dict[T, int], listed: dict[T, list[tuple[int, bytes]]],
+              stored: Mapping[T, list[tuple[int, bytes]]], name: Callable[[T], tuple[int, int]]) -> None:
+        for key, at in done.items():
+            _, end, data = keyed[at]
+            earlier = [*stored.get(key, []), *listed[key]]
+            keyed[at] = (key, end, concatenated(*name(key), [*earlier, (end, data)]) if earlier else data)
+            if len(keyed[at][2]) != end * merkle.HASH_SIZE:
+                raise TileError(*name(key), f"its stored fragments do not reach the {end - len(data) // merkle.HASH_SIZE}"
+                                " hashes before the commit completing it")
+
+    whole(tile_keyed, tile_done, tile_listed, stored_tiles, lambda key: key)
+    whole(middle_keyed, middle_done, middle_listed, stored_middles, lambda key: (-1, key))
+    return ([(level, tile, end, data) for (level, tile), end, data in tile_keyed],
+            [(tile, end, data) for tile, end, data in middle_keyed])
+
+
+async def read_middle_fragments(
     conn: asyncpg.Connection, tile_indexes: Iterable[int], schema: str | None = None
-) -> dict[int, bytes]:
-    """The stored middles of level-0 tiles, each as far as it is whole (see :func:`whole_prefix`)."""
+) -> dict[int, list[tuple[int, bytes]]]:
+    """Every stored fragment ((end_width, hashes), by end_width) of the middles of level-0 tiles (audits
+    hold each one to the records; a log written before middles has none for its older tiles)."""
     _, grouped = await _fragments(conn, (), schema, tile_indexes)
-    return {key: whole_prefix(fragments) for key, fragments in grouped.items()}
+    return grouped
 
 
 async def read_tiles(
@@ -302,7 +405,7 @@ def oracle(
             at = (first >> j) * size
             return levels[j][at:at + size]
         if first + count > width:
-            raise TileError(f"tile {tile_level}/{tile_index} lacks the hashes of node {level}/{index}")
+            raise TileError(tile_level, tile_index, f"lacks the hashes of node {level}/{index}")
         if isinstance(stored, bytes):
             value = reduce([stored[i * size:(i + 1) * size] for i in range(first, first + count)])
         else:
@@ -329,7 +432,8 @@ async def compute(
             if key[0] >= 1 and (found := cache.get(key)) is not None:
                 pyramids[key] = found
     grouped, middle_grouped = await _fragments(
-        conn, wanted.difference(pyramids), schema, [key[1] for key in wanted if key[0] == 0] if middles else ())
+        conn, wanted.difference(pyramids), schema, [key[1] for key in wanted if key[0] == 0] if middles else (),
+        latest=True)
     tiles = {key: concatenated(key[0], key[1], fragments) for key, fragments in grouped.items()}
     found_middles = {key: whole_prefix(fragments) for key, fragments in middle_grouped.items()}
     return computation(oracle(tiles, pyramids, cache, found_middles))

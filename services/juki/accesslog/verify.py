@@ -365,19 +365,24 @@ async def _compare_tiles(
     tiles, and proofs then compute from the tile)."""
     if not completed:
         return None
-    stored = await tiles.read_tiles(conn, {(level // tiles.HEIGHT, index >> tiles.HEIGHT)
-                                           for level, index, _ in completed if level != tiles.MIDDLE}, schema)
-    middles = await tiles.read_middles(conn, {index >> tiles.MIDDLE for level, index, _ in completed
-                                              if level == tiles.MIDDLE}, schema)
+    try:
+        stored = await tiles.read_tiles(conn, {(level // tiles.HEIGHT, index >> tiles.HEIGHT)
+                                               for level, index, _ in completed if level != tiles.MIDDLE}, schema)
+    except tiles.TileError as exc:  # fragments with a gap or overlap, or a whole tile that differs from them
+        return exc.first_sequence, f"the stored tiles are damaged: {exc}"
+    middles = await tiles.read_middle_fragments(conn, {index >> tiles.MIDDLE for level, index, _ in completed
+                                                       if level == tiles.MIDDLE}, schema)
     size = merkle.HASH_SIZE
     for level, index, value in completed:
         if level == tiles.MIDDLE:
-            middle = middles.get(index >> tiles.MIDDLE, b"")
-            at = (index & (tiles.MIDDLE_WIDTH - 1)) * size
-            if at < len(middle) and middle[at:at + size] != value:
-                last_sequence = (index + 1) << level
-                return last_sequence, (f"the stored middle hash of tree node {level}/{index} (records up to"
-                                       f" {last_sequence}) does not match the records")
+            # Every stored copy of the node: its fragment, and the middle stored whole when completed.
+            position = index & (tiles.MIDDLE_WIDTH - 1)
+            for end_width, data in middles.get(index >> tiles.MIDDLE, ()):
+                at = (position - (end_width - len(data) // size)) * size
+                if 0 <= at < len(data) and data[at:at + size] != value:
+                    last_sequence = (index + 1) << level
+                    return last_sequence, (f"the stored middle hash of tree node {level}/{index} (records up to"
+                                           f" {last_sequence}) does not match the records")
             continue
         hashes = stored.get((level // tiles.HEIGHT, index >> tiles.HEIGHT), [])
         position = index & (tiles.WIDTH - 1)

@@ -61,9 +61,9 @@ def columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 async def copy_tiles(conn: asyncpg.Connection, fragments: tiles.Fragments, schema: str) -> None:
     """The tile and middle fragments a large append made, by COPY (the bulk paths)."""
-    await conn.copy_records_to_table("tiles", records=fragments.rows(), columns=TILE_COLUMNS, schema_name=schema)
-    await conn.copy_records_to_table("tile_middles", records=fragments.middle_rows(), columns=MIDDLE_COLUMNS,
-                                     schema_name=schema)
+    tile_rows, middle_rows = await tiles.whole_when_complete(conn, fragments.rows(), fragments.middle_rows(), schema)
+    await conn.copy_records_to_table("tiles", records=tile_rows, columns=TILE_COLUMNS, schema_name=schema)
+    await conn.copy_records_to_table("tile_middles", records=middle_rows, columns=MIDDLE_COLUMNS, schema_name=schema)
 
 
 # PostgreSQL counts timestamps in microseconds since 2000-01-01; Unix since 1970-01-01.
@@ -381,7 +381,9 @@ class LogWriter:
                 )
             if built.tile_rows:
                 # A few rows per group (one fragment per tile touched): one INSERT of arrays, not a COPY.
-                await conn.execute(TILES_INSERT, *columns(built.tile_rows, 4), *columns(built.middle_rows, 3))
+                # A tile this group completes is written whole (one read of its earlier fragments).
+                tile_rows, middle_rows = await tiles.whole_when_complete(conn, built.tile_rows, built.middle_rows)
+                await conn.execute(TILES_INSERT, *columns(tile_rows, 4), *columns(middle_rows, 3))
             if built.new_batches:
                 await conn.copy_records_to_table(
                     "batches", records=built.new_batches,

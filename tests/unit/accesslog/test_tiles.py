@@ -217,3 +217,34 @@ def test_a_damaged_middle_is_used_only_as_far_as_it_is_whole() -> None:
     for index in (0, 100, 255):
         assert merkle.inclusion_proof(index, 256, tiles.oracle(stored, middles=cut)) == \
             merkle.inclusion_proof(index, 256, tiles.oracle(stored))
+
+
+def test_a_tile_stored_whole_replaces_its_fragments_and_must_repeat_them() -> None:
+    a, b, c = b"\x0a" * 32, b"\x0b" * 32, b"\x0c" * 32
+    # Fragments of two commits, then the commit completing the tile stored it whole.
+    assert tiles.concatenated(1, 3, [(1, a), (2, b), (3, a + b + c)]) == a + b + c
+    assert tiles.assemble(1, 3, [(1, a), (2, b), (3, a + b + c)]) == [a, b, c]
+    with pytest.raises(tiles.TileError) as raised:
+        tiles.concatenated(1, 3, [(1, a), (2, b), (3, a + a + c)])  # the whole tile differs from a fragment
+    assert "differs" in str(raised.value) and raised.value.first_sequence == 3 * 65_536 + 1
+    assert tiles.whole_prefix([(1, a), (2, b), (3, a + b + c)]) == a + b + c
+    assert tiles.whole_prefix([(1, a), (2, b), (3, c + b + c)]) == a + b  # a middle: used as far as it holds
+
+
+def test_cut_fragments_are_those_of_separate_group_commits() -> None:
+    leaves = [merkle.leaf_hash(n.to_bytes(2, "big")) for n in range(600)]
+    frontier, cut = merkle.Frontier(), tiles.Fragments()
+    one_by_one: list[tiles.TileRow] = []
+    middles_one_by_one: list[tiles.MiddleRow] = []
+    for at in range(0, 600, 3):
+        frontier.extend(leaves[at:at + 3], cut.run)
+        cut.cut()
+        alone = tiles.Fragments()
+        merkle.Frontier.load(at, lambda level, index: _mth(leaves[index << level:(index + 1) << level])).extend(
+            leaves[at:at + 3], alone.run)
+        one_by_one += alone.rows()
+        middles_one_by_one += alone.middle_rows()
+    assert cut.rows() == one_by_one and cut.middle_rows() == middles_one_by_one
+    assert sum(1 for row in cut.rows() if row[:2] == (0, 0)) == 86  # 256 leaves in groups of 3
+    stored, middles = _stored(cut.rows(), cut.middle_rows())
+    assert stored[(0, 0)] == b"".join(leaves[:256]) and len(middles[0]) == 16 * 32
