@@ -194,9 +194,14 @@ def whole_prefix(fragments: Iterable[tuple[int, bytes]]) -> bytes:
     return b"".join(parts)
 
 
-def _whole(alias: str, width: int) -> str:
-    """SQL: the fragment ``alias`` is its tile whole (complete, from the tile's start)."""
-    return f"({alias}.end_width = {width} AND octet_length({alias}.hashes) = {width * merkle.HASH_SIZE})"
+def _latest(table: str, match: str, width: int) -> str:
+    """SQL (a LATERAL body): the fragments of one tile (rows of ``table`` where ``match``), or only its row
+    stored whole when there is one: that row is found by the primary key, and the scan of the fragments
+    is gated off (a one-time filter) when it exists."""
+    whole = f"end_width = {width} AND octet_length(hashes) = {width * merkle.HASH_SIZE}"
+    return (f"SELECT end_width, hashes FROM {table} WHERE {match} AND {whole}"
+            f" UNION ALL SELECT end_width, hashes FROM {table} WHERE {match}"
+            f" AND NOT EXISTS (SELECT 1 FROM {table} WHERE {match} AND {whole})")
 
 
 async def _fragments(
@@ -210,19 +215,18 @@ async def _fragments(
     if not keys and not middle_keys:
         return {}, {}
     tiles_table, middles_table = _table(schema), _table(schema, "tile_middles")
-    sql = (f"SELECT t.level, t.tile_index, t.end_width, t.hashes FROM {tiles_table} t"
-           " JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, tile_index)"
-           " ON t.level = w.level AND t.tile_index = w.tile_index")
-    if latest:
-        sql += (f" WHERE {_whole('t', WIDTH)} OR NOT EXISTS (SELECT 1 FROM {tiles_table} f WHERE f.level = t.level"
-                f" AND f.tile_index = t.tile_index AND {_whole('f', WIDTH)})")
+    tile_match = "level = w.level AND tile_index = w.tile_index"
+    tile_rows = (_latest(tiles_table, tile_match, WIDTH) if latest
+                 else f"SELECT end_width, hashes FROM {tiles_table} WHERE {tile_match}")
+    sql = (f"SELECT w.level, w.tile_index, t.end_width, t.hashes"
+           f" FROM unnest($1::smallint[], $2::bigint[]) AS w(level, tile_index), LATERAL ({tile_rows}) t")
     args: list[object] = [[k[0] for k in keys], [k[1] for k in keys]]
     if middle_keys:  # level -1 marks a middle's rows
-        sql += (f" UNION ALL SELECT -1, m.tile_index, m.end_width, m.hashes FROM {middles_table} m"
-                " WHERE m.tile_index = ANY($3::bigint[])")
-        if latest:
-            sql += (f" AND ({_whole('m', MIDDLE_WIDTH)} OR NOT EXISTS (SELECT 1 FROM {middles_table} f"
-                    f" WHERE f.tile_index = m.tile_index AND {_whole('f', MIDDLE_WIDTH)}))")
+        middle_match = "tile_index = v.tile_index"
+        middle_rows = (_latest(middles_table, middle_match, MIDDLE_WIDTH) if latest
+                       else f"SELECT end_width, hashes FROM {middles_table} WHERE {middle_match}")
+        sql += (f" UNION ALL SELECT -1, v.tile_index, m.end_width, m.hashes"
+                f" FROM unnest($3::bigint[]) AS v(tile_index), LATERAL ({middle_rows}) m")
         args.append(middle_keys)
     rows = await conn.fetch(sql + " ORDER BY 1, 2, 3", *args)
     grouped: dict[tuple[int, int], list[tuple[int, bytes]]] = {key: [] for key in keys}
