@@ -366,6 +366,7 @@ def oracle(
     pyramids: dict[tuple[int, int], Pyramid] | None = None,
     cache: TileCache | None = None,
     middles: Mapping[int, bytes] | None = None,
+    held: Mapping[tuple[int, int], bytes] | None = None,
 ) -> merkle.NodeOracle:
     """Node hashes from fetched tiles (each node from one tile; a tile's hashes as a list or as one byte
     string): from the pyramid of a complete tile (built on first need, kept in ``pyramids`` and offered
@@ -373,7 +374,7 @@ def oracle(
     A level-0 tile with a middle in ``middles`` has no pyramid built: its nodes below tree level 4 are
     hashed from at most 8 of its hashes, those above from at most 8 of the middle's."""
     built = pyramids if pyramids is not None else {}
-    memo: dict[tuple[int, int], bytes] = {}
+    memo: dict[tuple[int, int], bytes] = dict(held) if held else {}  # ``held``: nodes known beforehand
     shared = cache.nodes if cache is not None else memo
     middle_of = middles if middles is not None else {}
     size = merkle.HASH_SIZE
@@ -401,6 +402,8 @@ def oracle(
             at = (first >> MIDDLE) * size
             value = reduce([middle[i:i + size] for i in range(at, at + (count >> MIDDLE) * size, size)])
             memo[(level, index)] = value
+            if cache is not None and width < WIDTH:  # the right edge's (see below)
+                cache.put_node((level, index), value)
             return value
         if width == WIDTH and j > 0 and not (middle and j < MIDDLE):
             levels = built[key] = pyramid(stored)
@@ -415,7 +418,7 @@ def oracle(
         else:
             value = reduce([stored[i] for i in range(first, first + count)])
         memo[(level, index)] = value
-        if cache is not None and j > 0 and width < WIDTH:  # a node of a partial tile: only the right edge has them
+        if cache is not None and width < WIDTH:  # a node of a partial tile: only the right edge has them
             cache.put_node((level, index), value)
         return value
 
@@ -429,7 +432,12 @@ async def compute(
     """Run a tree computation (a root, a proof, a frontier) on the stored tiles, reading them in one query
     (the upper tiles ``cache`` holds are not read again). ``middles``: also read the level-0 tiles' middles
     and compute from them (proofs served to readers; the writer and audits compute from the tiles alone)."""
-    wanted = {_tile_span(level, index)[:2] for level, index in merkle.nodes_needed(computation)}
+    # The right edge's nodes the cache holds are not read again: a partial tile is read whole (as many
+    # rows as commits extended it), and every proof into one tree size needs the same ones.
+    needed = merkle.nodes_needed(computation)
+    known = cache.nodes if cache is not None else {}
+    held = {node: known[node] for node in needed if node in known}  # kept for this computation
+    wanted = {_tile_span(level, index)[:2] for level, index in needed if (level, index) not in held}
     pyramids: dict[tuple[int, int], Pyramid] = {}
     if cache is not None:
         for key in wanted:
@@ -440,7 +448,7 @@ async def compute(
         latest=True)
     tiles = {key: concatenated(key[0], key[1], fragments) for key, fragments in grouped.items()}
     found_middles = {key: whole_prefix(fragments) for key, fragments in middle_grouped.items()}
-    return computation(oracle(tiles, pyramids, cache, found_middles))
+    return computation(oracle(tiles, pyramids, cache, found_middles, held))
 
 
 async def load_frontier(conn: asyncpg.Connection, size: int, schema: str | None = None) -> merkle.Frontier:

@@ -283,9 +283,11 @@ async def test_an_altered_stored_middle_is_named_and_never_yields_a_proof_that_v
         (await operator.GetCheckpoint(accesslog_pb2.GetCheckpointRequest())).tree_checkpoint)[0])
     size, root = signed.tree_size, signed.root_hash
     assert size == 20
+    # Before: a proof verifies (of leaf 3, whose path does not cross node 4/0: the serving process keeps
+    # the right edge's nodes it computed, and tile 0 is the right edge here).
+    before = await operator.GetInclusionProof(accesslog_pb2.GetInclusionProofRequest(leaf_index=3, tree_size=size))
+    assert merkle.verify_inclusion(before.leaf_hash, 3, size, list(before.inclusion_proof), root)
     request = accesslog_pb2.GetInclusionProofRequest(leaf_index=17, tree_size=size)
-    before = await operator.GetInclusionProof(request)
-    assert merkle.verify_inclusion(before.leaf_hash, 17, size, list(before.inclusion_proof), root)
     # Node 4/0 (the root of records 1..16) is the middle's first hash, and a sibling on record 18's path.
     await admin_execute(
         database,

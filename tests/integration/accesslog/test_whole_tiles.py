@@ -103,3 +103,37 @@ async def test_an_altered_whole_middle_is_named(live_log: LiveLog, database: Any
     code, report = await audit(database, ca, live_log.schema, "--full")
     assert code == 1 and report["first_bad_sequence"] == 96, report
     assert "middle hash of tree node 4/5 (records up to 96)" in report["problem"], report
+
+
+async def test_the_right_edge_is_read_once_for_every_proof_into_one_tree_size(
+    live_log: LiveLog, database: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partial tile is as many rows as commits extended it, and every proof into one tree size crosses
+    the same right edge: once its nodes are in the serving process's cache, later proofs read only the
+    tiles of their own leaves."""
+    size, root = await written_in_small_groups(live_log)
+    read: list[set[tuple[int, int]]] = []
+    real = tiles._fragments
+
+    async def recording(conn: Any, wanted: Any, *args: Any, **kwargs: Any) -> Any:
+        read.append(set(wanted))
+        return await real(conn, wanted, *args, **kwargs)
+
+    monkeypatch.setattr(tiles, "_fragments", recording)
+    cache = tiles.TileCache()
+    conn = await database.admin()
+    try:
+        await conn.execute(f'SET search_path TO "{live_log.schema}", public')
+        for index in (10, 200, 300, 400, 520):
+            proof = await tiles.compute(conn, lambda node, i=index: merkle.inclusion_proof(i, size, node),
+                                        cache=cache, middles=True)
+            leaf = await tiles.compute(conn, lambda node, i=index: node(0, i))
+            assert merkle.verify_inclusion(leaf, index, size, proof, root), index
+    finally:
+        await conn.close()
+    proofs = read[0::2]  # (the leaf reads in between)
+    assert {(0, 0), (0, 2), (1, 0)} <= proofs[0], proofs  # the first proof read the partial tiles
+    # A proof that needs no right-edge node it has not met reads only its leaf's tile (and the one
+    # needing node 8/0, a hash of the partial level-1 tile, reads that once).
+    assert proofs[1] == {(0, 0)} and (0, 1) in proofs[2] and proofs[3] == {(0, 1)}, proofs
+    assert (0, 2) in proofs[4], proofs  # a leaf in the partial tile itself needs it
