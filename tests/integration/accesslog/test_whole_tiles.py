@@ -31,6 +31,15 @@ async def written_in_small_groups(live_log: LiveLog) -> tuple[int, bytes]:
     return signed.tree_size, signed.root_hash
 
 
+async def overwrite_hash(database: Any, table: str, position: int, where: str, byte: str) -> None:
+    """Overwrite the stored hash at ``position`` of the rows of ``table`` (schema-qualified) ``where``."""
+    await admin_execute(
+        database,
+        f"UPDATE {table} SET hashes = overlay(hashes placing '\\x{byte * 32}'::bytea"
+        f" from {position} * 32 + 1 for 32) WHERE {where}",
+    )
+
+
 async def test_a_complete_tile_is_one_row_to_read_and_proofs_through_it_verify(
     live_log: LiveLog, database: Any, ca: Any
 ) -> None:
@@ -79,11 +88,7 @@ async def test_a_whole_tile_that_differs_from_its_fragments_is_named(
     size, root = await written_in_small_groups(live_log)
     # tile 1 starts in the group of leaves 255..257: its first fragment ends at 2
     where = "end_width = 2" if damaged == "an earlier fragment" else "end_width = 256"
-    await admin_execute(
-        database,
-        f'UPDATE "{live_log.schema}".tiles SET hashes = overlay(hashes placing \'\\x{"ab" * 32}\'::bytea'
-        f" from 1 for 32) WHERE level = 0 AND tile_index = 1 AND {where}",
-    )
+    await overwrite_hash(database, f'"{live_log.schema}".tiles', 0, f"level = 0 AND tile_index = 1 AND {where}", "ab")
     code, report = await audit(database, ca, live_log.schema, "--full")
     assert code == 1 and report["first_bad_sequence"] == 257, report
     assert "tile 0/1" in report["problem"] and "differs" in report["problem"], report
@@ -95,11 +100,7 @@ async def test_a_whole_tile_that_differs_from_its_fragments_is_named(
 
 async def test_an_altered_whole_middle_is_named(live_log: LiveLog, database: Any, ca: Any) -> None:
     await written_in_small_groups(live_log)
-    await admin_execute(
-        database,
-        f'UPDATE "{live_log.schema}".tile_middles SET hashes = overlay(hashes placing \'\\x{"cd" * 32}\'::bytea'
-        f" from 5 * 32 + 1 for 32) WHERE tile_index = 0 AND end_width = 16",
-    )
+    await overwrite_hash(database, f'"{live_log.schema}".tile_middles', 5, "tile_index = 0 AND end_width = 16", "cd")
     code, report = await audit(database, ca, live_log.schema, "--full")
     assert code == 1 and report["first_bad_sequence"] == 96, report
     assert "middle hash of tree node 4/5 (records up to 96)" in report["problem"], report
