@@ -176,11 +176,20 @@ async def _load(store: Store, peer: Peer, summary: intake_pb2.BulkLoadResponse,
     return summary
 
 
+def _settled(future: asyncio.Future[Any]) -> None:
+    """Mark a finished future's exception as read (its outcome is handled where it matters)."""
+    if not future.cancelled():
+        future.exception()
+
+
 async def _next_batch(iterator: AsyncIterator[intake_pb2.BulkLoadRequest], forwarder: _Forwarder | None
                       ) -> intake_pb2.BulkLoadRequest | None:
     """The next batch of the load (None at its end) — or, if the national stream ends first, its failure:
     a sender that waits for the load to progress before it sends more must not wait on a dead stream."""
     step: asyncio.Future[intake_pb2.BulkLoadRequest] = asyncio.ensure_future(anext(iterator))
+    # Whatever the step ends with is read, even when this call is cancelled while it waits (a killed
+    # client tears the stream down: the step then ends in StopAsyncIteration, which nobody would await).
+    step.add_done_callback(_settled)
     upstream = forwarder.task if forwarder is not None else None
     try:
         if upstream is not None:
@@ -190,6 +199,9 @@ async def _next_batch(iterator: AsyncIterator[intake_pb2.BulkLoadRequest], forwa
             return await step
     except StopAsyncIteration:
         return None
+    except BaseException:
+        step.cancel()
+        raise
     step.cancel()
     with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
         await step
