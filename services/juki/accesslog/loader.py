@@ -65,8 +65,9 @@ async def load(
                 previous = next_hash(previous, record_bytes)
                 add_leaf(leaf_hash(record_bytes))
                 rows.append((sequence, subject, provided_us, at, outcome, payload, previous))
-            for at in range(0, len(leaves), group or len(leaves) or 1):
-                frontier.extend(leaves[at:at + group] if group else leaves, fragments.run)
+            step = group or max(len(leaves), 1)
+            for at in range(0, len(leaves), step):
+                frontier.extend(leaves[at:at + step], fragments.run)
                 fragments.cut()
             if rows:
                 await conn.copy_records_to_table("records", records=rows, columns=RECORD_COLUMNS, schema_name=schema)

@@ -240,11 +240,34 @@ async def _fragments(
     return grouped, middle_grouped
 
 
-def _completing(rows: Sequence[tuple[T, int, bytes]], width: int) -> dict[T, int]:
-    """Of (key, end_width, hashes) rows, the keys whose tile a row completes without starting it (its
-    position in ``rows``)."""
-    return {key: at for at, (key, end_width, data) in enumerate(rows)
-            if end_width == width and len(data) < width * merkle.HASH_SIZE}
+def _start(end_width: int, data: bytes) -> int:
+    return end_width - len(data) // merkle.HASH_SIZE
+
+
+def _completed_elsewhere(keyed: Sequence[tuple[T, int, bytes]], width: int) -> list[T]:
+    """Of (key, end_width, hashes) rows, the keys of tiles a row completes whose start the rows lack (the
+    hashes before them are stored)."""
+    first: dict[T, int] = {}
+    return [key for key, end, data in keyed
+            if first.setdefault(key, _start(end, data)) > 0 and end == width and _start(end, data) > 0]
+
+
+def _made_whole(keyed: Sequence[tuple[T, int, bytes]], width: int, stored: Mapping[T, list[tuple[int, bytes]]],
+                name: Callable[[T], tuple[int, int]]) -> list[tuple[T, int, bytes]]:
+    """The rows, each that completes a tile it did not start carrying the tile whole (from ``stored`` and
+    the rows before it)."""
+    earlier: dict[T, list[tuple[int, bytes]]] = {}
+    out = []
+    for key, end, data in keyed:
+        before = earlier.setdefault(key, list(stored.get(key, ())))
+        if end == width and (start := _start(end, data)) > 0:
+            data = concatenated(*name(key), [*before, (end, data)])
+            if len(data) != width * merkle.HASH_SIZE:
+                raise TileError(*name(key), f"its stored fragments do not reach the {start} hashes before the"
+                                " commit completing it")
+        before.append((end, data))
+        out.append((key, end, data))
+    return out
 
 
 async def whole_when_complete(
@@ -257,43 +280,12 @@ async def whole_when_complete(
     INSERT), and audits check that the whole tile repeats them. Rows of one tile come in end_width order."""
     tile_keyed = [((level, tile), end, data) for level, tile, end, data in rows]
     middle_keyed = [(tile, end, data) for tile, end, data in middle_rows]
-    tile_done, middle_done = _completing(tile_keyed, WIDTH), _completing(middle_keyed, MIDDLE_WIDTH)
-    if not tile_done and not middle_done:
-        return list(rows), list(middle_rows)
-
-    def before(keyed: Sequence[tuple[T, int, bytes]], done: dict[T, int]) -> dict[T, list[tuple[int, bytes]]]:
-        """The fragments ``rows`` hold of each completed tile, before the completing one."""
-        found: dict[T, list[tuple[int, bytes]]] = {key: [] for key in done}
-        for at, (key, end, data) in enumerate(keyed):
-            if key in done and at < done[key]:
-                found[key].append((end, data))
-        return found
-
-    tile_listed, middle_listed = before(tile_keyed, tile_done), before(middle_keyed, middle_done)
-
-    def starts_at_zero(listed: list[tuple[int, bytes]], last: tuple[int, bytes]) -> bool:
-        end, data = (listed or [last])[0]
-        return end == len(data) // merkle.HASH_SIZE
-
-    stored_tiles, stored_middles = await _fragments(
-        conn, [key for key in tile_done if not starts_at_zero(tile_listed[key], tile_keyed[tile_done[key]][1:])],
-        schema, [key for key in middle_done
-                 if not starts_at_zero(middle_listed[key], middle_keyed[middle_done[key]][1:])])
-
-    def whole(keyed: list[tuple[T, int, bytes]], done: dict[T, int], listed: dict[T, list[tuple[int, bytes]]],
-              stored: Mapping[T, list[tuple[int, bytes]]], name: Callable[[T], tuple[int, int]]) -> None:
-        for key, at in done.items():
-            _, end, data = keyed[at]
-            earlier = [*stored.get(key, []), *listed[key]]
-            keyed[at] = (key, end, concatenated(*name(key), [*earlier, (end, data)]) if earlier else data)
-            if len(keyed[at][2]) != end * merkle.HASH_SIZE:
-                raise TileError(*name(key), f"its stored fragments do not reach the {end - len(data) // merkle.HASH_SIZE}"
-                                " hashes before the commit completing it")
-
-    whole(tile_keyed, tile_done, tile_listed, stored_tiles, lambda key: key)
-    whole(middle_keyed, middle_done, middle_listed, stored_middles, lambda key: (-1, key))
-    return ([(level, tile, end, data) for (level, tile), end, data in tile_keyed],
-            [(tile, end, data) for tile, end, data in middle_keyed])
+    stored_tiles, stored_middles = await _fragments(  # no query when nothing needs one
+        conn, _completed_elsewhere(tile_keyed, WIDTH), schema, _completed_elsewhere(middle_keyed, MIDDLE_WIDTH))
+    return ([(level, tile, end, data)
+             for (level, tile), end, data in _made_whole(tile_keyed, WIDTH, stored_tiles, lambda key: key)],
+            [(tile, end, data)
+             for tile, end, data in _made_whole(middle_keyed, MIDDLE_WIDTH, stored_middles, lambda key: (-1, key))])
 
 
 async def read_middle_fragments(
